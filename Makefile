@@ -1,0 +1,52 @@
+# mailrelay-operator: every entry point a person or CI uses.
+# `make demo` and `make test` each do all the set-up a fresh machine needs.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup venv tools test test-fast lint demo demo-compare bench dashboards clean e2e-kind
+
+setup: venv tools
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+tools:
+	bash scripts/install-system-deps.sh
+	bash scripts/install-helm.sh
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -ra -x -m 'not slow'
+
+lint: venv
+	$(BIN)/ruff check relay operator sandbox tests bench dashboards
+	$(BIN)/mypy
+
+demo: setup
+	$(BIN)/python -m mailrelay_sandbox.demo
+
+demo-compare: setup
+	$(BIN)/python -m mailrelay_sandbox.demo --compare-naive
+
+bench: setup
+	$(BIN)/python -m bench
+
+dashboards: venv
+	$(BIN)/python dashboards/generate.py
+
+e2e-kind: setup
+	bash tests/e2e/kind/run.sh
+
+clean:
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache build *.egg-info
