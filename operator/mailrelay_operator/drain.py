@@ -1,0 +1,290 @@
+"""Drain-first scale-in (DESIGN.md §7): which relays to drain, when a drain is over, what to resume.
+
+All drain state lives on the pods, as the annotations of docs/contracts.md, so `plan` is a function of
+what the cluster shows (Deployment replicas, pods with their annotations, relay /status) and of the
+desired count: an operator that restarts mid-drain rebuilds the same plan from the pods alone.
+
+The shell applies a Plan in this order: annotate `start_drain` pods (`drain_annotations`), POST /drain
+to them and to `redrain`; POST /resume to `resume` and clear their annotations (`resume_annotations`);
+delete the `completed` and `delete_pods` pods (404 counts as done); only when those deletions succeeded,
+set the Deployment's replicas to `deployment_replicas`. Deleting first means a failure can only leave
+one pod too many for a tick (the ReplicaSet recreates it, and the next plan removes it again without a
+drain), never remove a relay that still holds mail.
+
+Pure: no I/O, no clock reads (time is `now`, in seconds since the epoch), no asyncio.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from mailrelay_operator import kubetypes
+
+DRAIN_STARTED_ANNOTATION = "mailrelay.dev/drain-started"
+DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
+DRAINING_DELETION_COST = "-1000"
+
+OUTCOME_DRAINED = "drained"
+OUTCOME_TIMEOUT = "timeout"
+
+
+@dataclass(frozen=True)
+class PodState:
+    name: str
+    phase: str  # Pending, Running, Succeeded, Failed, Unknown
+    ready: bool
+    created_at: float
+    deleting: bool  # metadata.deletionTimestamp is set
+    drain_started: float | None  # from the drain-started annotation; None = not draining
+    sessions: int | None  # from /status; None when the scrape failed
+    queue_messages: int | None
+    drained: bool | None  # /status "drained"; None when the scrape failed
+    relay_draining: bool | None = None  # /status "draining"; None when the scrape failed
+
+    @property
+    def draining(self) -> bool:
+        return self.drain_started is not None
+
+
+@dataclass(frozen=True)
+class Plan:
+    start_drain: tuple[str, ...]  # annotate (drain_annotations) + POST /drain
+    resume: tuple[str, ...]  # POST /resume + clear the annotations (resume_annotations)
+    completed: tuple[tuple[str, str], ...]  # (pod, "drained" | "timeout"): delete these pods
+    deployment_replicas: int | None  # new Deployment .spec.replicas after the deletions; None = keep
+    delete_pods: tuple[str, ...]  # pods that never served (pending, failed): delete without a drain
+    redrain: tuple[str, ...] = ()  # annotated pods whose relay is not draining (it restarted): POST /drain
+
+    @property
+    def empty(self) -> bool:
+        return not (
+            self.start_drain
+            or self.resume
+            or self.completed
+            or self.delete_pods
+            or self.redrain
+            or self.deployment_replicas is not None
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Times and annotations
+# ---------------------------------------------------------------------------------------------------
+
+
+def format_time(ts: float) -> str:
+    """RFC 3339 in UTC with microseconds, e.g. 2026-01-02T03:04:05.678901Z."""
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(value: str) -> float:
+    """Parse an RFC 3339 time (with or without fractional seconds, Z or an offset). ValueError if bad."""
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    parsed = dt.datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        raise ValueError(f"time without a zone: {value!r}")
+    return parsed.timestamp()
+
+
+def drain_annotations(now: float) -> dict[str, str]:
+    """The annotations that mark a pod as draining since `now` (merge-patch them onto the pod)."""
+    return {DRAIN_STARTED_ANNOTATION: format_time(now), DELETION_COST_ANNOTATION: DRAINING_DELETION_COST}
+
+
+def resume_annotations() -> dict[str, None]:
+    """A merge patch of metadata.annotations that clears the drain state."""
+    return {DRAIN_STARTED_ANNOTATION: None, DELETION_COST_ANNOTATION: None}
+
+
+def pod_state(pod: kubetypes.Pod, status: kubetypes.RelayStatus | None) -> PodState:
+    """Build a PodState from the pod JSON and its relay's /status (None when the scrape failed).
+
+    An unreadable drain-started annotation counts as a drain that started at the epoch, so it times out
+    at once instead of being forgotten.
+    """
+    meta = pod.get("metadata", {})
+    pod_status = pod.get("status", {})
+    annotations = meta.get("annotations") or {}
+    drain_started: float | None = None
+    raw_started = annotations.get(DRAIN_STARTED_ANNOTATION)
+    if raw_started is not None:
+        try:
+            drain_started = parse_time(raw_started)
+        except ValueError:
+            drain_started = 0.0
+    created_at = 0.0
+    if meta.get("creationTimestamp"):
+        try:
+            created_at = parse_time(meta["creationTimestamp"])
+        except ValueError:
+            created_at = 0.0
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True" for c in pod_status.get("conditions") or []
+    )
+    sessions: int | None = None
+    queue: int | None = None
+    drained: bool | None = None
+    relay_draining: bool | None = None
+    if status is not None:
+        sessions = _count(status.get("sessions"))
+        queue = _count((status.get("queue") or {}).get("messages"))
+        drained_raw = status.get("drained")
+        drained = drained_raw if isinstance(drained_raw, bool) else None
+        draining_raw = status.get("draining")
+        relay_draining = draining_raw if isinstance(draining_raw, bool) else None
+    return PodState(
+        name=meta.get("name", ""),
+        phase=pod_status.get("phase") or "Pending",
+        ready=ready,
+        created_at=created_at,
+        deleting=bool(meta.get("deletionTimestamp")),
+        drain_started=drain_started,
+        sessions=sessions,
+        queue_messages=queue,
+        drained=drained,
+        relay_draining=relay_draining,
+    )
+
+
+def _count(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def pod_annotations(state: PodState) -> Mapping[str, str]:
+    """The drain annotations a pod in `state` carries (the inverse of the parsing in `pod_state`)."""
+    if state.drain_started is None:
+        return {}
+    return drain_annotations(state.drain_started)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decisions
+# ---------------------------------------------------------------------------------------------------
+
+
+def outcome(pod: PodState, now: float, drain_timeout: float) -> str | None:
+    """"drained" when the relay reports drained, "timeout" once the timeout passed, else None."""
+    if pod.drain_started is None:
+        return None
+    if pod.drained is True:
+        return OUTCOME_DRAINED
+    if pod.phase in ("Succeeded", "Failed"):
+        return OUTCOME_DRAINED  # nothing runs there any more
+    if now - pod.drain_started >= drain_timeout:
+        return OUTCOME_TIMEOUT
+    return None
+
+
+def _victim_key(pod: PodState) -> tuple[bool, bool, float, float, float, str]:
+    return (
+        pod.phase == "Running",
+        pod.ready,
+        math.inf if pod.sessions is None else float(pod.sessions),
+        math.inf if pod.queue_messages is None else float(pod.queue_messages),
+        -pod.created_at,
+        pod.name,
+    )
+
+
+def choose_victims(pods: Sequence[PodState], count: int) -> tuple[str, ...]:
+    """Up to `count` pods to remove: pending/not running first, then not ready, then the fewest
+    sessions, then the shortest queue (unknown load last), then the youngest. Pods that are already
+    draining or being deleted are never chosen."""
+    if count <= 0:
+        return ()
+    candidates = [p for p in pods if not p.deleting and not p.draining]
+    return tuple(p.name for p in sorted(candidates, key=_victim_key)[:count])
+
+
+def all_finished(pods: Sequence[PodState], now: float, drain_timeout: float) -> bool:
+    """For the finalizer: every live running pod is draining and its drain is over (drained or timed out)."""
+    for pod in pods:
+        if pod.deleting or pod.phase != "Running":
+            continue
+        if outcome(pod, now, drain_timeout) is None:
+            return False
+    return True
+
+
+def plan(
+    desired: int,
+    deployment_replicas: int,
+    pods: Sequence[PodState],
+    now: float,
+    drain_timeout: float,
+    maintenance: bool,
+) -> Plan:
+    """The next drain step.
+
+    `desired`: serving relays wanted (policy.Decision.desired). `deployment_replicas`: the Deployment's
+    .spec.replicas now, which counts the pods being drained. `pods`: every pod of the MailRelay.
+    The Deployment's replicas are only ever lowered by the pods this plan deletes (drained, timed out,
+    or never served); draining pods keep counting until they are gone.
+    With `maintenance`, every running relay drains and stays, drained, until maintenance ends.
+    """
+    if desired < 0 or deployment_replicas < 0:
+        raise ValueError("replica counts must not be negative")
+    live = [p for p in pods if not p.deleting]
+    draining = sorted(
+        (p for p in live if p.draining),
+        key=lambda p: (-(p.drain_started or 0.0), p.name),
+    )
+    redrain = tuple(p.name for p in draining if p.relay_draining is False)
+
+    if maintenance:
+        running = [p for p in live if not p.draining and p.phase == "Running"]
+        return Plan(
+            start_drain=choose_victims(running, len(running)),
+            resume=(),
+            completed=(),
+            deployment_replicas=None,
+            delete_pods=(),
+            redrain=redrain,
+        )
+
+    replicas = deployment_replicas
+    serving = replicas - len(draining)
+    resume: tuple[str, ...] = ()
+    if desired > serving and draining:
+        # Demand rose mid-drain: put the most recently drained relays back into service first.
+        resume = tuple(p.name for p in draining[: desired - serving])
+        draining = draining[len(resume) :]
+        serving = replicas - len(draining)
+    redrain = tuple(name for name in redrain if name not in resume)
+
+    completed: list[tuple[str, str]] = []
+    for pod in draining:
+        result = outcome(pod, now, drain_timeout)
+        if result is not None:
+            completed.append((pod.name, result))
+
+    start: tuple[str, ...] = ()
+    delete: tuple[str, ...] = ()
+    freed = 0
+    excess = serving - desired
+    if excess > 0:
+        not_created = max(0, replicas - len(live))
+        from_replicas = min(excess, not_created)
+        inactive = [p for p in live if not p.draining and p.phase != "Running"]
+        delete = choose_victims(inactive, excess - from_replicas)
+        freed = from_replicas + len(delete)
+        running = [p for p in live if not p.draining and p.phase == "Running"]
+        start = choose_victims(running, excess - freed)
+        new_replicas = replicas - len(completed) - freed
+    else:
+        new_replicas = replicas - len(completed) + (desired - serving)
+    return Plan(
+        start_drain=start,
+        resume=resume,
+        completed=tuple(completed),
+        deployment_replicas=None if new_replicas == deployment_replicas else new_replicas,
+        delete_pods=delete,
+        redrain=tuple(name for name in redrain if name not in {n for n, _ in completed}),
+    )
