@@ -1,0 +1,357 @@
+"""Every Kubernetes API call the operator makes, and all their error handling, in one place.
+
+The handlers and the reconcile tick call `Kube` methods with raw JSON dicts (see `kubetypes`). This module
+turns API answers into `None`/exceptions the callers understand: a missing object is `None` on read and
+`NotFound` on write, a 409 is `Conflict`, and transient failures (connection errors, timeouts, 429 and 5xx)
+are retried with capped exponential backoff and jitter before `ApiError` is raised. Every request has a
+timeout. It uses kubernetes_asyncio's ApiClient (never a blocking client), with JSON in and out, so no
+call blocks Kopf's event loop. The list of verbs per resource in RBAC_RULES is what docs/operator-runtime.md
+and the chart's ClusterRole derive from: add a call here, add its verb there.
+
+It must not decide anything: no scaling, no drain logic, no manifest building.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import kopf
+from kubernetes_asyncio import client as k8s_client
+from kubernetes_asyncio import config as k8s_config
+
+logger = logging.getLogger("mailrelay_operator.kube")
+
+JSON = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Resource:
+    """An API resource: group ('' for core), version, plural, and whether it is namespaced."""
+
+    group: str
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool = True
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(self, namespace: str | None = None, name: str | None = None,
+             subresource: str | None = None) -> str:
+        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        if self.namespaced and namespace is not None:
+            base += f"/namespaces/{namespace}"
+        base += f"/{self.plural}"
+        if name is not None:
+            base += f"/{name}"
+            if subresource:
+                base += f"/{subresource}"
+        return base
+
+
+PODS = Resource("", "v1", "pods", "Pod")
+SECRETS = Resource("", "v1", "secrets", "Secret")
+SERVICES = Resource("", "v1", "services", "Service")
+EVENTS = Resource("", "v1", "events", "Event")
+DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment")
+PDBS = Resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
+NETWORKPOLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
+MAILRELAYS = Resource("mailrelay.dev", "v1alpha1", "mailrelays", "MailRelay")
+
+BY_KIND: dict[str, Resource] = {
+    res.kind: res for res in (PODS, SECRETS, SERVICES, EVENTS, DEPLOYMENTS, PDBS, NETWORKPOLICIES, MAILRELAYS)
+}
+
+# What the operator calls, per resource (this module's own calls plus Kopf's watching and patching).
+# docs/operator-runtime.md lists the same table; the chart's ClusterRole is derived from it.
+RBAC_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("mailrelay.dev", "mailrelays", ("get", "list", "watch", "patch")),
+    ("mailrelay.dev", "mailrelays/status", ("get", "patch")),
+    ("", "pods", ("get", "list", "watch", "patch", "delete")),
+    ("", "secrets", ("get", "create", "patch")),
+    ("", "services", ("get", "create", "patch")),
+    ("", "events", ("create",)),
+    ("apps", "deployments", ("get", "create", "patch")),
+    ("policy", "poddisruptionbudgets", ("get", "create", "patch")),
+    ("networking.k8s.io", "networkpolicies", ("get", "create", "patch")),
+    ("", "namespaces", ("get", "list", "watch")),
+    ("apiextensions.k8s.io", "customresourcedefinitions", ("get", "list", "watch")),
+)
+
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+RETRYABLE_STATUSES = frozenset({0, 408, 429, 500, 502, 503, 504})
+
+
+class ApiError(Exception):
+    """The API server refused a call (after retries, for transient errors)."""
+
+    def __init__(self, status: int, reason: str, message: str, *, method: str = "", path: str = "") -> None:
+        super().__init__(f"{method} {path}: {status} {reason}: {message}".strip())
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class NotFound(ApiError):
+    """404: the object (or its resource) does not exist."""
+
+
+class Conflict(ApiError):
+    """409: it already exists, or it changed since it was read (resourceVersion)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How transient failures are retried: `attempts` tries in all, backoff doubling from `base`."""
+
+    attempts: int = 5
+    base_delay: float = 0.2
+    max_delay: float = 5.0
+    timeout: float = 10.0  # per request, seconds
+
+    def delay(self, attempt: int) -> float:
+        """Backoff before retry number `attempt` (1-based), with full jitter in its upper half."""
+        ceiling = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
+        return float(ceiling / 2 + random.uniform(0, ceiling / 2))
+
+
+def _error(status: int, body: bytes, method: str, path: str) -> ApiError:
+    reason, message = "", body.decode("utf-8", "replace")[:500]
+    try:
+        parsed = json.loads(body)
+        if isinstance(parsed, dict):
+            reason = str(parsed.get("reason", ""))
+            message = str(parsed.get("message", message))[:500]
+    except ValueError:
+        pass
+    cls = NotFound if status == 404 else Conflict if status == 409 else ApiError
+    return cls(status, reason, message, method=method, path=path)
+
+
+async def load_configuration(kubeconfig: str | None = None, context: str | None = None) -> Any:
+    """Standard resolution: an explicit kubeconfig, else $KUBECONFIG, else in-cluster, else ~/.kube/config."""
+    configuration = k8s_client.Configuration()
+    explicit = kubeconfig or os.environ.get("KUBECONFIG")
+    if explicit:
+        await k8s_config.load_kube_config(config_file=explicit, context=context,
+                                          client_configuration=configuration)
+    elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    else:
+        await k8s_config.load_kube_config(config_file=str(Path.home() / ".kube" / "config"), context=context,
+                                          client_configuration=configuration)
+    return configuration
+
+
+class Kube:
+    """The operator's API client. One per operator process; share it between handlers."""
+
+    def __init__(self, configuration: Any, retry: RetryPolicy | None = None) -> None:
+        self.configuration = configuration
+        self.retry = retry or RetryPolicy()
+        self._client = k8s_client.ApiClient(configuration=configuration)
+
+    @classmethod
+    async def connect(cls, kubeconfig: str | None = None, context: str | None = None,
+                      retry: RetryPolicy | None = None) -> Kube:
+        return cls(await load_configuration(kubeconfig, context), retry)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def kopf_connection(self) -> kopf.ConnectionInfo:
+        """The same credentials for Kopf's own watching and patching."""
+        cfg = self.configuration
+        header = cfg.get_api_key_with_prefix("BearerToken")
+        if asyncio.iscoroutine(header):
+            header = await header
+        scheme, token = None, None
+        if header:
+            parts = str(header).split(" ", 1)
+            scheme, token = (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
+        return kopf.ConnectionInfo(
+            server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl,
+            username=cfg.username or None, password=cfg.password or None, scheme=scheme, token=token,
+            certificate_path=cfg.cert_file, private_key_path=cfg.key_file,
+        )
+
+    # -- the one place where requests are made --
+
+    async def _request(self, method: str, path: str, *, query: Sequence[tuple[str, str]] = (),
+                       body: Any = None, content_type: str | None = None) -> JSON:
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        last: ApiError | None = None
+        for attempt in range(1, self.retry.attempts + 1):
+            try:
+                response = await self._client.call_api(
+                    path, method, path_params={}, query_params=list(query), header_params=headers,
+                    body=body, auth_settings=["BearerToken"], _preload_content=False,
+                    _request_timeout=self.retry.timeout,
+                )
+                status = response.status
+                raw = await response.read()
+                response.release()
+            except (TimeoutError, OSError, k8s_client.exceptions.ApiException) as exc:
+                status, raw = 0, str(exc).encode()
+            if 200 <= status < 300:
+                return cast(JSON, json.loads(raw)) if raw else {}
+            last = _error(status, raw, method, path)
+            if status not in RETRYABLE_STATUSES or attempt == self.retry.attempts:
+                raise last
+            delay = self.retry.delay(attempt)
+            logger.info("retrying %s %s after %s (attempt %d, in %.2fs)",
+                        method, path, status, attempt, delay)
+            await asyncio.sleep(delay)
+        raise last or ApiError(0, "NoAttempt", "no attempt made", method=method, path=path)
+
+    # -- verbs --
+
+    async def get(self, res: Resource, namespace: str | None, name: str) -> JSON | None:
+        """The object, or None when it does not exist."""
+        try:
+            return await self._request("GET", res.path(namespace, name))
+        except NotFound:
+            return None
+
+    async def list_(self, res: Resource, namespace: str | None,
+                    selector: Mapping[str, str] | None = None) -> list[JSON]:
+        """Objects of a resource in a namespace (all when None), by equality label selector."""
+        query = []
+        if selector:
+            query.append(("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(selector.items()))))
+        result = await self._request("GET", res.path(namespace), query=query)
+        items = result.get("items") or []
+        for item in items:  # lists leave out apiVersion/kind per item
+            item.setdefault("apiVersion", res.api_version)
+            item.setdefault("kind", res.kind)
+        return cast(list[JSON], items)
+
+    async def create(self, res: Resource, namespace: str | None, body: Mapping[str, Any]) -> JSON:
+        """Create; raises Conflict when it already exists."""
+        return await self._request("POST", res.path(namespace), body=dict(body))
+
+    async def patch(self, res: Resource, namespace: str | None, name: str,
+                    patch: Mapping[str, Any] | list[Any], *, subresource: str | None = None) -> JSON:
+        """JSON merge patch (a dict) or JSON patch (a list). Raises NotFound, Conflict."""
+        content_type = JSON_PATCH if isinstance(patch, list) else MERGE_PATCH
+        return await self._request("PATCH", res.path(namespace, name, subresource),
+                                   body=patch if isinstance(patch, list) else dict(patch),
+                                   content_type=content_type)
+
+    async def delete(self, res: Resource, namespace: str | None, name: str) -> bool:
+        """Delete; False when it was already gone."""
+        try:
+            await self._request("DELETE", res.path(namespace, name))
+        except NotFound:
+            return False
+        return True
+
+    # -- composite, still pure I/O --
+
+    async def ensure(self, desired: Mapping[str, Any], *, keep: Sequence[str] = (),
+                     create_only: bool = False) -> tuple[JSON, str]:
+        """Make the object match `desired` (create, or merge-patch what drifted). Idempotent.
+
+        `keep`: top-level spec keys never patched once the object exists (e.g. a Deployment's `replicas`,
+        owned by the scaling loop). `create_only`: never patch the content (e.g. a generated Secret); only
+        labels and owner references are repaired. Returns (live object, "created"|"patched"|"unchanged").
+        """
+        res = BY_KIND[str(desired["kind"])]
+        meta = desired.get("metadata", {})
+        namespace, name = meta.get("namespace"), str(meta["name"])
+        for _ in range(3):
+            live = await self.get(res, namespace, name)
+            if live is None:
+                try:
+                    return await self.create(res, namespace, desired), "created"
+                except Conflict:
+                    continue  # created meanwhile (or by our earlier attempt whose answer was lost): re-read
+            patch = drift_patch(live, desired, keep=keep, create_only=create_only)
+            if not patch:
+                return live, "unchanged"
+            try:
+                return await self.patch(res, namespace, name, patch), "patched"
+            except NotFound:
+                continue  # deleted meanwhile: create it again
+        raise ApiError(409, "Conflict", f"could not settle {res.kind} {namespace}/{name}")
+
+    async def post_event(self, involved: Mapping[str, Any], *, reason: str, message: str,
+                         type_: str = "Normal", component: str = "mailrelay-operator") -> None:
+        """Record a core/v1 Event about `involved`. Best effort: failures are logged, not raised."""
+        meta = involved.get("metadata", {})
+        now = datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        namespace = meta.get("namespace") or "default"
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{meta.get('name', 'mailrelay')}.", "namespace": namespace},
+            "involvedObject": {"apiVersion": involved.get("apiVersion", MAILRELAYS.api_version),
+                               "kind": involved.get("kind", MAILRELAYS.kind), "name": meta.get("name"),
+                               "namespace": namespace, "uid": meta.get("uid")},
+            "reason": reason, "message": message[:1024], "type": type_,
+            "source": {"component": component}, "reportingComponent": component,
+            "reportingInstance": os.environ.get("HOSTNAME", component),
+            "firstTimestamp": now, "lastTimestamp": now, "eventTime": now, "count": 1, "action": reason,
+        }
+        try:
+            await self.create(EVENTS, namespace, event)
+        except ApiError as exc:
+            logger.warning("cannot post event %s: %s", reason, exc)
+
+
+def _subset(live: Any, desired: Any) -> bool:
+    """Whether `desired` is contained in `live`: dict keys recursively, lists item by item (same length)."""
+    if isinstance(desired, Mapping):
+        return isinstance(live, Mapping) and all(
+            k in live and _subset(live[k], v) for k, v in desired.items())
+    if isinstance(desired, list):
+        return (isinstance(live, list) and len(live) == len(desired)
+                and all(_subset(a, b) for a, b in zip(live, desired, strict=True)))
+    return bool(live == desired)
+
+
+def drift_patch(live: Mapping[str, Any], desired: Mapping[str, Any], *, keep: Sequence[str] = (),
+                create_only: bool = False) -> JSON:
+    """The merge patch that brings `live` to `desired` (empty when nothing drifted). Pure helper."""
+    patch: JSON = {}
+    live_meta, want_meta = live.get("metadata", {}), desired.get("metadata", {})
+    meta_patch: JSON = {}
+    for key in ("labels", "annotations"):
+        wanted = want_meta.get(key) or {}
+        current = live_meta.get(key) or {}
+        changed = {k: v for k, v in wanted.items() if current.get(k) != v}
+        if changed:
+            meta_patch[key] = changed
+    want_refs = want_meta.get("ownerReferences") or []
+    live_refs = live_meta.get("ownerReferences") or []
+    live_uids = {ref.get("uid") for ref in live_refs}
+    if any(ref.get("uid") not in live_uids for ref in want_refs):
+        meta_patch["ownerReferences"] = [*live_refs, *(r for r in want_refs if r.get("uid") not in live_uids)]
+    if meta_patch:
+        patch["metadata"] = meta_patch
+    if create_only:
+        return patch
+    for key, value in desired.items():
+        if key in ("apiVersion", "kind", "metadata", "status"):
+            continue
+        if key == "spec" and isinstance(value, Mapping):
+            spec_patch = {k: v for k, v in value.items()
+                          if k not in keep and not _subset((live.get("spec") or {}).get(k), v)}
+            if spec_patch:
+                patch["spec"] = spec_patch
+        elif not _subset(live.get(key), value):
+            patch[key] = value
+    return patch

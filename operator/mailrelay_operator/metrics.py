@@ -1,0 +1,59 @@
+"""The operator's Prometheus metrics (names and labels from docs/contracts.md) and their HTTP listener.
+
+Metrics live in their own CollectorRegistry so that several operators in one test process do not clash
+on names, and labels stay bounded (namespace and MailRelay name, removed when the MailRelay goes).
+It must not decide anything; callers record what happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+_PER_RELAY = ("namespace", "mailrelay")
+
+DESIRED_REPLICAS = Gauge("mailrelay_operator_desired_replicas", "Serving relays the operator wants.",
+                         _PER_RELAY, registry=REGISTRY)
+READY_REPLICAS = Gauge("mailrelay_operator_ready_replicas", "Relay pods that are ready.",
+                       _PER_RELAY, registry=REGISTRY)
+DRAINING_PODS = Gauge("mailrelay_operator_draining_pods", "Relay pods being drained.",
+                      _PER_RELAY, registry=REGISTRY)
+OVERLOADED = Gauge("mailrelay_operator_overloaded",
+                   "1 when the load needs more relays than spec.replicas.max.", _PER_RELAY, registry=REGISTRY)
+SCALE_EVENTS = Counter("mailrelay_operator_scale_events", "Scale decisions applied, by direction.",
+                       (*_PER_RELAY, "direction"), registry=REGISTRY)
+DRAIN_DURATION = Histogram("mailrelay_operator_drain_duration_seconds",
+                           "From the start of a relay's drain to its end, by outcome.", ("outcome",),
+                           buckets=(1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600), registry=REGISTRY)
+SCRAPE_ERRORS = Counter("mailrelay_operator_scrape_errors", "Relay /status calls that failed.",
+                        _PER_RELAY, registry=REGISTRY)
+RECONCILE_ERRORS = Counter("mailrelay_operator_reconcile_errors", "Handler runs that failed, by handler.",
+                           ("handler",), registry=REGISTRY)
+LAST_RECONCILE = Gauge("mailrelay_operator_last_reconcile_timestamp_seconds",
+                       "Unix time of the last finished scaling tick.", _PER_RELAY, registry=REGISTRY)
+
+_PER_RELAY_METRICS: tuple[Gauge | Counter, ...] = (
+    DESIRED_REPLICAS, READY_REPLICAS, DRAINING_PODS, OVERLOADED, SCRAPE_ERRORS, LAST_RECONCILE)
+
+
+def forget(namespace: str, name: str) -> None:
+    """Drop every series of a deleted MailRelay."""
+    for metric in _PER_RELAY_METRICS:
+        with contextlib.suppress(KeyError):
+            metric.remove(namespace, name)
+    for direction in ("up", "down"):
+        with contextlib.suppress(KeyError):
+            SCALE_EVENTS.remove(namespace, name, direction)
+
+
+def serve(port: int, host: str = "0.0.0.0") -> None:
+    """Start the /metrics listener (a daemon thread of prometheus_client; not in the asyncio loop)."""
+    prometheus_client.start_http_server(port, addr=host, registry=REGISTRY)
+
+
+def exposition() -> bytes:
+    """The current exposition text (for tests and debugging)."""
+    return bytes(prometheus_client.generate_latest(REGISTRY))
