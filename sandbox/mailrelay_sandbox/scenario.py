@@ -1,0 +1,229 @@
+"""Building blocks shared by `make demo` and the end-to-end tests: the upstream sink, manifests, the operator.
+
+- `upstream_sink()`: an in-process aiosmtpd upstream that records the Message-ID of every message the
+  relays deliver (the load generator's "delivered"), and can be told to answer 4xx for a while.
+- `mailrelay()`: a MailRelay object with the knobs the scenarios turn.
+- `relay_deployment()`: a Deployment shaped like the operator's (ports `smtp`/`admin`, token Secret
+  volume, spool emptyDir), for control-plane tests that run without the operator.
+- `OperatorProcess`: the real `mailrelay-operator` as a subprocess with the sandbox's kubeconfig.
+
+It holds no verdicts (tests and demo decide) and is never imported by `relay/` or `operator/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import email.parser
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP as SMTPServer
+from aiosmtpd.smtp import Envelope, Session
+
+GROUP = "mailrelay.dev"
+VERSION = "v1alpha1"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.messages = 0
+        self.duplicates = 0
+        self.defer_code: str | None = None   # e.g. "451 4.3.0 try later": answer DATA with it
+        self.delay = 0.0
+        self._parser = email.parser.BytesHeaderParser()
+
+    async def handle_DATA(self, server: SMTPServer, session: Session, envelope: Envelope) -> str:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.defer_code:
+            return self.defer_code
+        content = envelope.original_content or b""
+        msgid = self._parser.parsebytes(content).get("Message-ID")
+        self.messages += 1
+        if msgid:
+            msgid = str(msgid).strip()
+            if msgid in self.ids:
+                self.duplicates += 1
+            self.ids.add(msgid)
+        return "250 2.0.0 Ok: delivered"
+
+
+@dataclasses.dataclass
+class Upstream:
+    host: str
+    port: int
+    collector: _Collector
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def delivered_ids(self) -> set[str]:
+        return set(self.collector.ids)
+
+    @property
+    def delivered(self) -> int:
+        return self.collector.messages
+
+    def defer(self, reply: str | None) -> None:
+        """Answer every DATA with `reply` (a 4xx) until called with None: an upstream throttling us."""
+        self.collector.defer_code = reply
+
+
+@contextlib.asynccontextmanager
+async def upstream_sink(host: str = "127.0.0.1") -> AsyncIterator[Upstream]:
+    collector = _Collector()
+    port = free_port(host)
+    controller = Controller(collector, hostname=host, port=port, data_size_limit=0)
+    controller.start()
+    try:
+        yield Upstream(host, port, collector)
+    finally:
+        controller.stop()
+
+
+def mailrelay(
+    name: str,
+    namespace: str,
+    *,
+    min_replicas: int = 1,
+    max_replicas: int = 4,
+    interval: int = 1,
+    sessions_per_pod: int = 5,
+    queue_per_pod: int = 500,
+    max_sessions_per_pod: int = 10,
+    scale_up_step: int = 4,
+    scale_down_stabilization: int = 3,
+    scale_down_step: int = 1,
+    drain_timeout: int = 60,
+    maintenance: bool = False,
+) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "MailRelay",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "upstream": {"host": "upstream.sandbox.test", "port": 25, "tls": "none"},
+            "acceptFrom": ["127.0.0.0/8"],
+            "replicas": {"min": min_replicas, "max": max_replicas},
+            "limits": {"maxSessionsPerPod": max_sessions_per_pod, "maxMessageSize": "1Mi",
+                       "maxRecipients": 10},
+            "scaling": {
+                "intervalSeconds": interval,
+                "targets": {"sessionsPerPod": sessions_per_pod, "queuePerPod": queue_per_pod},
+                "scaleUp": {"stabilizationSeconds": 0, "maxPodsPerStep": scale_up_step},
+                "scaleDown": {"stabilizationSeconds": scale_down_stabilization,
+                              "maxPodsPerStep": scale_down_step},
+            },
+            "drain": {"timeoutSeconds": drain_timeout},
+            "maintenance": maintenance,
+        },
+    }
+
+
+def mailrelay_path(namespace: str, name: str | None = None) -> str:
+    base = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/mailrelays"
+    return f"{base}/{name}" if name else base
+
+
+def relay_deployment(name: str, namespace: str, *, replicas: int, token_secret: str,
+                     max_sessions: int = 10, grace_seconds: int = 10) -> dict[str, Any]:
+    labels = {"app.kubernetes.io/name": "mailrelay", "app.kubernetes.io/instance": name,
+              "app.kubernetes.io/managed-by": "mailrelay-operator"}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "terminationGracePeriodSeconds": grace_seconds,
+                    "containers": [{
+                        "name": "relay",
+                        "image": "mailrelay-relay:sandbox",
+                        "ports": [{"name": "smtp", "containerPort": 2525},
+                                  {"name": "admin", "containerPort": 8025}],
+                        "env": [
+                            {"name": "MAILRELAY_UPSTREAM", "value": "smtp.example.net:587"},
+                            {"name": "MAILRELAY_MAX_SESSIONS", "value": str(max_sessions)},
+                            {"name": "MAILRELAY_SPOOL", "value": "/var/spool/mailrelay"},
+                            {"name": "MAILRELAY_ADMIN_TOKEN_FILE", "value": "/etc/mailrelay/admin/token"},
+                            {"name": "MAILRELAY_DRAIN_TIMEOUT", "value": "60"},
+                        ],
+                        "volumeMounts": [{"name": "spool", "mountPath": "/var/spool/mailrelay"},
+                                         {"name": "admin-token", "mountPath": "/etc/mailrelay/admin"}],
+                    }],
+                    "volumes": [{"name": "spool", "emptyDir": {}},
+                                {"name": "admin-token", "secret": {"secretName": token_secret}}],
+                },
+            },
+        },
+    }
+
+
+class OperatorProcess:
+    """`mailrelay-operator` as a subprocess, pointed at the sandbox's kubeconfig, as in a cluster."""
+
+    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, *extra_args: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.kubeconfig = kubeconfig
+        self.namespace = namespace
+        self.log_path = log_path
+        self.extra_args = list(extra_args)
+        self.env = dict(env or {})
+        self.process: asyncio.subprocess.Process | None = None
+        self.starts = 0
+
+    @property
+    def command(self) -> list[str]:
+        binary = str(Path(sys.executable).parent / "mailrelay-operator")
+        return [binary, "--standalone", "--namespace", self.namespace, *self.extra_args]
+
+    async def start(self) -> None:
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), **self.env}
+        with self.log_path.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.command, env=env, stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True)
+        self.starts += 1
+
+    async def stop(self, *, kill: bool = False, grace: float = 10.0) -> int | None:
+        process = self.process
+        if process is None or process.returncode is not None:
+            return process.returncode if process else None
+        process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout=grace)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+        return process.returncode
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
