@@ -170,7 +170,7 @@ def pod_annotations(state: PodState) -> Mapping[str, str]:
 
 
 def outcome(pod: PodState, now: float, drain_timeout: float) -> str | None:
-    """"drained" when the relay reports drained, "timeout" once the timeout passed, else None."""
+    """ "drained" when the relay reports drained, "timeout" once the timeout passed, else None."""
     if pod.drain_started is None:
         return None
     if pod.drained is True:

@@ -173,15 +173,22 @@ def decide(
     elif not loads:
         reason, message = "NoMetrics", "no serving relay reported its load yet"
     elif raw < current:
-        reason, message = "Stabilizing", (
-            f"load asks for {raw}; keeping {current} within the "
-            f"{down.stabilization_seconds}s scale-down window"
+        reason, message = (
+            "Stabilizing",
+            (
+                f"load asks for {raw}; keeping {current} within the "
+                f"{down.stabilization_seconds}s scale-down window"
+            ),
         )
     elif raw > current and overloaded and current >= bounds.max:
         reason, message = "AtMaximum", f"load asks for {raw}, held at the maximum {bounds.max}"
     elif raw > current:
-        reason, message = "Stabilizing", (
-            f"load asks for {raw}; keeping {current} within the {up.stabilization_seconds}s scale-up window"
+        reason, message = (
+            "Stabilizing",
+            (
+                f"load asks for {raw}; keeping {current} within the "
+                f"{up.stabilization_seconds}s scale-up window"
+            ),
         )
     else:
         reason, message = "Steady", f"load fits {current} serving relays"

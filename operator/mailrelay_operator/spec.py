@@ -248,7 +248,7 @@ def parse(raw_spec: kubetypes.MailRelaySpec | Mapping[str, Any]) -> MailRelaySpe
         raise SpecError("spec.acceptFrom: required, a non-empty list of CIDRs allowed to relay")
     accept: list[str] = []
     for i, cidr in enumerate(accept_raw):
-        if not isinstance(cidr, str):
+        if not isinstance(cidr, str) or "/" not in cidr:
             raise SpecError(f"spec.acceptFrom[{i}]: expected a CIDR string, got {cidr!r}")
         try:
             accept.append(str(ipaddress.ip_network(cidr, strict=False)))
@@ -292,6 +292,13 @@ def parse(raw_spec: kubetypes.MailRelaySpec | Mapping[str, Any]) -> MailRelaySpe
         scale_up=_step(sc, "scaleUp", Step(DEFAULT_SCALE_UP_STABILIZATION, DEFAULT_SCALE_UP_STEP)),
         scale_down=_step(sc, "scaleDown", Step(DEFAULT_SCALE_DOWN_STABILIZATION, DEFAULT_SCALE_DOWN_STEP)),
     )
+
+    if scaling.targets.sessions_per_pod > limits.max_sessions_per_pod:
+        raise SpecError(
+            "spec.scaling.targets.sessionsPerPod: must not exceed spec.limits.maxSessionsPerPod "
+            f"({scaling.targets.sessions_per_pod} > {limits.max_sessions_per_pod}), "
+            "or relays refuse sessions before scaling starts"
+        )
 
     dr = _obj(raw, "drain", "spec", {"timeoutSeconds"})
     drain_timeout = _int(
