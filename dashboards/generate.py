@@ -48,11 +48,7 @@ class PanelSpec:
 
 
 def _variables(anchor_metric: str) -> list[dashboard.DatasourceVariable | dashboard.QueryVariable]:
-    datasource = (
-        dashboard.DatasourceVariable("datasource")
-        .label("Data source")
-        .type("prometheus")
-    )
+    datasource = dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus")
     namespace = (
         dashboard.QueryVariable("namespace")
         .label("Namespace")
@@ -103,234 +99,303 @@ def _panel(spec: PanelSpec, panel_id: int, width: int = 12) -> timeseries.Panel:
 
 
 def _quantile(q: float, metric: str, by: str = RELAY_BY) -> str:
-    return (
-        f"histogram_quantile({q}, sum by ({by}, le) "
-        f"(rate({metric}_bucket{{{SEL}}}[$__rate_interval])))"
-    )
+    return f"histogram_quantile({q}, sum by ({by}, le) (rate({metric}_bucket{{{SEL}}}[$__rate_interval])))"
 
 
 RELAY_ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
-    ("Traffic", (
-        PanelSpec(
-            "Open SMTP sessions",
-            "Open sessions summed over the relay pods, against the summed per-pod cap (--max-sessions).",
-            "short",
-            (
-                Query(f"sum by ({RELAY_BY}) (mailrelay_relay_sessions{{{SEL}}})",
-                      "{{namespace}}/{{mailrelay}} sessions"),
-                Query(f"sum by ({RELAY_BY}) (mailrelay_relay_max_sessions{{{SEL}}})",
-                      "{{namespace}}/{{mailrelay}} capacity"),
+    (
+        "Traffic",
+        (
+            PanelSpec(
+                "Open SMTP sessions",
+                "Open sessions summed over the relay pods, against the summed per-pod cap (--max-sessions).",
+                "short",
+                (
+                    Query(
+                        f"sum by ({RELAY_BY}) (mailrelay_relay_sessions{{{SEL}}})",
+                        "{{namespace}}/{{mailrelay}} sessions",
+                    ),
+                    Query(
+                        f"sum by ({RELAY_BY}) (mailrelay_relay_max_sessions{{{SEL}}})",
+                        "{{namespace}}/{{mailrelay}} capacity",
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Messages accepted and delivered per second",
+                "Accepted: answered 250 after the spool fsync. Delivered: the upstream answered 250.",
+                "ops",
+                (
+                    Query(
+                        f"sum by ({RELAY_BY}) "
+                        f"(rate(mailrelay_relay_messages_accepted_total{{{SEL}}}[$__rate_interval]))",
+                        "{{namespace}}/{{mailrelay}} accepted",
+                    ),
+                    Query(
+                        f"sum by ({RELAY_BY}) "
+                        f"(rate(mailrelay_relay_messages_delivered_total{{{SEL}}}[$__rate_interval]))",
+                        "{{namespace}}/{{mailrelay}} delivered",
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Connections per second by result",
+                "accepted, refused_busy (421 at the session cap), refused_draining (421 while draining).",
+                "cps",
+                (
+                    Query(
+                        f"sum by (result) "
+                        f"(rate(mailrelay_relay_connections_total{{{SEL}}}[$__rate_interval]))",
+                        "{{result}}",
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Load-shedding replies per second (421, 452, 455)",
+                "421: busy, draining or timed out; 452: too many recipients or no spool room for the "
+                "declared SIZE; 455: a parameter the relay cannot honour now.",
+                "reqps",
+                (
+                    Query(
+                        f'sum by (code) (rate(mailrelay_relay_replies_total{{{SEL}, code=~"421|452|455"}}'
+                        f"[$__rate_interval]))",
+                        "{{code}}",
+                    ),
+                ),
             ),
         ),
-        PanelSpec(
-            "Messages accepted and delivered per second",
-            "Accepted: answered 250 after the spool fsync. Delivered: the upstream answered 250.",
-            "ops",
-            (
-                Query(f"sum by ({RELAY_BY}) "
-                      f"(rate(mailrelay_relay_messages_accepted_total{{{SEL}}}[$__rate_interval]))",
-                      "{{namespace}}/{{mailrelay}} accepted"),
-                Query(f"sum by ({RELAY_BY}) "
-                      f"(rate(mailrelay_relay_messages_delivered_total{{{SEL}}}[$__rate_interval]))",
-                      "{{namespace}}/{{mailrelay}} delivered"),
+    ),
+    (
+        "Queue",
+        (
+            PanelSpec(
+                "Queue depth",
+                "Messages spooled and not yet delivered (waiting or in flight), summed over pods.",
+                "short",
+                (
+                    Query(
+                        f"sum by ({RELAY_BY}) (mailrelay_relay_queue_messages{{{SEL}}})",
+                        "{{namespace}}/{{mailrelay}}",
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Oldest queued message",
+                "Age of the oldest message still in a relay's queue; it grows when the upstream is slow "
+                "or refusing.",
+                "s",
+                (
+                    Query(
+                        f"max by ({RELAY_BY}) (mailrelay_relay_queue_oldest_age_seconds{{{SEL}}})",
+                        "{{namespace}}/{{mailrelay}}",
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Queue bytes and in-flight bytes",
+                "Spooled content bytes, and the declared sizes of open transactions.",
+                "bytes",
+                (
+                    Query(
+                        f"sum by ({RELAY_BY}) (mailrelay_relay_queue_bytes{{{SEL}}})",
+                        "{{namespace}}/{{mailrelay}} queued",
+                    ),
+                    Query(
+                        f"sum by ({RELAY_BY}) (mailrelay_relay_inflight_bytes{{{SEL}}})",
+                        "{{namespace}}/{{mailrelay}} in flight",
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Dead-lettered messages per second",
+                "Messages moved to the dead-letter folder: permanent (5xx upstream) or expired "
+                "(--queue-lifetime). Anything above zero needs a look.",
+                "ops",
+                (
+                    Query(
+                        f"sum by (reason) "
+                        f"(rate(mailrelay_relay_messages_dead_lettered_total{{{SEL}}}[$__rate_interval]))",
+                        "{{reason}}",
+                    ),
+                ),
             ),
         ),
-        PanelSpec(
-            "Connections per second by result",
-            "accepted, refused_busy (421 at the session cap), refused_draining (421 while draining).",
-            "cps",
-            (
-                Query(f"sum by (result) "
-                      f"(rate(mailrelay_relay_connections_total{{{SEL}}}[$__rate_interval]))",
-                      "{{result}}"),
+    ),
+    (
+        "Delivery",
+        (
+            PanelSpec(
+                "Delivery latency p50 / p99",
+                "From the relay's 250 to the upstream's 250.",
+                "s",
+                (
+                    Query(
+                        _quantile(0.5, "mailrelay_relay_delivery_duration_seconds"),
+                        "{{namespace}}/{{mailrelay}} p50",
+                    ),
+                    Query(
+                        _quantile(0.99, "mailrelay_relay_delivery_duration_seconds"),
+                        "{{namespace}}/{{mailrelay}} p99",
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Delivery attempts per second by result",
+                "success, temporary (4xx, retried), permanent (5xx, dead-lettered), connection_error.",
+                "ops",
+                (
+                    Query(
+                        f"sum by (result) "
+                        f"(rate(mailrelay_relay_delivery_attempts_total{{{SEL}}}[$__rate_interval]))",
+                        "{{result}}",
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Spool fsync p99",
+                "Duration of one spool group commit; the relay answers 250 only after it.",
+                "s",
+                (
+                    Query(
+                        _quantile(0.99, "mailrelay_relay_spool_fsync_duration_seconds"),
+                        "{{namespace}}/{{mailrelay}} p99",
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Relays draining",
+                "Relay pods that answer 421 to new sessions because they drain.",
+                "short",
+                (
+                    Query(
+                        f"sum by ({RELAY_BY}) (mailrelay_relay_draining{{{SEL}}})",
+                        "{{namespace}}/{{mailrelay}}",
+                    ),
+                ),
             ),
         ),
-        PanelSpec(
-            "Load-shedding replies per second (421, 452, 455)",
-            "421: busy, draining or timed out; 452: too many recipients or no spool room for the "
-            "declared SIZE; 455: a parameter the relay cannot honour now.",
-            "reqps",
-            (
-                Query(f'sum by (code) (rate(mailrelay_relay_replies_total{{{SEL}, code=~"421|452|455"}}'
-                      f"[$__rate_interval]))",
-                      "{{code}}"),
-            ),
-        ),
-    )),
-    ("Queue", (
-        PanelSpec(
-            "Queue depth",
-            "Messages spooled and not yet delivered (waiting or in flight), summed over pods.",
-            "short",
-            (
-                Query(f"sum by ({RELAY_BY}) (mailrelay_relay_queue_messages{{{SEL}}})",
-                      "{{namespace}}/{{mailrelay}}"),
-            ),
-        ),
-        PanelSpec(
-            "Oldest queued message",
-            "Age of the oldest message still in a relay's queue; it grows when the upstream is slow "
-            "or refusing.",
-            "s",
-            (
-                Query(f"max by ({RELAY_BY}) (mailrelay_relay_queue_oldest_age_seconds{{{SEL}}})",
-                      "{{namespace}}/{{mailrelay}}"),
-            ),
-        ),
-        PanelSpec(
-            "Queue bytes and in-flight bytes",
-            "Spooled content bytes, and the declared sizes of open transactions.",
-            "bytes",
-            (
-                Query(f"sum by ({RELAY_BY}) (mailrelay_relay_queue_bytes{{{SEL}}})",
-                      "{{namespace}}/{{mailrelay}} queued"),
-                Query(f"sum by ({RELAY_BY}) (mailrelay_relay_inflight_bytes{{{SEL}}})",
-                      "{{namespace}}/{{mailrelay}} in flight"),
-            ),
-        ),
-        PanelSpec(
-            "Dead-lettered messages per second",
-            "Messages moved to the dead-letter folder: permanent (5xx upstream) or expired "
-            "(--queue-lifetime). Anything above zero needs a look.",
-            "ops",
-            (
-                Query(f"sum by (reason) "
-                      f"(rate(mailrelay_relay_messages_dead_lettered_total{{{SEL}}}[$__rate_interval]))",
-                      "{{reason}}"),
-            ),
-        ),
-    )),
-    ("Delivery", (
-        PanelSpec(
-            "Delivery latency p50 / p99",
-            "From the relay's 250 to the upstream's 250.",
-            "s",
-            (
-                Query(_quantile(0.5, "mailrelay_relay_delivery_duration_seconds"),
-                      "{{namespace}}/{{mailrelay}} p50"),
-                Query(_quantile(0.99, "mailrelay_relay_delivery_duration_seconds"),
-                      "{{namespace}}/{{mailrelay}} p99"),
-            ),
-        ),
-        PanelSpec(
-            "Delivery attempts per second by result",
-            "success, temporary (4xx, retried), permanent (5xx, dead-lettered), connection_error.",
-            "ops",
-            (
-                Query(f"sum by (result) "
-                      f"(rate(mailrelay_relay_delivery_attempts_total{{{SEL}}}[$__rate_interval]))",
-                      "{{result}}"),
-            ),
-        ),
-        PanelSpec(
-            "Spool fsync p99",
-            "Duration of one spool group commit; the relay answers 250 only after it.",
-            "s",
-            (
-                Query(_quantile(0.99, "mailrelay_relay_spool_fsync_duration_seconds"),
-                      "{{namespace}}/{{mailrelay}} p99"),
-            ),
-        ),
-        PanelSpec(
-            "Relays draining",
-            "Relay pods that answer 421 to new sessions because they drain.",
-            "short",
-            (
-                Query(f"sum by ({RELAY_BY}) (mailrelay_relay_draining{{{SEL}}})",
-                      "{{namespace}}/{{mailrelay}}"),
-            ),
-        ),
-    )),
+    ),
 )
 
 OPERATOR_ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
-    ("Replicas", (
-        PanelSpec(
-            "Desired, ready and draining replicas",
-            "Desired: the operator's scaling decision. Ready: relay pods ready. Draining: pods the "
-            "operator drains before it lowers the Deployment's replicas.",
-            "short",
-            (
-                Query(f"sum by ({RELAY_BY}) (mailrelay_operator_desired_replicas{{{SEL}}})",
-                      "{{namespace}}/{{mailrelay}} desired"),
-                Query(f"sum by ({RELAY_BY}) (mailrelay_operator_ready_replicas{{{SEL}}})",
-                      "{{namespace}}/{{mailrelay}} ready"),
-                Query(f"sum by ({RELAY_BY}) (mailrelay_operator_draining_pods{{{SEL}}})",
-                      "{{namespace}}/{{mailrelay}} draining"),
+    (
+        "Replicas",
+        (
+            PanelSpec(
+                "Desired, ready and draining replicas",
+                "Desired: the operator's scaling decision. Ready: relay pods ready. Draining: pods the "
+                "operator drains before it lowers the Deployment's replicas.",
+                "short",
+                (
+                    Query(
+                        f"sum by ({RELAY_BY}) (mailrelay_operator_desired_replicas{{{SEL}}})",
+                        "{{namespace}}/{{mailrelay}} desired",
+                    ),
+                    Query(
+                        f"sum by ({RELAY_BY}) (mailrelay_operator_ready_replicas{{{SEL}}})",
+                        "{{namespace}}/{{mailrelay}} ready",
+                    ),
+                    Query(
+                        f"sum by ({RELAY_BY}) (mailrelay_operator_draining_pods{{{SEL}}})",
+                        "{{namespace}}/{{mailrelay}} draining",
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Overloaded",
+                "1 when the desired replica count exceeds spec.replicas.max: relays shed with 421.",
+                "short",
+                (
+                    Query(
+                        f"max by ({RELAY_BY}) (mailrelay_operator_overloaded{{{SEL}}})",
+                        "{{namespace}}/{{mailrelay}}",
+                    ),
+                ),
             ),
         ),
-        PanelSpec(
-            "Overloaded",
-            "1 when the desired replica count exceeds spec.replicas.max: relays shed with 421.",
-            "short",
-            (
-                Query(f"max by ({RELAY_BY}) (mailrelay_operator_overloaded{{{SEL}}})",
-                      "{{namespace}}/{{mailrelay}}"),
+    ),
+    (
+        "Scaling and draining",
+        (
+            PanelSpec(
+                "Scale events",
+                "Scale-ups and scale-downs per interval.",
+                "short",
+                (
+                    Query(
+                        f"sum by ({RELAY_BY}, direction) "
+                        f"(increase(mailrelay_operator_scale_events_total{{{SEL}}}[$__rate_interval]))",
+                        "{{namespace}}/{{mailrelay}} {{direction}}",
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Drain duration p50 / p99 by outcome",
+                "How long a relay took to drain before it was removed (drained), gave up (timeout) or was "
+                "resumed because demand rose (cancelled).",
+                "s",
+                (
+                    Query(
+                        "histogram_quantile(0.5, sum by (outcome, le) "
+                        "(rate(mailrelay_operator_drain_duration_seconds_bucket[$__rate_interval])))",
+                        "{{outcome}} p50",
+                    ),
+                    Query(
+                        "histogram_quantile(0.99, sum by (outcome, le) "
+                        "(rate(mailrelay_operator_drain_duration_seconds_bucket[$__rate_interval])))",
+                        "{{outcome}} p99",
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Drains finished per second by outcome",
+                "drained, timeout (mail may be left in the spool) or cancelled.",
+                "ops",
+                (
+                    Query(
+                        "sum by (outcome) "
+                        "(rate(mailrelay_operator_drain_duration_seconds_count[$__rate_interval]))",
+                        "{{outcome}}",
+                    ),
+                ),
             ),
         ),
-    )),
-    ("Scaling and draining", (
-        PanelSpec(
-            "Scale events",
-            "Scale-ups and scale-downs per interval.",
-            "short",
-            (
-                Query(f"sum by ({RELAY_BY}, direction) "
-                      f"(increase(mailrelay_operator_scale_events_total{{{SEL}}}[$__rate_interval]))",
-                      "{{namespace}}/{{mailrelay}} {{direction}}"),
+    ),
+    (
+        "Operator health",
+        (
+            PanelSpec(
+                "Seconds since last reconcile",
+                "Time since the operator last reconciled each MailRelay; it should stay near "
+                "spec.scaling.intervalSeconds.",
+                "s",
+                (
+                    Query(
+                        f"time() - max by ({RELAY_BY}) "
+                        f"(mailrelay_operator_last_reconcile_timestamp_seconds{{{SEL}}})",
+                        "{{namespace}}/{{mailrelay}}",
+                    ),
+                ),
+            ),
+            PanelSpec(
+                "Reconcile and scrape errors per second",
+                "Handler errors (by handler) and failed scrapes of relay /status (by MailRelay).",
+                "ops",
+                (
+                    Query(
+                        "sum by (handler) "
+                        "(rate(mailrelay_operator_reconcile_errors_total[$__rate_interval]))",
+                        "reconcile {{handler}}",
+                    ),
+                    Query(
+                        f"sum by ({RELAY_BY}) "
+                        f"(rate(mailrelay_operator_scrape_errors_total{{{SEL}}}[$__rate_interval]))",
+                        "scrape {{namespace}}/{{mailrelay}}",
+                    ),
+                ),
             ),
         ),
-        PanelSpec(
-            "Drain duration p50 / p99 by outcome",
-            "How long a relay took to drain before it was removed (drained), gave up (timeout) or was "
-            "resumed because demand rose (cancelled).",
-            "s",
-            (
-                Query("histogram_quantile(0.5, sum by (outcome, le) "
-                      "(rate(mailrelay_operator_drain_duration_seconds_bucket[$__rate_interval])))",
-                      "{{outcome}} p50"),
-                Query("histogram_quantile(0.99, sum by (outcome, le) "
-                      "(rate(mailrelay_operator_drain_duration_seconds_bucket[$__rate_interval])))",
-                      "{{outcome}} p99"),
-            ),
-        ),
-        PanelSpec(
-            "Drains finished per second by outcome",
-            "drained, timeout (mail may be left in the spool) or cancelled.",
-            "ops",
-            (
-                Query("sum by (outcome) "
-                      "(rate(mailrelay_operator_drain_duration_seconds_count[$__rate_interval]))",
-                      "{{outcome}}"),
-            ),
-        ),
-    )),
-    ("Operator health", (
-        PanelSpec(
-            "Seconds since last reconcile",
-            "Time since the operator last reconciled each MailRelay; it should stay near "
-            "spec.scaling.intervalSeconds.",
-            "s",
-            (
-                Query(f"time() - max by ({RELAY_BY}) "
-                      f"(mailrelay_operator_last_reconcile_timestamp_seconds{{{SEL}}})",
-                      "{{namespace}}/{{mailrelay}}"),
-            ),
-        ),
-        PanelSpec(
-            "Reconcile and scrape errors per second",
-            "Handler errors (by handler) and failed scrapes of relay /status (by MailRelay).",
-            "ops",
-            (
-                Query("sum by (handler) "
-                      "(rate(mailrelay_operator_reconcile_errors_total[$__rate_interval]))",
-                      "reconcile {{handler}}"),
-                Query(f"sum by ({RELAY_BY}) "
-                      f"(rate(mailrelay_operator_scrape_errors_total{{{SEL}}}[$__rate_interval]))",
-                      "scrape {{namespace}}/{{mailrelay}}"),
-            ),
-        ),
-    )),
+    ),
 )
 
 

@@ -41,8 +41,9 @@ def dashboard_expressions() -> list[Expression]:
     for uid, board in dashboards().items():
         for panel in board["panels"]:  # type: ignore[attr-defined]
             for target in panel.get("targets") or []:
-                found.append(Expression(f"dashboard {uid} / {panel['title']} [{target['refId']}]",
-                                        target["expr"]))
+                found.append(
+                    Expression(f"dashboard {uid} / {panel['title']} [{target['refId']}]", target["expr"])
+                )
     return found
 
 

@@ -17,23 +17,30 @@ from tests.conftest import require_tool
 UNIT_TESTS = Path(__file__).with_name("alerts_test.yaml")
 
 REQUIRED = {
-    "MailRelayRelayDown", "MailRelayQueueGrowing", "MailRelayQueueOld", "MailRelayDeadLetters",
-    "MailRelaySheddingSustained", "MailRelayOverloadedAtMaxReplicas", "MailRelayDrainStuck",
+    "MailRelayRelayDown",
+    "MailRelayQueueGrowing",
+    "MailRelayQueueOld",
+    "MailRelayDeadLetters",
+    "MailRelaySheddingSustained",
+    "MailRelayOverloadedAtMaxReplicas",
+    "MailRelayDrainStuck",
     "MailRelayOperatorNotReconciling",
 }
 
 
 def test_promtool_check_rules() -> None:
     promtool = require_tool("promtool")
-    result = subprocess.run([promtool, "check", "rules", str(promql.ALERTS_FILE)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [promtool, "check", "rules", str(promql.ALERTS_FILE)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_promtool_unit_tests() -> None:
     promtool = require_tool("promtool")
-    result = subprocess.run([promtool, "test", "rules", str(UNIT_TESTS)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [promtool, "test", "rules", str(UNIT_TESTS)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
 

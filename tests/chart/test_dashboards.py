@@ -18,7 +18,9 @@ EXPECTED_UIDS = {"mailrelay-relays", "mailrelay-operator"}
 def test_committed_json_is_what_generate_py_builds() -> None:
     result = subprocess.run(
         [sys.executable, str(promql.ROOT / "dashboards" / "generate.py"), "--check"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, f"stale dashboards, run `make dashboards`:\n{result.stderr}"
 
@@ -47,8 +49,9 @@ def test_stable_uids_and_datasource_variable() -> None:
                 assert target["datasource"]["uid"] == "${datasource}"
 
 
-@pytest.mark.parametrize("expression", promql.dashboard_expressions() + promql.dashboard_variable_queries(),
-                         ids=lambda e: e.where)
+@pytest.mark.parametrize(
+    "expression", promql.dashboard_expressions() + promql.dashboard_variable_queries(), ids=lambda e: e.where
+)
 def test_only_contract_metric_names(expression: promql.Expression) -> None:
     known = promql.contract_metrics()
     names = promql.METRIC_RE.findall(expression.expr)
@@ -61,15 +64,20 @@ def test_issue_coverage() -> None:
     """The panels the issue asks for exist (by the metric each one reads)."""
     exprs = " ".join(e.expr for e in promql.dashboard_expressions())
     for needle in (
-        "mailrelay_relay_sessions", "mailrelay_relay_messages_accepted_total",
-        "mailrelay_relay_messages_delivered_total", "mailrelay_relay_queue_messages",
-        "mailrelay_relay_queue_oldest_age_seconds", 'code=~"421|452|455"',
+        "mailrelay_relay_sessions",
+        "mailrelay_relay_messages_accepted_total",
+        "mailrelay_relay_messages_delivered_total",
+        "mailrelay_relay_queue_messages",
+        "mailrelay_relay_queue_oldest_age_seconds",
+        'code=~"421|452|455"',
         "histogram_quantile(0.5, sum by (namespace, mailrelay, le) "
         "(rate(mailrelay_relay_delivery_duration_seconds_bucket",
         "histogram_quantile(0.99, sum by (namespace, mailrelay, le) "
         "(rate(mailrelay_relay_delivery_duration_seconds_bucket",
-        "mailrelay_operator_desired_replicas", "mailrelay_operator_ready_replicas",
-        "mailrelay_operator_draining_pods", "mailrelay_operator_scale_events_total",
+        "mailrelay_operator_desired_replicas",
+        "mailrelay_operator_ready_replicas",
+        "mailrelay_operator_draining_pods",
+        "mailrelay_operator_scale_events_total",
         "mailrelay_operator_drain_duration_seconds_bucket",
     ):
         assert needle in exprs, needle

@@ -1,0 +1,65 @@
+# syntax=docker/dockerfile:1
+# One file, two images. Build each with its target:
+#   docker build --target relay    -t mailrelay-relay:0.1.0 .
+#   docker build --target operator -t mailrelay-operator:0.1.0 .
+# The chart's values.yaml names these repositories; tests/chart/test_images.py keeps them in step.
+#
+# Both images: a slim Python base, a virtualenv built in a separate stage (no compiler in the result),
+# a fixed non-root UID/GID 10001, no writes to the root filesystem (run with readOnlyRootFilesystem;
+# the relay's spool is a volume, /tmp an emptyDir), and tini as PID 1 so SIGTERM reaches the Python
+# process (the relay drains on SIGTERM) and zombies are reaped.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---- build: install the project into /opt/venv ---------------------------------------------------
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY relay/ relay/
+COPY operator/ operator/
+COPY sandbox/ sandbox/
+RUN /opt/venv/bin/pip install --no-compile . \
+ && /opt/venv/bin/python -m compileall -q /opt/venv/lib
+
+# ---- base: what both runtime images share -------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS base
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tini \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 mailrelay \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
+      --shell /usr/sbin/nologin mailrelay
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+USER 10001:10001
+WORKDIR /nonexistent
+
+# ---- relay: the SMTP relay --------------------------------------------------------------------------
+FROM base AS relay
+LABEL org.opencontainers.image.title="mailrelay-relay" \
+      org.opencontainers.image.description="Drain-aware outbound SMTP relay" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# The spool must be a volume (emptyDir or PVC) so the root filesystem can stay read-only.
+ENV MAILRELAY_SPOOL=/var/spool/mailrelay
+USER 0:0
+RUN mkdir -p /var/spool/mailrelay && chown 10001:10001 /var/spool/mailrelay
+USER 10001:10001
+VOLUME ["/var/spool/mailrelay"]
+EXPOSE 2525 8025
+STOPSIGNAL SIGTERM
+# tini -g forwards SIGTERM to the relay's whole process group (the SO_REUSEPORT workers, too).
+ENTRYPOINT ["/usr/bin/tini", "-g", "--", "mailrelay-relay"]
+CMD []
+
+# ---- operator: the Kopf operator ----------------------------------------------------------------
+FROM base AS operator
+LABEL org.opencontainers.image.title="mailrelay-operator" \
+      org.opencontainers.image.description="Kopf operator that scales and drains mail relays" \
+      org.opencontainers.image.licenses="Apache-2.0"
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/bin/tini", "--", "mailrelay-operator"]
+CMD []

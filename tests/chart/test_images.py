@@ -1,0 +1,123 @@
+"""The Dockerfile, checked without a Docker engine: targets, entrypoints, user, and the chart's images.
+
+No engine runs here, so this test reads the Dockerfile and checks what it names: the two targets the
+chart refers to, console scripts that pyproject.toml declares and that resolve to a callable, a
+numeric non-root USER, tini as PID 1, a spool volume, and build-context paths the .dockerignore keeps.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.metadata
+import re
+import tomllib
+
+import yaml
+
+from tests.chart import promql
+
+DOCKERFILE = promql.ROOT / "Dockerfile"
+DOCKERIGNORE = promql.ROOT / ".dockerignore"
+
+
+def _stages() -> dict[str, list[str]]:
+    """Stage name -> its instructions (continuation lines joined)."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"FROM\s+\S+\s+AS\s+(\S+)", line, re.IGNORECASE)
+        if match:
+            current = match.group(1)
+            stages[current] = []
+        if current is not None:
+            stages[current].append(line)
+    return stages
+
+
+def _instruction(stage: list[str], keyword: str) -> list[str]:
+    return [line[len(keyword) :].strip() for line in stage if line.upper().startswith(keyword + " ")]
+
+
+def _scripts() -> dict[str, str]:
+    with (promql.ROOT / "pyproject.toml").open("rb") as fh:
+        return dict(tomllib.load(fh)["project"]["scripts"])
+
+
+def test_two_targets_with_tini_and_declared_console_scripts() -> None:
+    stages = _stages()
+    scripts = _scripts()
+    for target, script in (("relay", "mailrelay-relay"), ("operator", "mailrelay-operator")):
+        assert target in stages, f"Dockerfile has no target {target!r}"
+        (entrypoint,) = _instruction(stages[target], "ENTRYPOINT")
+        argv = yaml.safe_load(entrypoint)  # exec form, a JSON list
+        assert argv[0] == "/usr/bin/tini", "tini must be PID 1 so SIGTERM reaches the Python process"
+        assert argv[-1] == script
+        assert script in scripts, f"pyproject.toml declares no console script {script}"
+
+
+def test_console_scripts_resolve_to_callables() -> None:
+    entry_points = {ep.name: ep for ep in importlib.metadata.entry_points(group="console_scripts")}
+    for script in ("mailrelay-relay", "mailrelay-operator"):
+        assert callable(entry_points[script].load()), script
+
+
+def test_non_root_numeric_user_in_every_runtime_stage() -> None:
+    stages = _stages()
+    for target in ("relay", "operator"):
+        users = _instruction(stages["base"], "USER") + _instruction(stages[target], "USER")
+        assert users, target
+        uid = users[-1].split(":")[0]
+        assert uid.isdigit() and int(uid) >= 1000, f"{target} must end as a numeric non-root USER"
+
+
+def test_relay_spool_is_a_volume_with_the_contract_default() -> None:
+    relay = _stages()["relay"]
+    volumes = [yaml.safe_load(v) for v in _instruction(relay, "VOLUME")]
+    assert ["/var/spool/mailrelay"] in volumes
+    exposed = " ".join(_instruction(relay, "EXPOSE")).split()
+    assert {"2525", "8025"} <= set(exposed)
+
+
+def test_build_context_keeps_what_copy_needs() -> None:
+    patterns = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+
+    def ignored(path: str) -> bool:
+        verdict = False
+        for pattern in patterns:
+            negate = pattern.startswith("!")
+            bare = pattern.lstrip("!").rstrip("/")
+            if fnmatch.fnmatch(path, bare) or path.startswith(bare + "/"):
+                verdict = not negate
+        return verdict
+
+    for line in _instruction(_stages()["build"], "COPY"):
+        *sources, _dest = line.split()
+        for source in sources:
+            if source.startswith("--"):
+                continue
+            source = source.rstrip("/")
+            assert (promql.ROOT / source).exists(), source
+            assert not ignored(source), f".dockerignore drops {source}, which COPY needs"
+
+
+def test_chart_image_references_match_the_dockerfile_targets() -> None:
+    values = yaml.safe_load((promql.CHART / "values.yaml").read_text())
+    chart = yaml.safe_load((promql.CHART / "Chart.yaml").read_text())
+    with (promql.ROOT / "pyproject.toml").open("rb") as fh:
+        version = tomllib.load(fh)["project"]["version"]
+    stages = _stages()
+    titles = {}
+    for target in ("relay", "operator"):
+        labels = " ".join(_instruction(stages[target], "LABEL"))
+        titles[target] = re.search(r'org\.opencontainers\.image\.title="([^"]+)"', labels).group(1)  # type: ignore[union-attr]
+    assert values["image"]["repository"].rsplit("/", 1)[-1] == titles["operator"]
+    assert values["relayImage"]["repository"].rsplit("/", 1)[-1] == titles["relay"]
+    assert chart["appVersion"] == version, "image tags default to appVersion: it must be the package version"
