@@ -1,0 +1,100 @@
+"""The `mailrelay-relay` command: flags and `MAILRELAY_*` variables in, a running relay out.
+
+What it is for: argparse set-up from config.FLAGS (a flag wins over its variable, which wins over the
+default), reading the secret files the flags name, and exit code 2 with a clear message for anything
+invalid. Then it hands over to app.run().
+
+What it must not do: hold relay behaviour, or print a secret (token, password) anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import socket
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+
+from mailrelay_relay import __version__, config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mailrelay-relay",
+        description="A drain-aware SMTP relay that spools every message durably before answering 250.",
+        epilog="Every flag also reads an environment variable: --max-sessions is MAILRELAY_MAX_SESSIONS; "
+        "a repeatable flag takes a comma-separated list from its variable.",
+    )
+    parser.add_argument("--version", action="version", version=f"mailrelay-relay {__version__}")
+    for flag in config.FLAGS:
+        default_text = flag.default if flag.default is not None else "unset"
+        parser.add_argument(
+            flag.name,
+            dest=flag.dest,
+            metavar=flag.metavar,
+            action="append" if flag.repeatable else "store",
+            default=None,
+            help=f"{flag.help} [{flag.env}; default: {default_text}]",
+        )
+    return parser
+
+
+def gather(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, config.RawValue]:
+    """Flag values, else environment values, keyed by Flag.dest (None where neither is set)."""
+    values: dict[str, config.RawValue] = {}
+    for flag in config.FLAGS:
+        value = getattr(args, flag.dest)
+        if value is None:
+            value = environ.get(flag.env) or None
+        values[flag.dest] = value
+    return values
+
+
+def read_secret(flag: str, path: pathlib.Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise config.ConfigError(f"{flag}: cannot read {str(path)!r}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise config.ConfigError(f"{flag}: {str(path)!r} is not UTF-8 text") from None
+    if not text:
+        raise config.ConfigError(f"{flag}: {str(path)!r} is empty")
+    return text
+
+
+def check_readable(flag: str, path: pathlib.Path | None) -> None:
+    if path is not None and not os.access(path, os.R_OK):
+        raise config.ConfigError(f"{flag}: cannot read {str(path)!r}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.from_values(gather(args, os.environ), default_hostname=socket.getfqdn())
+        token = read_secret("--admin-token-file", cfg.admin_token_file)
+        password = read_secret("--upstream-password-file", cfg.upstream_password_file)
+        check_readable("--tls-cert", cfg.tls_cert)
+        check_readable("--tls-key", cfg.tls_key)
+        if cfg.spool.exists() and not cfg.spool.is_dir():
+            raise config.ConfigError(f"--spool: {str(cfg.spool)!r} is not a directory")
+    except config.ConfigError as error:
+        parser.print_usage(sys.stderr)
+        print(f"mailrelay-relay: error: {error}", file=sys.stderr)
+        return 2
+    if cfg.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Before anything imports prometheus_client (metrics.py docstring): one coherent /metrics.
+        directory = tempfile.mkdtemp(prefix="mailrelay-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        os.environ["MAILRELAY_OWN_METRICS_DIR"] = directory
+    from mailrelay_relay import app  # imported late: after the metrics mode is chosen
+
+    return app.run(cfg, token=token, upstream_password=password)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

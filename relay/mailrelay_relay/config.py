@@ -1,0 +1,248 @@
+"""The relay's settings: one frozen dataclass, the flag table it comes from, and pure parsing.
+
+What it is for: turning raw option strings (from argv or `MAILRELAY_*` variables, gathered by cli.py) into
+a validated `Config`, with a clear `ConfigError` message for every bad value. The flag table `FLAGS` is the
+single source for cli.py's argparse set-up, the environment variable names and docs/relay.md.
+
+What it must not do: any I/O (no reading token or password files, no DNS, no clock); cli.py does that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import pathlib
+from collections.abc import Mapping, Sequence
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(ValueError):
+    """A flag or variable has an invalid value; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    name: str  # "--max-sessions"
+    default: str | None  # the contract default, as the user would type it; None = unset
+    help: str
+    repeatable: bool = False
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return "MAILRELAY_" + self.dest.upper()
+
+
+DEFAULT_ACCEPT_FROM = "127.0.0.0/8,::1/128"
+
+FLAGS: tuple[Flag, ...] = (
+    Flag("--listen", "0.0.0.0:2525", "SMTP listener", metavar="HOST:PORT"),
+    Flag("--upstream", None, "smarthost to deliver to (required)", metavar="HOST:PORT"),
+    Flag("--upstream-tls", "none", "none, starttls or tls", metavar="MODE"),
+    Flag("--upstream-user", None, "AUTH user at the upstream", metavar="USER"),
+    Flag("--upstream-password-file", None, "file holding the upstream AUTH password", metavar="FILE"),
+    Flag("--upstream-connections", "4", "pooled upstream connections per worker", metavar="N"),
+    Flag("--spool", "/var/spool/mailrelay", "spool directory", metavar="DIR"),
+    Flag("--admin-listen", "0.0.0.0:8025", "admin HTTP listener", metavar="HOST:PORT"),
+    Flag("--admin-token-file", None, "bearer token for /status, /drain, /resume", metavar="FILE"),
+    Flag("--max-sessions", "200", "SMTP sessions per pod, across workers", metavar="N"),
+    Flag("--max-message-size", "26214400", "largest message in bytes (advertised in SIZE)", metavar="BYTES"),
+    Flag("--max-recipients", "100", "recipients per message", metavar="N"),
+    Flag("--max-inflight-bytes", "268435456", "sum of declared sizes of open transactions", metavar="BYTES"),
+    Flag("--accept-from", DEFAULT_ACCEPT_FROM, "client networks allowed to relay (repeatable)",
+         repeatable=True, metavar="CIDR"),
+    Flag("--hostname", None, "name in the greeting and replies (default: the host's FQDN)", metavar="NAME"),
+    Flag("--drain-timeout", "600", "longest drain before exit on SIGTERM", metavar="SECONDS"),
+    Flag("--drain-grace", "2", "idle sessions get an unprompted 421 this long after a drain starts",
+         metavar="SECONDS"),
+    Flag("--queue-lifetime", "432000", "undelivered messages older than this go to dead-letter",
+         metavar="SECONDS"),
+    Flag("--command-timeout", "300", "deadline for each SMTP command line", metavar="SECONDS"),
+    Flag("--data-timeout", "600", "deadline for a whole DATA transfer", metavar="SECONDS"),
+    Flag("--workers", "1", "SMTP worker processes sharing the port (SO_REUSEPORT)", metavar="N"),
+    Flag("--tls-cert", None, "certificate chain (PEM) for inbound STARTTLS", metavar="FILE"),
+    Flag("--tls-key", None, "private key (PEM) for inbound STARTTLS", metavar="FILE"),
+    Flag("--log-level", "info", "debug, info, warning or error", metavar="LEVEL"),
+)
+
+UPSTREAM_TLS_MODES = ("none", "starttls", "tls")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    listen_host: str
+    listen_port: int
+    upstream_host: str
+    upstream_port: int
+    upstream_tls: str = "none"
+    upstream_user: str | None = None
+    upstream_password_file: pathlib.Path | None = None
+    upstream_connections: int = 4
+    spool: pathlib.Path = pathlib.Path("/var/spool/mailrelay")
+    admin_host: str = "0.0.0.0"
+    admin_port: int = 8025
+    admin_token_file: pathlib.Path | None = None
+    max_sessions: int = 200
+    max_message_size: int = 26214400
+    max_recipients: int = 100
+    max_inflight_bytes: int = 268435456
+    accept_from: tuple[IPNetwork, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    hostname: str = "localhost"
+    drain_timeout: float = 600.0
+    drain_grace: float = 2.0
+    queue_lifetime: float = 432000.0
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    workers: int = 1
+    tls_cert: pathlib.Path | None = None
+    tls_key: pathlib.Path | None = None
+    log_level: str = "info"
+
+
+def parse_hostport(flag: str, value: str) -> tuple[str, int]:
+    """'HOST:PORT', '[v6]:PORT' or 'v6addr:PORT' -> (host, port); port 0..65535."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ConfigError(f"{flag}: expected [IPv6]:PORT, got {value!r}")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ConfigError(f"{flag}: expected HOST:PORT, got {value!r}")
+    if not host:
+        raise ConfigError(f"{flag}: missing host in {value!r}")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{flag}: port must be 0..65535, got {port_text!r}")
+    return host, int(port_text)
+
+
+def parse_int(flag: str, value: str, *, minimum: int) -> int:
+    text = value.strip().replace("_", "")
+    try:
+        number = int(text, 10)
+    except ValueError:
+        raise ConfigError(f"{flag}: expected an integer, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{flag}: must be at least {minimum}, got {number}")
+    return number
+
+
+def parse_seconds(flag: str, value: str, *, minimum: float = 0.0) -> float:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise ConfigError(f"{flag}: expected a number of seconds, got {value!r}") from None
+    if number != number or number in (float("inf"), float("-inf")) or number < minimum:
+        raise ConfigError(f"{flag}: must be a finite number >= {minimum}, got {value!r}")
+    return number
+
+
+def parse_networks(flag: str, values: Sequence[str]) -> tuple[IPNetwork, ...]:
+    networks: list[IPNetwork] = []
+    for value in values:
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ConfigError(f"{flag}: not a CIDR network: {item!r}") from None
+    if not networks:
+        raise ConfigError(f"{flag}: needs at least one network")
+    return tuple(networks)
+
+
+def _choice(flag: str, value: str, choices: Sequence[str]) -> str:
+    lowered = value.strip().lower()
+    if lowered not in choices:
+        raise ConfigError(f"{flag}: must be one of {', '.join(choices)}, got {value!r}")
+    return lowered
+
+
+def _path(value: str | None) -> pathlib.Path | None:
+    return pathlib.Path(value) if value else None
+
+
+RawValue = str | Sequence[str] | None
+
+
+def from_values(values: Mapping[str, RawValue], *, default_hostname: str) -> Config:
+    """Build a Config from raw strings keyed by Flag.dest; absent or None keys take the contract default.
+
+    A repeatable flag's value is a sequence of strings, each of which may hold a comma-separated list.
+    Raises ConfigError with a message that names the flag.
+    """
+
+    def get(flag_name: str) -> str | None:
+        flag = _FLAG_BY_NAME[flag_name]
+        raw = values.get(flag.dest)
+        if raw is None:
+            return flag.default
+        if isinstance(raw, str):
+            return raw
+        return ",".join(raw)
+
+    def need(flag_name: str) -> str:
+        value = get(flag_name)
+        if value is None or not value.strip():
+            raise ConfigError(f"{flag_name} is required (or {_FLAG_BY_NAME[flag_name].env})")
+        return value
+
+    listen_host, listen_port = parse_hostport("--listen", need("--listen"))
+    upstream_host, upstream_port = parse_hostport("--upstream", need("--upstream"))
+    if upstream_port == 0:
+        raise ConfigError("--upstream: port must not be 0")
+    admin_host, admin_port = parse_hostport("--admin-listen", need("--admin-listen"))
+    tls_cert, tls_key = _path(get("--tls-cert")), _path(get("--tls-key"))
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key must be given together")
+    user = get("--upstream-user") or None
+    password_file = _path(get("--upstream-password-file"))
+    if password_file is not None and user is None:
+        raise ConfigError("--upstream-password-file needs --upstream-user")
+    hostname = (get("--hostname") or default_hostname).strip()
+    if not hostname or any(ch.isspace() or ord(ch) < 33 or ord(ch) > 126 for ch in hostname):
+        raise ConfigError(f"--hostname: not a valid host name: {hostname!r}")
+    max_message_size = parse_int("--max-message-size", need("--max-message-size"), minimum=1024)
+    return Config(
+        listen_host=listen_host,
+        listen_port=listen_port,
+        upstream_host=upstream_host,
+        upstream_port=upstream_port,
+        upstream_tls=_choice("--upstream-tls", need("--upstream-tls"), UPSTREAM_TLS_MODES),
+        upstream_user=user,
+        upstream_password_file=password_file,
+        upstream_connections=parse_int("--upstream-connections", need("--upstream-connections"), minimum=1),
+        spool=pathlib.Path(need("--spool")),
+        admin_host=admin_host,
+        admin_port=admin_port,
+        admin_token_file=_path(get("--admin-token-file")),
+        max_sessions=parse_int("--max-sessions", need("--max-sessions"), minimum=1),
+        max_message_size=max_message_size,
+        max_recipients=parse_int("--max-recipients", need("--max-recipients"), minimum=1),
+        max_inflight_bytes=parse_int("--max-inflight-bytes", need("--max-inflight-bytes"), minimum=1),
+        accept_from=parse_networks("--accept-from", [need("--accept-from")]),
+        hostname=hostname,
+        drain_timeout=parse_seconds("--drain-timeout", need("--drain-timeout")),
+        drain_grace=parse_seconds("--drain-grace", need("--drain-grace")),
+        queue_lifetime=parse_seconds("--queue-lifetime", need("--queue-lifetime"), minimum=1.0),
+        command_timeout=parse_seconds("--command-timeout", need("--command-timeout"), minimum=0.1),
+        data_timeout=parse_seconds("--data-timeout", need("--data-timeout"), minimum=0.1),
+        workers=parse_int("--workers", need("--workers"), minimum=1),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        log_level=_choice("--log-level", need("--log-level"), LOG_LEVELS),
+    )
+
+
+_FLAG_BY_NAME: dict[str, Flag] = {flag.name: flag for flag in FLAGS}

@@ -1,0 +1,412 @@
+"""The relay's SMTP reply policy (DESIGN.md §3), as pure functions of the command and the relay's state.
+
+What it is for: every decision about what to answer — the greeting under load or drain, MAIL/RCPT
+parsing with our own ESMTP parameter handling, SIZE against the fixed maximum, the spool's free space
+and the pod's in-flight bytes, recipients, relay access, DATA outcomes, timeouts — lives here, so it can
+be tested with tables and hypothesis. smtp.py gathers the state, calls these and writes the reply.
+
+What it must not do: I/O, clock reads, asyncio, logging. State and time come in as arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+
+# A MAIL without SIZE reserves this much of --max-inflight-bytes (capped at --max-message-size).
+DEFAULT_RESERVATION = 1024 * 1024
+MAX_COMMAND_LINE = 2048  # octets including CRLF; RFC 5321 says 512, plus room for ESMTP parameters
+MAX_TEXT_LINE = 1000  # octets including CRLF (RFC 5321 section 4.5.3.1.6)
+MAX_BAD_COMMANDS = 10  # unknown or malformed commands before the session is closed
+MAX_PATH = 256  # RFC 5321 section 4.5.3.1.3
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    code: int
+    status: str  # enhanced status code, "" when none applies (220, 354, EHLO)
+    text: str
+    close: bool = False  # close the connection after sending
+
+    def line(self) -> str:
+        if self.status:
+            return f"{self.code} {self.status} {self.text}"
+        return f"{self.code} {self.text}"
+
+    def wire(self) -> bytes:
+        return self.line().encode("ascii", "replace") + b"\r\n"
+
+
+# --- session-level replies ------------------------------------------------------------------------------
+
+class Greeting(enum.Enum):
+    ACCEPTED = "accepted"
+    REFUSED_BUSY = "refused_busy"
+    REFUSED_DRAINING = "refused_draining"
+
+
+def greeting(*, draining: bool, sessions: int, max_sessions: int, hostname: str) -> tuple[Greeting, Reply]:
+    """At connect. `sessions` counts the pod's open sessions, not including this one."""
+    if draining:
+        return Greeting.REFUSED_DRAINING, shutting_down(hostname)
+    if sessions >= max_sessions:
+        return Greeting.REFUSED_BUSY, Reply(421, "4.3.2", f"{hostname} Too busy, try again later", close=True)
+    return Greeting.ACCEPTED, Reply(220, "", f"{hostname} ESMTP mailrelay")
+
+
+def shutting_down(hostname: str) -> Reply:
+    return Reply(421, "4.3.2", f"{hostname} Service shutting down, try again later", close=True)
+
+
+def timeout(hostname: str) -> Reply:
+    return Reply(421, "4.4.2", f"{hostname} Error: timeout exceeded", close=True)
+
+
+def too_many_errors(hostname: str) -> Reply:
+    return Reply(421, "4.7.0", f"{hostname} Error: too many errors", close=True)
+
+
+def drain_gate(*, draining: bool, in_transaction: bool, verb: str, hostname: str) -> Reply | None:
+    """While draining, a command outside a transaction (other than QUIT) ends the session with 421."""
+    if draining and not in_transaction and verb != "QUIT":
+        return shutting_down(hostname)
+    return None
+
+
+def ehlo(hostname: str, *, max_message_size: int, starttls: bool) -> list[str]:
+    """The EHLO reply lines (without CRLF)."""
+    features = [hostname, "PIPELINING", f"SIZE {max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
+    if starttls:
+        features.append("STARTTLS")
+    return [f"250-{item}" for item in features[:-1]] + [f"250 {features[-1]}"]
+
+
+def helo(hostname: str) -> Reply:
+    return Reply(250, "", hostname)
+
+
+OK = Reply(250, "2.0.0", "Ok")
+BYE = Reply(221, "2.0.0", "Bye", close=True)
+NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: command line too long")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
+VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+HELP = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS")
+START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
+TLS_ALREADY = Reply(503, "5.5.1", "Error: TLS already active")
+
+
+def unknown_command(verb: str) -> Reply:
+    safe = "".join(ch for ch in verb[:16] if 32 < ord(ch) < 127)
+    return Reply(500, "5.5.2", f"Error: command {safe!r} not recognized")
+
+
+def syntax(usage: str, status: str = "5.5.4") -> Reply:
+    return Reply(501, status, f"Syntax: {usage}")
+
+
+IMPLEMENTED = {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP", "STARTTLS"}
+NOT_OFFERED = {"BDAT", "EXPN", "TURN", "ETRN", "ATRN", "AUTH", "SEND", "SOML", "SAML"}
+
+
+# --- addresses and ESMTP parameters ---------------------------------------------------------------------
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
+_LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
+_MAILBOX = re.compile(rf"(?P<local>{_DOT_STRING}|{_QUOTED})@(?P<domain>{_DOMAIN}|{_LITERAL})")
+_SOURCE_ROUTE = re.compile(rf"@{_DOMAIN}(?:,@{_DOMAIN})*:")
+_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+")
+
+MAIL_PARAMS_OFFERED = {"SIZE", "BODY"}
+# Known extensions this relay does not offer (not advertised): 455 4.3.3, the feature is missing here.
+MAIL_PARAMS_NOT_OFFERED = {
+    "SMTPUTF8", "RET", "ENVID", "REQUIRETLS", "AUTH", "MT-PRIORITY", "HOLDFOR", "HOLDUNTIL", "BY", "MTRK",
+    "TRANSID",
+}
+RCPT_PARAMS_NOT_OFFERED = {"NOTIFY", "ORCPT", "RRVS", "MTRK", "BY"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Path:
+    address: str  # "" for the null reverse-path <>
+    params: tuple[tuple[str, str | None], ...]  # (KEYWORD upper-cased, value or None)
+
+
+def parse_path(arg: str, keyword: str) -> Path | None:
+    """Parse 'FROM:<a@b> P1 P2=v' (keyword 'FROM') or 'TO:<a@b> ...'; None on any syntax error."""
+    text = arg.strip()
+    if text[: len(keyword) + 1].upper() != keyword + ":":
+        return None
+    text = text[len(keyword) + 1:].lstrip(" ")
+    if text.startswith("<"):
+        end = text.find(">")
+        if end < 0:
+            return None
+        inner, rest = text[1:end], text[end + 1:]
+        if rest and not rest.startswith(" "):
+            return None
+    else:  # lenient: a bare address without angle brackets
+        inner, _, rest = text.partition(" ")
+        if not inner:
+            return None
+    route = _SOURCE_ROUTE.match(inner)
+    if route:
+        inner = inner[route.end():]
+    if inner and not valid_mailbox(inner):
+        if keyword == "TO" and inner.lower() == "postmaster":
+            pass
+        else:
+            return None
+    params = parse_params(rest)
+    if params is None:
+        return None
+    return Path(inner, params)
+
+
+def valid_mailbox(address: str) -> bool:
+    if len(address) > MAX_PATH - 2:
+        return False
+    match = _MAILBOX.fullmatch(address)
+    if match is None:
+        return False
+    return len(match.group("local")) <= MAX_LOCAL_PART and len(match.group("domain")) <= MAX_DOMAIN
+
+
+def parse_params(text: str) -> tuple[tuple[str, str | None], ...] | None:
+    params: list[tuple[str, str | None]] = []
+    seen: set[str] = set()
+    for item in text.split(" "):
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        if not _KEYWORD.fullmatch(key) or (eq and not _VALUE.fullmatch(value)):
+            return None
+        upper = key.upper()
+        if upper in seen:
+            return None
+        seen.add(upper)
+        params.append((upper, value if eq else None))
+    return tuple(params)
+
+
+def may_relay(peer_ip: str | None, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    """True when the client's address is inside one of the --accept-from networks."""
+    if not peer_ip:
+        return False
+    try:
+        address = ipaddress.ip_address(peer_ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address.version == net.version and address in net for net in networks)
+
+
+# --- MAIL -----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MailContext:
+    extended: bool  # the client said EHLO (ESMTP parameters allowed)
+    greeted: bool  # HELO or EHLO seen
+    in_transaction: bool  # a MAIL was already accepted
+    max_message_size: int
+    free_bytes: int  # free space on the spool's file system now
+    inflight_bytes: int  # the pod's sum of reservations of open transactions
+    max_inflight_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MailDecision:
+    reply: Reply
+    accepted: bool = False
+    mail_from: str = ""
+    options: tuple[str, ...] = ()  # MAIL parameters to pass upstream
+    reservation: int = 0  # bytes to add to the pod's in-flight sum
+
+
+def decide_mail(arg: str | None, ctx: MailContext) -> MailDecision:
+    if not ctx.greeted:
+        return MailDecision(NEED_HELO)
+    if ctx.in_transaction:
+        return MailDecision(Reply(503, "5.5.1", "Error: nested MAIL command"))
+    path = parse_path(arg or "", "FROM")
+    if path is None:
+        return MailDecision(syntax("MAIL FROM:<address> [parameters]", "5.1.7"))
+    if path.params and not ctx.extended:
+        return MailDecision(Reply(501, "5.5.4", "Error: parameters need EHLO"))
+    size: int | None = None
+    options: list[str] = []
+    for key, _value in path.params:
+        if key in MAIL_PARAMS_NOT_OFFERED:
+            continue  # judged after every unknown one, below
+        if key not in MAIL_PARAMS_OFFERED:
+            return MailDecision(Reply(555, "5.5.4", f"Error: MAIL parameter {key} not recognized"))
+    for key, value in path.params:
+        if key in MAIL_PARAMS_NOT_OFFERED:
+            return MailDecision(Reply(455, "4.3.3", f"Error: MAIL parameter {key} not supported here"))
+        if key == "SIZE":
+            if value is None or not value.isdigit() or len(value) > 20:
+                return MailDecision(Reply(501, "5.5.4", "Error: bad SIZE value"))
+            size = int(value)
+        elif key == "BODY":
+            body = (value or "").upper()
+            if body == "BINARYMIME":
+                return MailDecision(Reply(455, "4.3.3", "Error: BODY=BINARYMIME not supported here"))
+            if body not in ("7BIT", "8BITMIME"):
+                return MailDecision(Reply(501, "5.5.4", "Error: BODY must be 7BIT or 8BITMIME"))
+            options.append(f"BODY={body}")
+    if size is not None and size > ctx.max_message_size:
+        return MailDecision(Reply(552, "5.3.4", "Error: message size exceeds fixed maximum message size"))
+    reservation = size if size is not None else min(DEFAULT_RESERVATION, ctx.max_message_size)
+    if ctx.free_bytes - ctx.inflight_bytes < reservation:
+        return MailDecision(Reply(452, "4.3.1", "Error: insufficient system storage"))
+    if ctx.inflight_bytes > 0 and ctx.inflight_bytes + reservation > ctx.max_inflight_bytes:
+        return MailDecision(Reply(455, "4.3.2", "Error: too much mail in flight, try again later"))
+    return MailDecision(
+        Reply(250, "2.1.0", "Ok"), accepted=True, mail_from=path.address, options=tuple(options),
+        reservation=reservation,
+    )
+
+
+# --- RCPT -----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RcptContext:
+    extended: bool
+    in_transaction: bool
+    recipients: int  # accepted so far in this transaction
+    max_recipients: int
+    may_relay: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class RcptDecision:
+    reply: Reply
+    accepted: bool = False
+    address: str = ""
+
+
+def decide_rcpt(arg: str | None, ctx: RcptContext) -> RcptDecision:
+    if not ctx.in_transaction:
+        return RcptDecision(Reply(503, "5.5.1", "Error: need MAIL command"))
+    path = parse_path(arg or "", "TO")
+    if path is None or not path.address:
+        return RcptDecision(syntax("RCPT TO:<address> [parameters]", "5.1.3"))
+    if path.params and not ctx.extended:
+        return RcptDecision(Reply(501, "5.5.4", "Error: parameters need EHLO"))
+    for key, _ in path.params:
+        if key not in RCPT_PARAMS_NOT_OFFERED:
+            return RcptDecision(Reply(555, "5.5.4", f"Error: RCPT parameter {key} not recognized"))
+    for key, _ in path.params:
+        return RcptDecision(Reply(455, "4.3.3", f"Error: RCPT parameter {key} not supported here"))
+    if not ctx.may_relay:
+        return RcptDecision(Reply(554, "5.7.1", "Relay access denied"))
+    if ctx.recipients >= ctx.max_recipients:
+        return RcptDecision(Reply(452, "4.5.3", "Error: too many recipients"))
+    return RcptDecision(Reply(250, "2.1.5", "Ok"), accepted=True, address=path.address)
+
+
+# --- DATA -----------------------------------------------------------------------------------------------
+
+def decide_data(arg: str | None, *, in_transaction: bool, recipients: int) -> Reply:
+    if arg:
+        return syntax("DATA")
+    if not in_transaction:
+        return Reply(503, "5.5.1", "Error: need MAIL command")
+    if recipients == 0:
+        return Reply(503, "5.5.1", "Error: need RCPT command")
+    return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+
+
+class DataOutcome(enum.Enum):
+    QUEUED = "queued"
+    TOO_BIG = "too_big"
+    BARE_NEWLINE = "bare_newline"
+    LINE_TOO_LONG = "line_too_long"
+    SPOOL_FULL = "spool_full"
+    SPOOL_ERROR = "spool_error"
+
+
+def data_reply(outcome: DataOutcome, queue_id: str = "") -> Reply:
+    if outcome is DataOutcome.QUEUED:
+        return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+    if outcome is DataOutcome.TOO_BIG:
+        return Reply(552, "5.3.4", "Error: message size exceeds fixed maximum message size")
+    if outcome is DataOutcome.BARE_NEWLINE:
+        return Reply(550, "5.6.0", "Error: bare CR or LF in message data (RFC 5321 section 2.3.8)")
+    if outcome is DataOutcome.LINE_TOO_LONG:
+        return Reply(550, "5.6.0", "Error: line longer than 1000 octets (RFC 5321 section 4.5.3.1.6)")
+    if outcome is DataOutcome.SPOOL_FULL:
+        return Reply(452, "4.3.1", "Error: insufficient system storage")
+    return Reply(451, "4.3.0", "Error: local error in processing, try again later")
+
+
+@dataclasses.dataclass
+class DataScan:
+    """Scanner state for DATA, one line at a time (each line as read, ending in LF).
+
+    Pure and incremental: feed() each line; `done` turns true at the terminating CRLF.CRLF only (a bare
+    LF never ends DATA, so one DATA can never become two messages). Content beyond the size limit, and
+    after a bare CR/LF or an over-long line, is counted but not kept.
+    """
+
+    max_size: int
+    size: int = 0
+    outcome: DataOutcome = DataOutcome.QUEUED
+    done: bool = False
+    chunks: list[bytes] = dataclasses.field(default_factory=list)
+
+    def feed(self, line: bytes) -> None:
+        if line == b".\r\n":
+            self.done = True
+            return
+        if line[:1] == b".":
+            line = line[1:]
+        ok = self.outcome is DataOutcome.QUEUED
+        if ok:
+            if not line.endswith(b"\r\n") or line.find(b"\r", 0, len(line) - 2) >= 0 \
+                    or line.find(b"\n", 0, len(line) - 1) >= 0:
+                self._fail(DataOutcome.BARE_NEWLINE)
+            elif len(line) > MAX_TEXT_LINE:
+                self._fail(DataOutcome.LINE_TOO_LONG)
+        self.size += len(line)
+        if self.outcome is DataOutcome.QUEUED:
+            if self.size > self.max_size:
+                self._fail(DataOutcome.TOO_BIG)
+            else:
+                self.chunks.append(line)
+
+    def overflow(self, nbytes: int) -> None:
+        """A line longer than the reader's buffer: `nbytes` of it were discarded unseen."""
+        self.size += nbytes
+        if self.outcome is DataOutcome.QUEUED:
+            self._fail(DataOutcome.LINE_TOO_LONG)
+
+    def _fail(self, outcome: DataOutcome) -> None:
+        self.outcome = outcome
+        self.chunks = []
+
+    def content(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+def scan_data(lines: Sequence[bytes], max_size: int) -> DataScan:
+    """Feed whole lines to a fresh DataScan until it is done (a helper for tests and tools)."""
+    scan = DataScan(max_size)
+    for line in lines:
+        scan.feed(line)
+        if scan.done:
+            break
+    return scan

@@ -1,0 +1,360 @@
+"""The durable spool: one file per message, written so that a 250 is only ever sent for mail on disk.
+
+What it is for: `Spool.store()` writes the envelope and content to `tmp/<id>.tmp`, then a group commit
+(one thread hop for all messages that arrived together) fdatasyncs each file, renames it into
+`queue/<id>.msg` and fsyncs the queue directory once; only then does `store()` return. `recover()` finds
+every complete message after a restart; `dead_letter()` moves a message to `deadletter/` with its reason
+in `<id>.reason` alongside. A record is:
+
+    MAILRELAY-SPOOL 1\\n
+    {"id": ..., "mail_from": ..., "rcpt_tos": [...], "mail_options": [...], "size": N,
+     "received_at": T, "crc32": C}\\n
+    <N bytes of content, exactly as received after dot-unstuffing>
+
+`recover()` checks size and CRC, so a torn file can never be delivered as if it were whole: such a file
+goes to dead-letter with the reason "corrupt ..." (it was never answered 250, since the 250 waits for
+the fsyncs).
+
+Fault injection (tests only, honest and explicit): when the environment variable
+MAILRELAY_SPOOL_FAULT_FILE names a file and that file exists, its whitespace-separated words inject
+faults: `write-enospc` (writing a new message fails with ENOSPC), `write-eio`, `fsync-eio`, and
+`free=N` (free_bytes() reports N). Without the variable nothing is checked.
+
+What it must not do: decide SMTP replies (smtp.py maps SpoolFullError to 452 and SpoolError to 451),
+deliver anything, or log message content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import errno
+import itertools
+import json
+import os
+import pathlib
+import time
+import zlib
+from typing import Any
+
+from mailrelay_relay import metrics
+
+MAGIC = b"MAILRELAY-SPOOL 1\n"
+SUFFIX = ".msg"
+REASON_SUFFIX = ".reason"
+_LARGE_WRITE = 256 * 1024  # larger contents are written off the event loop
+FAULT_ENV = "MAILRELAY_SPOOL_FAULT_FILE"
+
+
+class SpoolError(Exception):
+    """Writing to the spool failed (not for lack of space)."""
+
+
+class SpoolFullError(SpoolError):
+    """The spool's file system is full (ENOSPC or EDQUOT)."""
+
+
+class CorruptRecord(ValueError):
+    """A spool file is not a complete, valid record."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Envelope:
+    mail_from: str  # "" for the null sender <>
+    rcpt_tos: tuple[str, ...]
+    mail_options: tuple[str, ...] = ()  # ESMTP MAIL params to pass upstream, e.g. ("BODY=8BITMIME",)
+
+
+@dataclasses.dataclass(frozen=True)
+class QueuedMessage:
+    id: str  # as in "250 2.0.0 Ok: queued as <id>"
+    envelope: Envelope
+    size: int  # bytes of content
+    received_at: float  # unix time of the 250
+    path: pathlib.Path  # the spool file
+
+
+def encode_record(msg_id: str, envelope: Envelope, content: bytes, received_at: float) -> bytes:
+    """The bytes of one spool file."""
+    header = {
+        "id": msg_id,
+        "mail_from": envelope.mail_from,
+        "rcpt_tos": list(envelope.rcpt_tos),
+        "mail_options": list(envelope.mail_options),
+        "size": len(content),
+        "received_at": received_at,
+        "crc32": zlib.crc32(content),
+    }
+    line = json.dumps(header, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    return b"".join((MAGIC, line, b"\n", content))
+
+
+def decode_record(data: bytes) -> tuple[str, Envelope, bytes, float]:
+    """Inverse of encode_record: (id, envelope, content, received_at); CorruptRecord if anything is off."""
+    if not data.startswith(MAGIC):
+        raise CorruptRecord("bad magic")
+    end = data.find(b"\n", len(MAGIC))
+    if end < 0:
+        raise CorruptRecord("truncated header")
+    try:
+        header: Any = json.loads(data[len(MAGIC):end])
+        msg_id = header["id"]
+        mail_from = header["mail_from"]
+        rcpt_tos = tuple(header["rcpt_tos"])
+        options = tuple(header["mail_options"])
+        size = header["size"]
+        received_at = float(header["received_at"])
+        crc = header["crc32"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise CorruptRecord(f"bad header: {error.__class__.__name__}") from None
+    if not (isinstance(msg_id, str) and isinstance(mail_from, str) and isinstance(size, int)
+            and isinstance(crc, int) and all(isinstance(r, str) for r in rcpt_tos)
+            and all(isinstance(o, str) for o in options)):
+        raise CorruptRecord("bad header types")
+    content = data[end + 1:]
+    if len(content) != size:
+        raise CorruptRecord(f"size {len(content)} != {size}")
+    if zlib.crc32(content) != crc:
+        raise CorruptRecord("crc mismatch")
+    return msg_id, Envelope(mail_from, rcpt_tos, options), content, received_at
+
+
+@dataclasses.dataclass
+class _Pending:
+    fd: int
+    tmp: pathlib.Path
+    final: pathlib.Path
+    future: asyncio.Future[None]
+    error: BaseException | None = None
+    renamed: bool = False
+
+
+class Spool:
+    """A spool directory with queue/, tmp/ and deadletter/ (created if missing)."""
+
+    def __init__(self, root: pathlib.Path) -> None:
+        self.root = pathlib.Path(root)
+        self.queue_dir = self.root / "queue"
+        self.tmp_dir = self.root / "tmp"
+        self.deadletter_dir = self.root / "deadletter"
+        for directory in (self.root, self.queue_dir, self.tmp_dir, self.deadletter_dir):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._pending: list[_Pending] = []
+        self._committer: asyncio.Task[None] | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool-commit")
+        self._counter = itertools.count()
+        self._pid = os.getpid()
+        self._fault_file = os.environ.get(FAULT_ENV) or None
+        # Filled by each commit, read by whoever publishes the fsync histogram (smtp.py / app.py).
+        self.last_commit_seconds = 0.0
+        self.commits = 0
+
+    # -- ids and faults -------------------------------------------------------------------------------
+    def new_id(self, received_at: float) -> str:
+        serial = next(self._counter) & 0xFFFFF
+        return f"{int(received_at * 1_000_000):014X}{self._pid & 0xFFFFFF:06X}{serial:05X}"
+
+    def _faults(self) -> list[str]:
+        if self._fault_file is None:
+            return []
+        try:
+            with open(self._fault_file, encoding="utf-8") as handle:
+                return handle.read().split()
+        except OSError:
+            return []
+
+    # -- store (group commit) -------------------------------------------------------------------------
+    async def store(self, envelope: Envelope, content: bytes, received_at: float) -> QueuedMessage:
+        """Write, fsync, rename, fsync the directory; return only then. SpoolFullError / SpoolError."""
+        msg_id = self.new_id(received_at)
+        data = encode_record(msg_id, envelope, content, received_at)
+        tmp = self.tmp_dir / (msg_id + ".tmp")
+        final = self.queue_dir / (msg_id + SUFFIX)
+        faults = self._faults()
+        loop = asyncio.get_running_loop()
+        if len(data) > _LARGE_WRITE:
+            fd = await loop.run_in_executor(None, self._write_tmp, tmp, data, faults)
+        else:
+            fd = self._write_tmp(tmp, data, faults)
+        pending = _Pending(fd, tmp, final, loop.create_future())
+        self._pending.append(pending)
+        if self._committer is None:
+            self._committer = loop.create_task(self._commit_loop())
+        await pending.future
+        return QueuedMessage(msg_id, envelope, len(content), received_at, final)
+
+    @staticmethod
+    def _write_tmp(tmp: pathlib.Path, data: bytes, faults: list[str]) -> int:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as error:
+            raise _spool_error(error) from error
+        try:
+            if "write-enospc" in faults:
+                raise OSError(errno.ENOSPC, "injected fault: no space left on device")
+            if "write-eio" in faults:
+                raise OSError(errno.EIO, "injected fault: input/output error")
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+        except OSError as error:
+            os.close(fd)
+            _unlink_quietly(tmp)
+            raise _spool_error(error) from error
+        if "fsync-eio" in faults:
+            # Marks the descriptor so the commit fails it: the fault is decided at write time.
+            _FSYNC_FAULTS.add(fd)
+        return fd
+
+    async def _commit_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                started = time.perf_counter()
+                try:
+                    await loop.run_in_executor(self._executor, self._commit_batch, batch)
+                except BaseException as error:  # the thread itself failed: fail the whole batch
+                    for item in batch:
+                        if item.error is None:
+                            item.error = error
+                self.last_commit_seconds = time.perf_counter() - started
+                self.commits += 1
+                _observe_fsync(self.last_commit_seconds)
+                for item in batch:
+                    if item.future.done():
+                        continue
+                    if item.error is None:
+                        item.future.set_result(None)
+                    else:
+                        item.future.set_exception(_spool_error(item.error))
+        finally:
+            self._committer = None
+
+    def _commit_batch(self, batch: list[_Pending]) -> None:
+        renamed: list[_Pending] = []
+        for item in batch:
+            try:
+                if item.fd in _FSYNC_FAULTS:
+                    _FSYNC_FAULTS.discard(item.fd)
+                    raise OSError(errno.EIO, "injected fault: fsync failed")
+                os.fdatasync(item.fd)
+            except OSError as error:
+                item.error = error
+            finally:
+                os.close(item.fd)
+            if item.error is not None:
+                _unlink_quietly(item.tmp)
+                continue
+            try:
+                os.rename(item.tmp, item.final)
+                item.renamed = True
+                renamed.append(item)
+            except OSError as error:
+                item.error = error
+                _unlink_quietly(item.tmp)
+        if renamed:
+            try:
+                _fsync_dir(self.queue_dir)
+            except OSError as error:
+                # Durability unknown: take the files back, so a 4xx never goes with a later delivery.
+                for item in renamed:
+                    item.error = error
+                    _unlink_quietly(item.final)
+
+    # -- reading, recovery, removal -------------------------------------------------------------------
+    def load(self, path: pathlib.Path) -> QueuedMessage:
+        """Parse one queue file (CorruptRecord if it is not a complete record)."""
+        data = pathlib.Path(path).read_bytes()
+        msg_id, envelope, content, received_at = decode_record(data)
+        return QueuedMessage(msg_id, envelope, len(content), received_at, pathlib.Path(path))
+
+    def recover(self) -> list[QueuedMessage]:
+        """At start: remove tmp leftovers; return every complete message, oldest first.
+
+        A file that is not a complete record goes to dead-letter (reason "corrupt: ...").
+        Call it only while no other process writes to this spool.
+        """
+        for leftover in self.tmp_dir.iterdir():
+            _unlink_quietly(leftover)
+        messages: list[QueuedMessage] = []
+        for path in sorted(self.queue_dir.glob("*" + SUFFIX)):
+            try:
+                messages.append(self.load(path))
+            except (CorruptRecord, OSError) as error:
+                self._move_to_deadletter(path, path.name[: -len(SUFFIX)], f"corrupt: {error}")
+        messages.sort(key=lambda m: (m.received_at, m.id))
+        return messages
+
+    def read_content(self, msg: QueuedMessage) -> bytes:
+        _, _, content, _ = decode_record(msg.path.read_bytes())
+        return content
+
+    def remove(self, msg: QueuedMessage) -> None:
+        """After the upstream's 250. A message removed twice is not an error."""
+        _unlink_quietly(msg.path)
+
+    def dead_letter(self, msg: QueuedMessage, reason: str) -> None:
+        """Move the message to deadletter/ and write its reason next to it (durably)."""
+        self._move_to_deadletter(msg.path, msg.id, reason)
+
+    def _move_to_deadletter(self, path: pathlib.Path, msg_id: str, reason: str) -> None:
+        target = self.deadletter_dir / (msg_id + SUFFIX)
+        reason_path = self.deadletter_dir / (msg_id + REASON_SUFFIX)
+        reason_text = reason.replace("\r", " ").replace("\n", " ")
+        fd = os.open(reason_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, (reason_text + "\n").encode("utf-8", "backslashreplace"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(path, target)
+        _fsync_dir(self.deadletter_dir)
+        _fsync_dir(self.queue_dir)
+
+    def dead_letter_count(self) -> int:
+        return sum(1 for entry in os.scandir(self.deadletter_dir) if entry.name.endswith(SUFFIX))
+
+    def queue_count(self) -> int:
+        return sum(1 for entry in os.scandir(self.queue_dir) if entry.name.endswith(SUFFIX))
+
+    def free_bytes(self) -> int:
+        for word in self._faults():
+            if word.startswith("free="):
+                return int(word[5:])
+        stat = os.statvfs(self.root)
+        return stat.f_bavail * stat.f_frsize
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+_FSYNC_FAULTS: set[int] = set()
+
+
+def _observe_fsync(seconds: float) -> None:
+    metrics.SPOOL_FSYNC_DURATION.observe(seconds)
+
+
+def _spool_error(error: BaseException) -> SpoolError:
+    if isinstance(error, SpoolError):
+        return error
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpoolFullError(str(error))
+    return SpoolError(str(error))
+
+
+def _fsync_dir(directory: pathlib.Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: pathlib.Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
