@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from bench import report, throughput, workdir
+from bench import report, sessions, throughput, workdir
 
 PARTS = ("throughput", "sessions", "overload", "profile", "scale-in", "operator")
 
@@ -57,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if "throughput" in parts:
             throughput.run(run_dir, out, throughput.QUICK if args.quick else throughput.FULL)
+        if "sessions" in parts:
+            sessions.run(run_dir, out, sessions.QUICK if args.quick else sessions.FULL)
     finally:
         run_dir.remove()
     out.line("")
