@@ -160,9 +160,25 @@ class ContainerPort(TypedDict, total=False):
     protocol: str
 
 
+class SecretKeySelector(TypedDict, total=False):
+    name: str
+    key: str
+    optional: bool
+
+
+class ObjectFieldSelector(TypedDict, total=False):
+    fieldPath: str
+
+
+class EnvVarSource(TypedDict, total=False):
+    secretKeyRef: SecretKeySelector
+    fieldRef: ObjectFieldSelector
+
+
 class EnvVar(TypedDict, total=False):
     name: str
     value: str
+    valueFrom: EnvVarSource
 
 
 class HTTPGetAction(TypedDict, total=False):
