@@ -4,15 +4,15 @@ What it is for: `run(cfg)` starts the relay and returns the exit code.
 
 - `--workers 1`: one process (uvloop) runs everything; `Node` implements admin.Control.
 - `--workers N`: a supervisor process recovers the spool once, creates the pod-wide shared counters
-  (podstate: sessions, in-flight bytes, drain flag, per-worker queue figures) and spawns N worker
-  processes. Each worker binds the SMTP port with SO_REUSEPORT and runs its own spool writer (group
-  commit), delivery queue and upstream pool for the messages it accepted plus its share of the recovered
-  ones. The supervisor runs the admin API: /status sums the shared counters, /drain and /resume flip the
-  shared flag (workers see it at once at the greeting and before each command, and within 0.1 s for
-  idle-session 421s and retry_now), /metrics aggregates every worker through prometheus_client's
-  multiprocess mode (cli.py sets PROMETHEUS_MULTIPROC_DIR before anything imports prometheus_client).
-  A worker that dies unexpectedly makes the supervisor stop the others and exit 1 (its queued mail is
-  in the spool; the restart recovers it).
+  (podstate: sessions, in-flight bytes, drain flag, per-worker queue figures) and forks N worker processes
+  (before it starts any event loop or thread). Each worker binds the SMTP port with SO_REUSEPORT and runs
+  its own spool writer (group commit), delivery queue and upstream pool for the messages it accepted plus
+  its share of the recovered ones. The supervisor runs the admin API: /status sums the shared counters,
+  /drain and /resume flip the shared flag (workers see it at once at the greeting and before each command,
+  and within 0.1 s for idle-session 421s and retry_now), /metrics aggregates every worker through
+  prometheus_client's multiprocess mode (cli.py sets PROMETHEUS_MULTIPROC_DIR before anything imports
+  prometheus_client). A worker that dies unexpectedly makes the supervisor stop the others and exit 1 (its
+  queued mail is in the spool; the restart recovers it).
 
 Drain: POST /drain (or SIGTERM) sets the flag: new connections get 421 at the greeting (the listener
 stays open), a session's next command outside a transaction gets 421 4.3.2, idle sessions get an
@@ -302,7 +302,7 @@ class Supervisor:
         }
 
     def ready(self) -> bool:
-        return not self.state.draining
+        return not self.state.draining and self.state.workers_ready()
 
     async def drain(self) -> None:
         if not self.state.draining:
@@ -332,7 +332,7 @@ class Supervisor:
         except OSError as error:
             logs.event(log, "relay.failed", level=logging.ERROR, error=str(error))
             return 1
-        ctx = multiprocessing.get_context("spawn")
+        ctx = multiprocessing.get_context("fork")
         array, lock = self.state.handles()
         for worker in range(self.cfg.workers):
             process = ctx.Process(target=_worker_entry, name=f"mailrelay-worker-{worker}",

@@ -3,7 +3,7 @@ worker's queue figures, so that the session cap, the 455 and /status hold for th
 
 What it is for: a small array of 64-bit integers plus a lock. With one process it is a plain local array;
 with `--workers N` it is a `multiprocessing` shared-memory array and lock that the supervisor creates and
-hands to every worker (spawn). Check-and-increment (the greeting's session slot, a MAIL's reservation)
+hands to every worker (fork). Check-and-increment (the greeting's session slot, a MAIL's reservation)
 happens under the lock, so two workers can never both take the last slot.
 
 What it must not do: decide replies (policy.py does, called under the lock), I/O, or block for long: the
@@ -35,7 +35,7 @@ class PodState:
             self._array = array
             self._lock = lock
         elif shared:
-            ctx = multiprocessing.get_context("spawn")
+            ctx = multiprocessing.get_context("fork")
             self._array = ctx.RawArray("q", size)
             self._lock = ctx.Lock()
         else:
@@ -43,7 +43,7 @@ class PodState:
             self._lock = None
 
     def handles(self) -> tuple[Any, Any]:
-        """What a spawned worker needs to attach: PodState(workers, array=..., lock=...)."""
+        """What a forked worker needs to attach: PodState(workers, array=..., lock=...)."""
         return self._array, self._lock
 
     @contextlib.contextmanager
@@ -95,6 +95,10 @@ class PodState:
         base = _HEADER + _PER_WORKER * worker
         self._array[base + Q_MESSAGES] += messages
         self._array[base + Q_BYTES] += nbytes
+
+    def workers_ready(self) -> bool:
+        """Every worker has published at least once (it publishes only once it listens)."""
+        return all(self._array[_HEADER + _PER_WORKER * worker + ALIVE] for worker in range(self.workers))
 
     def queue_totals(self) -> tuple[int, int, int]:
         """(messages, bytes, oldest received_at in microseconds or 0) over every worker."""
