@@ -1,0 +1,518 @@
+"""Security tests: a real relay process attacked over real sockets (see docs/security.md).
+
+Each test names the attack, the expected defence, and checks the effect where it would land: at a
+recording upstream sink (what commands and messages reached it), in the spool, or in the relay's
+memory. Covered: open-relay probes (--accept-from), the admin API's bearer token, CR/LF and header
+injection into upstream commands, SMTP smuggling, STARTTLS command injection, and resource exhaustion
+(connection flood, slowloris, huge DATA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import require_tool
+from tests.relay import test_faults_support as h
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def sink() -> Iterator[h.RecordingSink]:
+    with h.RecordingSink() as s:
+        yield s
+
+
+def settled(relay: h.RelayProcess, timeout: float = 30) -> bool:
+    """True once the relay's queue is empty (everything delivered or dead-lettered)."""
+    return h.wait_until(lambda: relay.status()["queue"]["messages"] == 0, timeout, 0.1)
+
+
+# ------------------------------------------------------------------------------------------------
+# open relay
+
+
+OUTSIDE_RCPTS = [
+    "victim@example.net",
+    "victim@relay.test",              # the relay's own hostname
+    "postmaster@relay.test",
+    "victim@[127.0.0.1]",             # address literal
+    "@hop.example:victim@example.net",  # source route
+    "victim%example.net@relay.test",  # percent hack
+    '"victim@example.net"@relay.test',  # quoted local part
+]
+
+
+def test_open_relay_client_outside_accept_from_gets_554_for_any_domain(
+    tmp_path: pathlib.Path, sink: h.RecordingSink
+) -> None:
+    """A client whose source address is outside --accept-from may not relay to any recipient: 554 5.7.1
+    at RCPT, DATA is refused, and nothing reaches the upstream or the spool. A client inside may."""
+    with h.relay(tmp_path, sink.address, extra=["--accept-from", "127.0.0.2/32"]) as relay:
+        with h.RawClient(relay.host, relay.port, source="127.0.0.3") as c:
+            assert h.first_code(c.reply()) == 220
+            assert h.first_code(c.cmd("EHLO outsider.test")) == 250
+            assert h.first_code(c.cmd("MAIL FROM:<spammer@example.org>")) in (250, 554)
+            for rcpt in OUTSIDE_RCPTS:
+                r = c.cmd(f"RCPT TO:<{rcpt}>")
+                assert r is not None and r[0].startswith(b"554 5.7.1"), (rcpt, h.text(r))
+            # XCLIENT / PROXY-style spoofing of the client address is not honoured.
+            r = c.cmd("XCLIENT ADDR=127.0.0.2")
+            assert h.first_code(r) in (500, 502), h.text(r)
+            r = c.cmd("DATA")
+            assert h.first_code(r) in (503, 554), h.text(r)
+            c.send(b"Subject: spam\r\n\r\nspam\r\n.\r\n")
+            c.cmd("QUIT")
+        # A pipelined attempt: everything at once, no waiting for replies.
+        with h.RawClient(relay.host, relay.port, source="127.0.0.3") as c:
+            c.reply()
+            c.send(b"EHLO outsider.test\r\nMAIL FROM:<s@example.org>\r\nRCPT TO:<v@example.net>\r\n"
+                   b"DATA\r\nSubject: pipelined spam\r\n\r\nspam\r\n.\r\nQUIT\r\n")
+            replies = []
+            while (r := c.reply()) is not None:
+                replies.append(r)
+            assert not any(x[0].startswith(b"250 2.0.0") for x in replies), [h.text(x) for x in replies]
+        # An insider relays to the same foreign domain.
+        ok = h.send_one(relay.host, relay.port, "insider-ok", source="127.0.0.2", rcpt="victim@example.net")
+        assert h.first_code(ok) == 250, h.text(ok)
+        assert sink.wait_messages(1, 30)
+        _, messages = sink.snapshot()
+        assert len(messages) == 1 and b"insider-ok" in messages[0].data
+        assert not sink.bodies_containing(b"spam")
+        assert h.spool_problems(relay.spool) == []
+
+
+def _non_loopback_ipv4() -> str | None:
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # no packet is sent: this only asks the kernel for a route
+        addr = str(s.getsockname()[0])
+        if not addr.startswith("127."):
+            return addr
+    return None
+
+
+def test_open_relay_default_accepts_only_loopback(tmp_path: pathlib.Path, sink: h.RecordingSink) -> None:
+    """Without --accept-from the relay relays for loopback only: a client on another local address
+    gets 554 5.7.1, a loopback client gets through."""
+    addr = _non_loopback_ipv4()
+    if addr is None:
+        pytest.skip("this machine has no non-loopback IPv4 address to probe from")
+    r = h.RelayProcess(tmp_path, sink.address, host=addr)
+    try:
+        r.start()
+        with h.RawClient(addr, r.port, source=addr) as c:
+            c.reply()
+            c.cmd("EHLO outsider.test")
+            c.cmd("MAIL FROM:<s@example.org>")
+            reply = c.cmd("RCPT TO:<victim@example.net>")
+            assert reply is not None and reply[0].startswith(b"554 5.7.1"), h.text(reply)
+    finally:
+        r.kill()
+    with h.relay(tmp_path / "lo", sink.address) as relay:
+        ok = h.send_one(relay.host, relay.port, "loopback-ok", source="127.0.0.9")
+        assert h.first_code(ok) == 250, h.text(ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# admin API
+
+
+def test_admin_api_needs_the_bearer_token(tmp_path: pathlib.Path, sink: h.RecordingSink) -> None:
+    """/status, /drain and /resume answer 401 without a token, with a wrong one, or with another
+    scheme; a refused POST /drain changes nothing. /healthz, /readyz and /metrics stay open, and the
+    token never appears in /metrics or the log."""
+    token = "correct-horse-battery-staple"
+    with h.relay(tmp_path, sink.address, token=token) as relay:
+        base = f"http://{relay.host}:{relay.admin_port}"
+        import urllib.error
+        import urllib.request
+
+        def call(method: str, path: str, auth: str | None) -> int:
+            req = urllib.request.Request(base + path, method=method, data=b"" if method == "POST" else None)
+            if auth is not None:
+                req.add_header("Authorization", auth)
+            try:
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    return int(resp.status)
+            except urllib.error.HTTPError as e:
+                return int(e.code)
+
+        bad = [None, "Bearer", "Bearer ", "Bearer wrong", f"Bearer {token}x", f"Bearer {token[:-1]}",
+               f"Basic {token}", token, f"Bearer  {token.upper()}"]
+        for method, path in (("GET", "/status"), ("POST", "/drain"), ("POST", "/resume")):
+            for auth in bad:
+                assert call(method, path, auth) == 401, (method, path, auth)
+        assert call("GET", "/readyz", None) == 200, "a refused /drain must not drain"
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert call("GET", path, None) == 200, path
+        assert call("GET", "/status", f"Bearer {token}") == 200
+        assert call("POST", "/drain", f"bearer {token}") == 200
+        assert call("GET", "/readyz", None) == 503
+        assert call("POST", "/resume", f"Bearer {token}") == 200
+        _, metrics = relay.http("GET", "/metrics")
+        assert token.encode() not in metrics
+        assert token not in relay.log()
+
+
+# ------------------------------------------------------------------------------------------------
+# CR/LF and header injection into upstream commands
+
+INJECTED = b"injected"  # every hostile payload carries this word; it must never start an upstream line
+
+HOSTILE_ENVELOPES: list[tuple[str, bytes, bytes]] = [
+    # (name, MAIL line, RCPT line) as raw bytes the client sends (each then gets CRLF)
+    ("bare CR in sender", b"MAIL FROM:<a@example.org\rRCPT TO:<injected@evil.test>>",
+     b"RCPT TO:<ok@example.net>"),
+    ("bare CR in recipient", b"MAIL FROM:<a@example.org>",
+     b"RCPT TO:<ok@example.net\rRSET\rMAIL FROM:<injected@evil.test>>"),
+    ("NUL in recipient", b"MAIL FROM:<a@example.org>", b"RCPT TO:<ok@example.net\x00injected>"),
+    ("TAB in recipient", b"MAIL FROM:<a@example.org>", b"RCPT TO:<ok\t@example.net>"),
+    ("DEL in sender", b"MAIL FROM:<a\x7f@example.org>", b"RCPT TO:<ok@example.net>"),
+    ("CR in a MAIL parameter", b"MAIL FROM:<a@example.org> BODY=8BITMIME\rRCPT TO:<injected@evil.test>",
+     b"RCPT TO:<ok@example.net>"),
+    ("ESC in sender", b"MAIL FROM:<a\x1b[2J@example.org>", b"RCPT TO:<ok@example.net>"),
+]
+
+
+@pytest.mark.parametrize(("mail", "rcpt"), [(m, r) for _, m, r in HOSTILE_ENVELOPES],
+                         ids=[n for n, _, _ in HOSTILE_ENVELOPES])
+def test_crlf_injection_never_reaches_the_upstream_as_a_command(
+    tmp_path: pathlib.Path, sink: h.RecordingSink, mail: bytes, rcpt: bytes
+) -> None:
+    """Control characters in envelope addresses or parameters are either refused at MAIL/RCPT (5xx), or
+    the message is accepted and then accounted for (delivered or dead-lettered with a reason). In no case
+    does any line the upstream receives start with something the client wrote inside an address, and no
+    upstream command carries a control character."""
+    with h.relay(tmp_path, sink.address) as relay:
+        marker = "crlf-" + str(abs(hash(mail + rcpt)))
+        with h.RawClient(relay.host, relay.port) as c:
+            c.reply()
+            c.cmd("EHLO client.test")
+            r_mail = c.cmd(mail)
+            r_rcpt = c.cmd(rcpt)
+            r_data = c.cmd("DATA")
+            final = None
+            if h.first_code(r_data) == 354:
+                c.send(f"Subject: {marker}\r\n\r\n{marker}\r\n.\r\n".encode())
+                final = c.reply()
+            c.cmd("QUIT")
+        for r in (r_mail, r_rcpt, r_data, final):
+            if r is not None:
+                h.check_reply(r, enhanced=True)
+        accepted = h.first_code(final) == 250
+        if accepted:
+            assert settled(relay), "an accepted hostile message is neither delivered nor dead-lettered"
+        time.sleep(0.3)
+        lines, messages = sink.snapshot()
+        for line in lines:
+            assert not line.lower().startswith(INJECTED), line
+            assert not line.upper().startswith((b"RSET", b"MAIL FROM:<INJECTED")), line
+            assert not any(b < 0x20 or b == 0x7f for b in line), f"control byte sent upstream: {line!r}"
+        assert not any(b"injected@evil.test" in rcpt_ for m in messages for rcpt_ in m.rcpt_tos)
+        if accepted:
+            delivered = [m for m in messages if marker.encode() in m.data]
+            dead = [d for d in h.dead_letters(relay.spool) if marker.encode() in d[2]]
+            assert len(delivered) + len(dead) >= 1, "a message that got 250 was lost"
+            assert all(reason for _, reason, _ in dead)
+        assert relay.alive() and relay.healthy()
+        assert h.spool_problems(relay.spool) == []
+
+
+def test_header_injection_through_helo_name_is_not_possible(
+    tmp_path: pathlib.Path, sink: h.RecordingSink
+) -> None:
+    """A HELO/EHLO name with a bare CR must not become a header line upstream (for example in a
+    Received: header the relay adds): the sink never sees an `X-Injected:` header line."""
+    with h.relay(tmp_path, sink.address) as relay:
+        with h.RawClient(relay.host, relay.port) as c:
+            c.reply()
+            r = c.cmd(b"EHLO host.test\rX-Injected: yes")
+            assert r is not None
+            h.check_reply(r, enhanced=False)
+            if h.first_code(r) != 250:
+                r = c.cmd("EHLO host.test")
+            c.cmd("MAIL FROM:<a@example.org>")
+            c.cmd("RCPT TO:<b@example.net>")
+            final = None
+            if h.first_code(c.cmd("DATA")) == 354:
+                c.send(b"Subject: helo-injection\r\n\r\nbody\r\n.\r\n")
+                final = c.reply()
+            c.cmd("QUIT")
+        if h.first_code(final) == 250:
+            assert settled(relay)
+            assert sink.wait_messages(1, 10) or h.dead_letters(relay.spool)
+        for m in sink.snapshot()[1]:
+            for header_line in m.data.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+                assert not header_line.lower().startswith(b"x-injected"), m.data
+            assert b"\r" not in m.data.replace(b"\r\n", b""), "bare CR reached the upstream"
+
+
+# ------------------------------------------------------------------------------------------------
+# SMTP smuggling
+
+SMUGGLING_ENDINGS = {
+    "LF.LF": b"\n.\n",
+    "LF.CRLF": b"\n.\r\n",
+    "CR.CR": b"\r.\r",
+    "CRLF.LF": b"\r\n.\n",
+    "CRLF.CR": b"\r\n.\r",
+    "CR.CRLF": b"\r.\r\n",
+}
+
+
+SMUGGLING_BUG = pytest.mark.xfail(
+    strict=True,
+    reason="bug: policy.DataScan ends DATA at any line that is exactly '.\\r\\n', even when the previous "
+    "line ended in a bare LF, so '<LF>.<CRLF>' ends DATA: the first part gets 550 5.6.0 and the smuggled "
+    "transaction after it is accepted and relayed upstream",
+)
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [pytest.param(v, id=k, marks=[SMUGGLING_BUG] if k == "LF.CRLF" else [])
+     for k, v in SMUGGLING_ENDINGS.items()],
+)
+def test_smuggling_one_data_never_becomes_two_messages(
+    tmp_path: pathlib.Path, sink: h.RecordingSink, ending: bytes
+) -> None:
+    """A DATA holding a fake end-of-data followed by a second, smuggled transaction gets exactly one
+    reply for the whole DATA (a 5xx: bare CR/LF is rejected), and nothing reaches the upstream: neither
+    the first part nor the smuggled message."""
+    with h.relay(tmp_path, sink.address) as relay:
+        payload = (b"Subject: first\r\n\r\nfirst part" + ending
+                   + b"MAIL FROM:<admin@example.org>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\n"
+                   + b"Subject: smuggled\r\n\r\nsmuggled body\r\n.\r\n")
+        with h.RawClient(relay.host, relay.port, timeout=15) as c:
+            c.reply()
+            c.cmd("EHLO client.test")
+            assert h.first_code(c.cmd("MAIL FROM:<a@example.org>")) == 250
+            assert h.first_code(c.cmd("RCPT TO:<b@example.net>")) == 250
+            assert h.first_code(c.cmd("DATA")) == 354
+            c.send(payload)
+            r = c.reply()
+            assert r is not None, "connection closed instead of a reply"
+            h.check_reply(r, enhanced=True)
+            assert r[0][:1] == b"5", f"smuggling payload was not rejected: {h.text(r)}"
+            # Exactly one reply: the next thing on the wire answers our NOOP.
+            noop = c.cmd("NOOP")
+            assert noop is not None and noop[0].startswith(b"250 2.0.0"), \
+                f"the relay answered a smuggled command: {h.text(noop)}"
+        time.sleep(1.0)
+        assert sink.snapshot()[1] == [], "something reached the upstream"
+        assert relay.status()["queue"]["messages"] == 0
+        assert h.spool_problems(relay.spool) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# STARTTLS command injection
+
+
+@pytest.fixture
+def certificate(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    openssl = require_tool("openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "2", "-subj", "/CN=relay.test"],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+def test_starttls_injection_pipelined_commands_are_discarded(
+    tmp_path: pathlib.Path, sink: h.RecordingSink, certificate: tuple[pathlib.Path, pathlib.Path]
+) -> None:
+    """Commands pipelined in plaintext after STARTTLS (RFC 3207 §4.2; CVE-2011-0411 style) are
+    discarded: inside TLS, the first reply answers our own EHLO, a RCPT without MAIL gets 503, and the
+    injected MAIL/RCPT never reach the upstream."""
+    cert, key = certificate
+    with h.relay(tmp_path, sink.address, extra=["--tls-cert", str(cert), "--tls-key", str(key)]) as relay:
+        sock = socket.create_connection((relay.host, relay.port), timeout=15)
+        raw = sock.makefile("rb")
+        try:
+            assert raw.readline().startswith(b"220")
+            sock.sendall(b"EHLO client.test\r\n")
+            ehlo = []
+            while True:
+                line = raw.readline()
+                ehlo.append(line)
+                if line[3:4] != b"-":
+                    break
+            assert any(b"STARTTLS" in x for x in ehlo), ehlo
+            sock.sendall(b"STARTTLS\r\nMAIL FROM:<injected@evil.test>\r\nRCPT TO:<injected@evil.test>\r\n")
+            assert raw.readline().startswith(b"220")
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            tls = ctx.wrap_socket(sock, server_hostname="relay.test")
+            tf = tls.makefile("rb")
+            tls.sendall(b"EHLO client.test\r\n")
+            first = tf.readline()
+            assert first.startswith(b"250-") or first.startswith(b"250 "), first
+            while first[3:4] == b"-":
+                first = tf.readline()
+            tls.sendall(b"RCPT TO:<b@example.net>\r\n")
+            r = tf.readline()
+            assert r.startswith(b"503"), f"injected MAIL survived the handshake: {r!r}"
+            tls.sendall(b"QUIT\r\n")
+        finally:
+            sock.close()
+        time.sleep(0.5)
+        lines, _ = sink.snapshot()
+        assert not any(b"injected" in line for line in lines)
+        assert relay.alive() and relay.healthy()
+
+
+# ------------------------------------------------------------------------------------------------
+# resource exhaustion
+
+
+def test_connection_flood_beyond_the_cap_gets_421_and_the_relay_recovers(
+    tmp_path: pathlib.Path, sink: h.RecordingSink
+) -> None:
+    """With --max-sessions 5, five sessions are served; every further connection gets `421 4.3.2` at the
+    greeting and is closed (not refused, not left hanging). /healthz answers throughout, and once the
+    flood is gone a new client sends mail normally."""
+    cap = 5
+    with h.relay(tmp_path, sink.address, extra=["--max-sessions", str(cap)]) as relay:
+        held = []
+        for _ in range(cap):
+            c = h.RawClient(relay.host, relay.port)
+            assert h.first_code(c.reply()) == 220
+            held.append(c)
+        # Give the relay a moment to account every session (some relays count after the greeting).
+        h.wait_until(lambda: relay.status()["sessions"] >= cap, 10)
+        refused = 0
+        for _ in range(40):
+            with h.RawClient(relay.host, relay.port, timeout=15) as c:
+                r = c.reply()
+                assert r is not None, "connection closed without a 421"
+                h.check_reply(r, enhanced=False)
+                assert r[0].startswith(b"421 4.3.2"), h.text(r)
+                assert c.wait_closed(10), "the relay kept a refused connection open"
+                refused += 1
+        assert relay.healthy()
+        for c in held:
+            c.close()
+        assert h.wait_until(lambda: relay.status()["sessions"] == 0, 15)
+        ok = h.send_one(relay.host, relay.port, "after-flood")
+        assert h.first_code(ok) == 250, h.text(ok)
+        assert refused == 40
+        _, metrics = relay.http("GET", "/metrics")
+        assert b'mailrelay_relay_connections_total{result="refused_busy"} 40.0' in metrics
+
+
+def test_slowloris_gets_421_442_and_is_closed(tmp_path: pathlib.Path, sink: h.RecordingSink) -> None:
+    """A client that stops in the middle of a command line is answered `421 4.4.2` and closed after the
+    per-command deadline; a client that trickles DATA is closed after the DATA deadline, and never gets
+    a 250. The relay keeps serving others meanwhile."""
+    with h.relay(tmp_path, sink.address, extra=["--command-timeout", "1", "--data-timeout", "3"]) as relay:
+        with h.RawClient(relay.host, relay.port, timeout=20) as c:
+            c.reply()
+            assert h.first_code(c.cmd("EHLO slow.test")) == 250
+            c.send(b"MAIL FROM:<slow@exa")
+            started = time.monotonic()
+            r = c.reply()
+            waited = time.monotonic() - started
+            assert r is not None and r[0].startswith(b"421 4.4.2"), h.text(r)
+            assert waited < 15
+            assert c.wait_closed(10)
+        with h.RawClient(relay.host, relay.port, timeout=30) as c:
+            c.reply()
+            c.cmd("EHLO slow.test")
+            c.cmd("MAIL FROM:<slow@example.org>")
+            c.cmd("RCPT TO:<b@example.net>")
+            assert h.first_code(c.cmd("DATA")) == 354
+            got: list[bytes] | None = None
+            closed = False
+            deadline = time.monotonic() + 20
+            try:
+                while time.monotonic() < deadline:
+                    c.send(b"x")  # one byte every 0.3 s: resets no per-line timer that counts
+                    time.sleep(0.3)
+                    c.sock.settimeout(0.01)
+                    with contextlib.suppress(TimeoutError, socket.timeout):
+                        chunk = c.sock.recv(4096)
+                        if not chunk:
+                            closed = True
+                            break
+                        c.buf += chunk
+                        if b"\r\n" in c.buf:
+                            c.sock.settimeout(10)
+                            got = c.reply()
+                            break
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+            assert got is not None or closed, "a trickling DATA was never cut off"
+            if got is not None:
+                assert got[0].startswith(b"421 4.4.2"), h.text(got)
+        assert relay.healthy()
+        ok = h.send_one(relay.host, relay.port, "after-slowloris")
+        assert h.first_code(ok) == 250
+        assert not sink.bodies_containing(b"xxxxxxxx")
+
+
+def test_huge_data_gets_552_without_buffering_it(tmp_path: pathlib.Path, sink: h.RecordingSink) -> None:
+    """A DATA of 96 MiB against --max-message-size 1 MiB is answered 552 (after the end of data, or by
+    closing early); the relay's resident memory never grows by anything near the size that was sent.
+    A declared SIZE above the maximum gets 552 5.3.4 at MAIL, before any byte of content."""
+    limit = 1024 * 1024
+    sent_total = 96 * 1024 * 1024
+    with h.relay(tmp_path, sink.address, extra=["--max-message-size", str(limit)]) as relay:
+        with h.RawClient(relay.host, relay.port) as c:
+            c.reply()
+            ehlo = c.cmd("EHLO big.test")
+            assert ehlo is not None
+            assert any(x[4:].startswith(b"SIZE") for x in ehlo), ehlo
+            r = c.cmd(f"MAIL FROM:<big@example.org> SIZE={limit + 1}")
+            assert r is not None and r[0].startswith(b"552 5.3.4"), h.text(r)
+        baseline = relay.rss_bytes()
+        peak = baseline
+        stop = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                with contextlib.suppress(Exception):
+                    peak = max(peak, relay.rss_bytes())
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        final = None
+        try:
+            with h.RawClient(relay.host, relay.port, timeout=60) as c:
+                c.reply()
+                c.cmd("EHLO big.test")
+                assert h.first_code(c.cmd("MAIL FROM:<big@example.org>")) == 250
+                assert h.first_code(c.cmd("RCPT TO:<b@example.net>")) == 250
+                assert h.first_code(c.cmd("DATA")) == 354
+                line = b"A" * 998 + b"\r\n"
+                block = line * 1024  # 1 MiB
+                try:
+                    for _ in range(sent_total // len(block)):
+                        c.send(block)
+                    c.send(b".\r\n")
+                    final = c.reply()
+                except (BrokenPipeError, ConnectionResetError):
+                    final = None
+        finally:
+            stop.set()
+            sampler.join(5)
+        if final is not None:
+            assert final[0].startswith(b"552"), h.text(final)
+        growth = peak - baseline
+        assert growth < 48 * 1024 * 1024, f"RSS grew by {growth / 2**20:.1f} MiB while 96 MiB were sent"
+        assert relay.healthy()
+        assert relay.status()["queue"]["messages"] == 0
+        assert not sink.snapshot()[1]
