@@ -355,3 +355,33 @@ def test_notes_show_a_first_mailrelay() -> None:
     assert result.returncode == 0, result.stderr
     notes = result.stdout.split("NOTES:", 1)[1]
     assert "kind: MailRelay" in notes and "apiVersion: mailrelay.dev/v1alpha1" in notes
+
+
+def test_operator_args_parse_with_the_real_cli() -> None:
+    """The Deployment's args are accepted by mailrelay-operator's own parser and mean what values say."""
+    from mailrelay_operator import cli
+
+    docs = helmutil.template(sets=["operator.watchNamespaces={mail,bulk}", "operator.metricsPort=9191"])
+    (deploy,) = helmutil.by_kind(docs, "Deployment")
+    pod = deploy["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    options = cli.parse_args(container["args"])
+    assert options.standalone is True
+    assert options.namespaces == ("mail", "bulk")
+    assert options.metrics_port == 9191
+    assert options.relay_image == "mailrelay-relay:0.1.0"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == 9191
+    assert options.liveness == f"http://0.0.0.0:{ports['health']}/healthz"
+    # The relays' NetworkPolicy admits the operator by these labels: the operator pod must carry them.
+    assert options.operator_labels.items() <= pod["metadata"]["labels"].items()
+    assert {
+        "name": "POD_NAMESPACE",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+    } in container["env"]
+    everywhere = cli.parse_args(
+        helmutil.by_kind(helmutil.template(), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0][
+            "args"
+        ]
+    )
+    assert everywhere.namespaces == ()

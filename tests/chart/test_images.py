@@ -121,3 +121,15 @@ def test_chart_image_references_match_the_dockerfile_targets() -> None:
     assert values["image"]["repository"].rsplit("/", 1)[-1] == titles["operator"]
     assert values["relayImage"]["repository"].rsplit("/", 1)[-1] == titles["relay"]
     assert chart["appVersion"] == version, "image tags default to appVersion: it must be the package version"
+
+
+def test_operator_built_relay_pods_fit_the_relay_image() -> None:
+    """The operator's relay pod template relies on the image: its UID, its spool path, its entrypoint."""
+    from mailrelay_operator import manifests
+
+    stages = _stages()
+    uid = (_instruction(stages["relay"], "USER") or _instruction(stages["base"], "USER"))[-1].split(":")[0]
+    assert int(uid) == manifests.RUN_AS
+    assert [manifests.SPOOL_PATH] in [yaml.safe_load(v) for v in _instruction(stages["relay"], "VOLUME")]
+    envs = " ".join(_instruction(stages["relay"], "ENV"))
+    assert f"MAILRELAY_SPOOL={manifests.SPOOL_PATH}" in envs
