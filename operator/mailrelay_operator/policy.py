@@ -53,43 +53,62 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def metric_replicas(current: int, values: Sequence[int | None], target: int) -> tuple[int, bool]:
+def metric_replicas(
+    current: int, values: Sequence[int | None], target: int, unready: int = 0
+) -> tuple[int, bool]:
     """HPA recommendation for one per-pod average metric. Returns (replicas, partial).
 
-    `values` holds one entry per serving pod (None when missing). `partial` is True when any is missing.
-    Within the tolerance, or when filling in missing values flips the direction, the answer is `current`.
+    `values` holds one entry per serving pod that is ready (None when its value is missing); `unready`
+    counts the serving pods that are not ready yet (pending or starting). As in the HPA, a missing value
+    counts as 100 % of target when the pods measured ask for fewer relays and as 0 % when they ask for
+    more, and unready pods count as 0 % when scaling up (they will take load soon) and are left out when
+    scaling down. Within the tolerance, or when filling in flips the direction, the answer is `current`.
+    `partial` is True when a value is missing.
     """
     if target < 1:
         raise ValueError("target must be positive")
-    known = [v for v in values if v is not None]
+    known = [max(0, v) for v in values if v is not None]
     missing = len(values) - len(known)
     if not known:
         return current, missing > 0
-    total = sum(max(0, v) for v in known)
-    count = len(known)
-    # usage ratio = total / (count * target); compare it with 1 in exact integer arithmetic.
-    scale = count * target
-    if missing == 0:
-        if 10 * abs(total - scale) <= TOLERANCE_TENTHS * scale:
-            return current, False
-        return _ceil_div(total, target), False
-    going_down = total < scale
+    total = sum(known)
+    scale = len(known) * target
+    # usage ratio = total / scale; compared with 1 +- tolerance in exact integer arithmetic.
+    if 10 * abs(total - scale) <= TOLERANCE_TENTHS * scale:
+        return current, missing > 0
     going_up = total > scale
-    filled = total + (missing * target if going_down else 0)
-    new_scale = len(values) * target
+    rebalance_unready = going_up and unready > 0
+    if missing == 0 and not rebalance_unready:
+        return _same_direction(current, _ceil_div(total, target), going_up), False
+    filled = total + (0 if going_up else missing * target)
+    pods = len(values) + (unready if rebalance_unready else 0)
+    new_scale = pods * target
     within = 10 * abs(filled - new_scale) <= TOLERANCE_TENTHS * new_scale
-    flipped = (going_down and filled > new_scale) or (going_up and filled < new_scale)
-    if within or flipped or not (going_down or going_up):
-        return current, True
-    return _ceil_div(filled, target), True
+    flipped = filled < new_scale if going_up else filled > new_scale
+    if within or flipped:
+        return current, missing > 0
+    return _same_direction(current, _ceil_div(filled, target), going_up), missing > 0
+
+
+def _same_direction(current: int, proposal: int, going_up: bool) -> int:
+    """Never move against the load: more load than target never lowers the count, less never raises it
+    (possible when more pods were measured than `current` counts, e.g. during a rollout)."""
+    if going_up:
+        return max(current, proposal)
+    return min(current, proposal)
 
 
 def recommend(current: int, loads: Sequence[PodLoad], targets: specmod.Targets) -> tuple[int, bool]:
     """The raw recommendation: the highest over sessions and queue. Returns (replicas, partial)."""
     if not loads:
         return current, True
-    by_sessions, partial_s = metric_replicas(current, [p.sessions for p in loads], targets.sessions_per_pod)
-    by_queue, partial_q = metric_replicas(current, [p.queue_messages for p in loads], targets.queue_per_pod)
+    unready = max(0, current - len(loads))
+    by_sessions, partial_s = metric_replicas(
+        current, [p.sessions for p in loads], targets.sessions_per_pod, unready
+    )
+    by_queue, partial_q = metric_replicas(
+        current, [p.queue_messages for p in loads], targets.queue_per_pod, unready
+    )
     return max(by_sessions, by_queue), partial_s or partial_q
 
 
@@ -172,6 +191,8 @@ def decide(
         reason, message = "PartialMetrics", "some relays did not report their load; not scaling down"
     elif not loads:
         reason, message = "NoMetrics", "no serving relay reported its load yet"
+    elif raw < current and current <= bounds.min:
+        reason, message = "AtMinimum", f"load asks for {raw}, held at the minimum {bounds.min}"
     elif raw < current:
         reason, message = (
             "Stabilizing",
