@@ -59,11 +59,3 @@ async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float 
             raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")
         await asyncio.sleep(0.2)
 
-
-@pytest.fixture
-def relay_available() -> None:
-    """Skip while the relay's process entry point (mailrelay_relay.app) has not landed yet."""
-    import importlib.util
-
-    if importlib.util.find_spec("mailrelay_relay.app") is None:
-        pytest.skip("mailrelay_relay.app is not there yet: no relay process can run")

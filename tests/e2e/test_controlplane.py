@@ -33,7 +33,7 @@ def test_rewrite_path() -> None:
 
 
 async def test_pods_run_as_relays_and_scale_down_follows_deletion_cost(
-    relay_available: None, emulator: kubeemu.Running, sink: scenario.Upstream,
+    emulator: kubeemu.Running, sink: scenario.Upstream,
     control_plane: controlplane.ControlPlane,
 ) -> None:
     api = control_plane.api
@@ -42,13 +42,16 @@ async def test_pods_run_as_relays_and_scale_down_follows_deletion_cost(
                                                                       token_secret="demo-admin"))
     await eventually(lambda: len(control_plane.endpoints()) == 3, what="3 ready relays")
 
+    async def deployment_ready() -> bool:
+        deployment = await api.request("GET", f"{DEPLOYMENTS}/demo")
+        return bool(deployment.get("status", {}).get("readyReplicas") == 3)
+
+    await eventually(deployment_ready, what="Deployment status readyReplicas 3")
     pods = await api.items(PODS)
     assert len(pods) == 3
     for pod in pods:
         assert pod["status"]["podIP"].startswith("127.")
         assert controlplane.is_ready(pod)
-    deployment = (await api.request("GET", f"{DEPLOYMENTS}/demo"))
-    assert deployment["status"]["readyReplicas"] == 3
 
     gen = loadgen.LoadGenerator(control_plane.endpoints)
     gen.enqueue(60)
