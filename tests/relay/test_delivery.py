@@ -1,0 +1,448 @@
+"""Delivery against a real upstream (the in-process aiosmtpd sink) with a real spool.Spool.
+
+Covered: delivery and removal from the spool with reused connections; upstream down -> queued -> delivered
+when it returns; 421 and 451 retried; 5xx dead-lettered with its reason; expiry dead-lettered; partial
+recipient failures; retry_now; a pooled connection cut by the upstream; stop and recovery; TLS
+(STARTTLS and implicit) with AUTH; the metrics each of those moves."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from mailrelay_relay import backoff, delivery, spool
+from mailrelay_sandbox import sink as sinkmod
+from prometheus_client import REGISTRY
+
+from tests.conftest import require_tool
+
+FAST = backoff.Schedule(base=0.05, factor=2.0, cap=0.4, jitter=0.25)
+WAIT = 60.0  # generous: other engineers load this 2-core machine at the same time
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class Counters:
+    """Deltas of the delivery counters since creation (the registry is process-wide)."""
+
+    NAMES = {
+        "delivered": ("mailrelay_relay_messages_delivered_total", {}),
+        "dl_permanent": ("mailrelay_relay_messages_dead_lettered_total", {"reason": "permanent"}),
+        "dl_expired": ("mailrelay_relay_messages_dead_lettered_total", {"reason": "expired"}),
+        "success": ("mailrelay_relay_delivery_attempts_total", {"result": "success"}),
+        "temporary": ("mailrelay_relay_delivery_attempts_total", {"result": "temporary"}),
+        "permanent": ("mailrelay_relay_delivery_attempts_total", {"result": "permanent"}),
+        "connection_error": ("mailrelay_relay_delivery_attempts_total", {"result": "connection_error"}),
+        "duration_count": ("mailrelay_relay_delivery_duration_seconds_count", {}),
+    }
+
+    def __init__(self) -> None:
+        self.base = {k: sample(n, **labels) for k, (n, labels) in self.NAMES.items()}
+
+    def __getitem__(self, key: str) -> float:
+        name, labels = self.NAMES[key]
+        return sample(name, **labels) - self.base[key]
+
+
+async def eventually(predicate: object, timeout: float = WAIT) -> None:  # noqa: ASYNC109
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def upstream() -> Iterator[sinkmod.Sink]:
+    s = sinkmod.Sink().start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+async def store(tmp_path: pathlib.Path) -> AsyncIterator[spool.Spool]:
+    sp = spool.Spool(tmp_path / "spool")
+    yield sp
+    sp.close()
+
+
+def make(
+    sp: spool.Spool, s: sinkmod.Sink, *, lifetime: float = 3600.0, schedule: backoff.Schedule = FAST,
+    connections: int = 2, **cfg: object,
+) -> delivery.Delivery:
+    config = delivery.UpstreamConfig(host=s.host, port=s.port, connections=connections, timeout=10.0,
+                                     **cfg)  # type: ignore[arg-type]
+    return delivery.Delivery(sp, delivery.make_sender(config), queue_lifetime=lifetime,
+                             concurrency=connections, schedule=schedule)
+
+
+def content(n: int) -> bytes:
+    return (f"From: a@example.org\r\nTo: b@example.org\r\nSubject: test {n}\r\n\r\n"
+            f"line one of {n}\r\n.leading dot\r\n").encode()
+
+
+async def enqueue(sp: spool.Spool, d: delivery.Delivery, n: int, rcpts: tuple[str, ...] = ("b@example.org",),
+                  received_at: float | None = None) -> list[spool.QueuedMessage]:
+    msgs = []
+    for i in range(n):
+        msg = await sp.store(spool.Envelope("a@example.org", rcpts), content(i), received_at or time.time())
+        d.submit(msg)
+        msgs.append(msg)
+    return msgs
+
+
+def reasons(sp: spool.Spool) -> list[str]:
+    return sorted(p.read_text() for p in sp.deadletter_dir.glob("*.reason"))
+
+
+async def test_delivers_everything_over_reused_connections(
+    store: spool.Spool, upstream: sinkmod.Sink
+) -> None:
+    c = Counters()
+    d = make(store, upstream, connections=2)
+    await d.start()
+    try:
+        msgs = await enqueue(store, d, 40)
+        assert await d.wait_empty(WAIT)
+    finally:
+        await d.stop()
+    assert upstream.count == 40
+    got = {m.content for m in upstream.messages}
+    assert got == {content(i) for i in range(40)}  # exact bytes, dot-stuffing undone by the sink
+    assert all(m.mail_from == "a@example.org" and m.rcpt_tos == ("b@example.org",) for m in upstream.messages)
+    assert upstream.connections <= 2  # pooled and reused, not one connection per message
+    assert not any(m.path.exists() for m in msgs)
+    assert store.queue_count() == 0
+    assert d.stats() == delivery.QueueStats(0, 0, 0.0)
+    assert c["delivered"] == 40 and c["success"] == 40 and c["duration_count"] == 40
+    assert sample("mailrelay_relay_queue_messages") == 0
+
+
+async def test_upstream_down_queues_then_delivers_when_it_returns(
+    store: spool.Spool, upstream: sinkmod.Sink
+) -> None:
+    c = Counters()
+    upstream.stop()
+    d = make(store, upstream)
+    await d.start()
+    try:
+        msgs = await enqueue(store, d, 5)
+        await eventually(lambda: c["connection_error"] >= 3)
+        stats = d.stats()
+        assert stats.messages == 5 and stats.bytes == sum(m.size for m in msgs)
+        assert sample("mailrelay_relay_queue_messages") == 5
+        assert store.queue_count() == 5  # still on disk
+        upstream.start()  # same port
+        assert await d.wait_empty(WAIT)
+    finally:
+        await d.stop()
+    assert upstream.count == 5
+    assert c["delivered"] == 5 and c["dl_permanent"] == 0 and c["dl_expired"] == 0
+
+
+@pytest.mark.parametrize(("command", "code"), [("mail", 421), ("rcpt", 451), ("data", 451), ("data", 421),
+                                               ("connect", 421)])
+async def test_temporary_failures_are_retried(
+    store: spool.Spool, upstream: sinkmod.Sink, command: str, code: int
+) -> None:
+    c = Counters()
+    upstream.fail(command, code, times=2)
+    d = make(store, upstream, connections=1)
+    await d.start()
+    try:
+        await enqueue(store, d, 1)
+        assert await d.wait_empty(WAIT)
+    finally:
+        await d.stop()
+    assert upstream.count == 1
+    assert c["delivered"] == 1
+    failed = c["temporary"] + c["connection_error"]
+    assert failed == 2
+    if command == "connect":
+        assert c["connection_error"] == 2  # a refused greeting is the upstream being unavailable
+    else:
+        assert c["temporary"] == 2
+    assert reasons(store) == []
+
+
+@pytest.mark.parametrize(("command", "code"), [("mail", 550), ("rcpt", 550), ("data", 554)])
+async def test_permanent_failures_are_dead_lettered_with_reason(
+    store: spool.Spool, upstream: sinkmod.Sink, command: str, code: int
+) -> None:
+    c = Counters()
+    upstream.fail(command, code, text=f"5.7.1 refused at {command}")
+    d = make(store, upstream)
+    await d.start()
+    try:
+        msgs = await enqueue(store, d, 2)
+        assert await d.wait_empty(WAIT)
+    finally:
+        await d.stop()
+    assert upstream.count == 0
+    assert store.dead_letter_count() == 2
+    assert not any(m.path.exists() for m in msgs)
+    for reason in reasons(store):
+        assert f"{code} 5.7.1 refused at {command}" in reason
+        assert reason.startswith("permanent failure")
+    assert c["dl_permanent"] == 2 and c["permanent"] == 2 and c["delivered"] == 0
+    # The dead-lettered file is the whole message, still readable.
+    for path in store.deadletter_dir.glob("*.msg"):
+        assert store.load(path).envelope.mail_from == "a@example.org"
+
+
+async def test_message_older_than_queue_lifetime_is_dead_lettered(
+    store: spool.Spool, upstream: sinkmod.Sink
+) -> None:
+    c = Counters()
+    upstream.fail("mail", 451)  # the upstream never takes it
+    d = make(store, upstream, lifetime=0.6)
+    await d.start()
+    try:
+        await enqueue(store, d, 1)
+        assert await d.wait_empty(WAIT)
+    finally:
+        await d.stop()
+    (reason,) = reasons(store)
+    assert reason.startswith("expired") and "451" in reason
+    assert c["dl_expired"] == 1 and c["temporary"] >= 2 and c["delivered"] == 0
+    assert upstream.count == 0
+
+
+async def test_recovered_message_past_lifetime_gets_one_last_attempt(
+    store: spool.Spool, upstream: sinkmod.Sink
+) -> None:
+    """An old message is not dead-lettered unseen: it is tried, and delivered if the upstream takes it."""
+    d = make(store, upstream, lifetime=10.0)
+    await d.start()
+    try:
+        await enqueue(store, d, 1, received_at=time.time() - 3600)
+        assert await d.wait_empty(WAIT)
+    finally:
+        await d.stop()
+    assert upstream.count == 1 and store.dead_letter_count() == 0
+
+
+async def test_partial_recipient_failures(store: spool.Spool, upstream: sinkmod.Sink) -> None:
+    c = Counters()
+    upstream.fail("rcpt", 550, text="5.1.1 no such user", recipients={"bad@example.org"})
+    upstream.fail("rcpt", 451, text="4.2.1 try later", recipients={"later@example.org"}, times=1)
+    d = make(store, upstream, connections=1)
+    await d.start()
+    try:
+        rcpts = ("good@example.org", "bad@example.org", "later@example.org")
+        (msg,) = await enqueue(store, d, 1, rcpts=rcpts)
+        assert await d.wait_empty(WAIT)
+    finally:
+        await d.stop()
+    # Accepted recipients got it at once; the deferred one on the retry; nobody twice.
+    assert [m.rcpt_tos for m in upstream.messages] == [("good@example.org",), ("later@example.org",)]
+    (reason,) = reasons(store)
+    assert "<bad@example.org>: 550 5.1.1 no such user" in reason
+    assert "delivered to 2 of 3 recipients" in reason
+    assert not msg.path.exists()
+    # Attempt 1 had a deferred recipient (temporary), attempt 2 succeeded; the message ends dead-lettered.
+    assert c["dl_permanent"] == 1 and c["delivered"] == 0 and c["temporary"] == 1 and c["success"] == 1
+
+
+async def test_all_recipients_temporarily_refused_then_accepted(
+    store: spool.Spool, upstream: sinkmod.Sink
+) -> None:
+    upstream.fail("rcpt", 450, times=2)
+    d = make(store, upstream, connections=1)
+    await d.start()
+    try:
+        await enqueue(store, d, 1, rcpts=("x@example.org", "y@example.org"))
+        assert await d.wait_empty(WAIT)
+    finally:
+        await d.stop()
+    assert sorted(r for m in upstream.messages for r in m.rcpt_tos) == ["x@example.org", "y@example.org"]
+    assert store.dead_letter_count() == 0
+
+
+async def test_retry_now_wakes_deferred_messages(store: spool.Spool, upstream: sinkmod.Sink) -> None:
+    c = Counters()
+    slow = backoff.Schedule(base=600.0, factor=2.0, cap=600.0, jitter=0.0)
+    upstream.fail("mail", 451, times=1)
+    d = make(store, upstream, schedule=slow)
+    await d.start()
+    try:
+        await enqueue(store, d, 1)
+        await eventually(lambda: c["temporary"] == 1)
+        assert not await d.wait_empty(0.3)  # deferred for ten minutes
+        d.retry_now()
+        assert await d.wait_empty(WAIT)
+    finally:
+        await d.stop()
+    assert upstream.count == 1
+
+
+async def test_pooled_connection_cut_by_upstream_is_replaced(
+    store: spool.Spool, upstream: sinkmod.Sink
+) -> None:
+    c = Counters()
+    d = make(store, upstream, connections=1)
+    await d.start()
+    try:
+        await enqueue(store, d, 3)
+        assert await d.wait_empty(WAIT)
+        assert upstream.connections == 1
+        upstream.stop()  # cuts the pooled connection
+        upstream.start()
+        await enqueue(store, d, 3)
+        assert await d.wait_empty(WAIT)
+    finally:
+        await d.stop()
+    assert upstream.count == 6
+    assert upstream.connections == 2
+    assert c["connection_error"] == 0 and c["temporary"] == 0
+
+
+async def test_idle_connection_is_checked_with_noop(store: spool.Spool, upstream: sinkmod.Sink) -> None:
+    """After an idle spell the pool sends NOOP; a 421 to it means a new connection, not a failure."""
+    c = Counters()
+    d = make(store, upstream, connections=1, check_idle_after=0.0)
+    await d.start()
+    try:
+        await enqueue(store, d, 1)
+        assert await d.wait_empty(WAIT)
+        upstream.fail("noop", 421, times=1)
+        await enqueue(store, d, 1)
+        assert await d.wait_empty(WAIT)
+    finally:
+        await d.stop()
+    assert upstream.count == 2 and upstream.connections == 2
+    assert c["success"] == 2 and c["temporary"] == 0 and c["connection_error"] == 0
+
+
+async def test_stop_keeps_undelivered_mail_in_spool_for_recovery(
+    store: spool.Spool, upstream: sinkmod.Sink
+) -> None:
+    upstream.stop()
+    d = make(store, upstream)
+    await d.start()
+    await enqueue(store, d, 4)
+    await asyncio.sleep(0.2)
+    await d.stop()
+    assert store.queue_count() == 4
+    upstream.start()
+    recovered = store.recover()
+    assert len(recovered) == 4
+    d2 = make(store, upstream)
+    for msg in recovered:
+        d2.submit(msg)
+    assert d2.stats().messages == 4
+    await d2.start()
+    try:
+        assert await d2.wait_empty(WAIT)
+    finally:
+        await d2.stop()
+    assert upstream.count == 4 and store.queue_count() == 0
+
+
+async def test_mail_options_are_passed_on(store: spool.Spool, upstream: sinkmod.Sink) -> None:
+    d = make(store, upstream)
+    await d.start()
+    try:
+        env = spool.Envelope("ä@example.org", ("ö@example.org",), ("BODY=8BITMIME", "SMTPUTF8"))
+        body = "Subject: ünïcode\r\n\r\n8bit body ß\r\n".encode()
+        d.submit(await store.store(env, body, time.time()))
+        env = spool.Envelope("", ("postmaster@example.org",))  # null sender (a bounce)
+        d.submit(await store.store(env, b"Subject: bounce\r\n\r\nx\r\n", time.time()))
+        assert await d.wait_empty(WAIT)
+    finally:
+        await d.stop()
+    by_from = {m.mail_from: m for m in upstream.messages}
+    utf8 = by_from["ä@example.org"]
+    assert utf8.rcpt_tos == ("ö@example.org",)
+    assert "SMTPUTF8" in utf8.mail_options and "BODY=8BITMIME" in utf8.mail_options
+    assert utf8.content == "Subject: ünïcode\r\n\r\n8bit body ß\r\n".encode()
+    assert by_from[""].rcpt_tos == ("postmaster@example.org",)
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    openssl = require_tool("openssl")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return str(cert), str(key)
+
+
+@pytest.mark.parametrize("tls", ["starttls", "tls"])
+async def test_tls_and_auth(store: spool.Spool, certificate: tuple[str, str], tls: str) -> None:
+    cert, key = certificate
+    with sinkmod.running(tls=tls, certfile=cert, keyfile=key, auth=("relay", "pw")) as s:
+        d = make(store, s, tls=tls, user="relay", password="pw", cafile=cert)
+        await d.start()
+        try:
+            await enqueue(store, d, 3)
+            assert await d.wait_empty(WAIT)
+        finally:
+            await d.stop()
+        assert s.count == 3
+
+
+async def test_wrong_password_keeps_mail_queued(store: spool.Spool, certificate: tuple[str, str]) -> None:
+    """An AUTH failure is an upstream problem, never a reason to dead-letter mail."""
+    cert, key = certificate
+    c = Counters()
+    with sinkmod.running(tls="starttls", certfile=cert, keyfile=key, auth=("relay", "pw")) as s:
+        d = make(store, s, tls="starttls", user="relay", password="wrong", cafile=cert)
+        await d.start()
+        try:
+            await enqueue(store, d, 1)
+            await eventually(lambda: c["connection_error"] >= 2)
+            assert d.stats().messages == 1 and store.dead_letter_count() == 0
+        finally:
+            await d.stop()
+        assert s.count == 0
+
+
+async def test_unverified_certificate_is_refused(store: spool.Spool, certificate: tuple[str, str]) -> None:
+    cert, key = certificate
+    c = Counters()
+    with sinkmod.running(tls="tls", certfile=cert, keyfile=key) as s:
+        d = make(store, s, tls="tls")  # no cafile: the self-signed certificate is not trusted
+        await d.start()
+        try:
+            await enqueue(store, d, 1)
+            await eventually(lambda: c["connection_error"] >= 1)
+            assert s.count == 0 and d.stats().messages == 1
+        finally:
+            await d.stop()
+
+
+def test_upstream_config_validation() -> None:
+    with pytest.raises(ValueError):
+        delivery.UpstreamConfig(host="h", port=25, tls="ssl")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        delivery.UpstreamConfig(host="h", port=25, connections=0)
+    with pytest.raises(ValueError):
+        delivery.UpstreamConfig(host="h", port=25, user="u")
+
+
+@pytest.mark.parametrize(
+    ("options", "extensions", "expected"),
+    [
+        (("BODY=8BITMIME", "SMTPUTF8"), {"8bitmime": "", "smtputf8": ""}, ["BODY=8BITMIME", "SMTPUTF8"]),
+        (("BODY=8BITMIME",), {}, []),
+        (("SIZE=100", "RET=HDRS", "X-UNKNOWN=1"), {"size": "1000", "dsn": ""}, ["SIZE=100", "RET=HDRS"]),
+    ],
+)
+def test_upstream_mail_options(
+    options: tuple[str, ...], extensions: dict[str, str], expected: list[str]
+) -> None:
+    assert delivery.upstream_mail_options(options, extensions) == expected
