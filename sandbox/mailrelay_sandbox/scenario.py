@@ -1,7 +1,7 @@
 """Building blocks shared by `make demo` and the end-to-end tests: the upstream sink, manifests, the operator.
 
-- `upstream_sink()`: an in-process aiosmtpd upstream that records the Message-ID of every message the
-  relays deliver (the load generator's "delivered"), and can be told to answer 4xx for a while.
+- `upstream_sink()`: the relay engineers' `sink.Sink` (an in-process aiosmtpd upstream), plus the
+  Message-IDs of what it received (the load generator's "delivered"); it can answer 4xx for a while.
 - `mailrelay()`: a MailRelay object with the knobs the scenarios turn.
 - `relay_deployment()`: a Deployment shaped like the operator's (ports `smtp`/`admin`, token Secret
   volume, spool emptyDir), for control-plane tests that run without the operator.
@@ -24,9 +24,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP as SMTPServer
-from aiosmtpd.smtp import Envelope, Session
+from mailrelay_sandbox import sink
 
 GROUP = "mailrelay.dev"
 VERSION = "v1alpha1"
@@ -38,63 +36,47 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-class _Collector:
-    def __init__(self) -> None:
-        self.ids: set[str] = set()
-        self.messages = 0
-        self.duplicates = 0
-        self.defer_code: str | None = None   # e.g. "451 4.3.0 try later": answer DATA with it
-        self.delay = 0.0
-        self._parser = email.parser.BytesHeaderParser()
-
-    async def handle_DATA(self, server: SMTPServer, session: Session, envelope: Envelope) -> str:
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if self.defer_code:
-            return self.defer_code
-        content = envelope.original_content or b""
-        msgid = self._parser.parsebytes(content).get("Message-ID")
-        self.messages += 1
-        if msgid:
-            msgid = str(msgid).strip()
-            if msgid in self.ids:
-                self.duplicates += 1
-            self.ids.add(msgid)
-        return "250 2.0.0 Ok: delivered"
-
-
 @dataclasses.dataclass
 class Upstream:
-    host: str
-    port: int
-    collector: _Collector
+    """The sandbox smarthost (`sink.Sink`), with the Message-IDs of what it received."""
+
+    sink: sink.Sink
+    _seen: int = 0
+    _ids: set[str] = dataclasses.field(default_factory=set)
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.sink.address
 
     def delivered_ids(self) -> set[str]:
-        return set(self.collector.ids)
+        messages = self.sink.messages
+        parser = email.parser.BytesHeaderParser()
+        for received in messages[self._seen:]:
+            msgid = parser.parsebytes(received.content).get("Message-ID")
+            if msgid:
+                self._ids.add(str(msgid).strip())
+        self._seen = len(messages)
+        return set(self._ids)
 
     @property
     def delivered(self) -> int:
-        return self.collector.messages
+        return self.sink.count
 
-    def defer(self, reply: str | None) -> None:
-        """Answer every DATA with `reply` (a 4xx) until called with None: an upstream throttling us."""
-        self.collector.defer_code = reply
+    def defer(self, code: int | None) -> None:
+        """Answer every end of DATA with `code` (a 4xx) until called with None: a throttling upstream."""
+        self.sink.clear_failures()
+        if code is not None:
+            self.sink.fail("data", code)
 
 
 @contextlib.asynccontextmanager
 async def upstream_sink(host: str = "127.0.0.1") -> AsyncIterator[Upstream]:
-    collector = _Collector()
-    port = free_port(host)
-    controller = Controller(collector, hostname=host, port=port, data_size_limit=0)
-    controller.start()
+    server = sink.Sink(host)
+    await asyncio.to_thread(server.start)
     try:
-        yield Upstream(host, port, collector)
+        yield Upstream(server)
     finally:
-        controller.stop()
+        await asyncio.to_thread(server.stop)
 
 
 def mailrelay(
