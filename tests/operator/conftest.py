@@ -1,0 +1,129 @@
+"""Fixtures for the operator's API-level tests: the emulated API server (kubeemu), an upstream SMTP sink,
+the simulated control plane (ReplicaSet + kubelet running real `mailrelay-relay` processes on 127.A.B.x),
+and the real operator run in-process by Kopf (`cli.run`), which a test can stop and start again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mailrelay_operator import cli
+from mailrelay_sandbox import controlplane, kubeemu, scenario
+
+NAMESPACE = "mail"
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[kubeemu.Running]:
+    async with kubeemu.serve(namespaces=[NAMESPACE], graceful_pod_deletion=True) as running:
+        yield running
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[scenario.Upstream]:
+    async with scenario.upstream_sink() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+async def cluster(api: kubeemu.Running, sink: scenario.Upstream,
+                  tmp_path: Path) -> AsyncIterator[controlplane.ControlPlane]:
+    """ReplicaSet + kubelet: pods of the operator's Deployment run as real relays on 127.A.B.x."""
+    subnet = (random.randint(100, 250), random.randint(0, 255))
+    async with controlplane.ControlPlane(
+        api.url, NAMESPACE, tmp_path / "pods", sink.address, subnet=subnet,
+        extra_env={"MAILRELAY_LOG_LEVEL": "warning"}, max_grace_seconds=15,
+    ) as plane:
+        yield plane
+
+
+class OperatorHarness:
+    """The real operator (cli.run: Kopf + handlers) in this process, on its own thread and event loop.
+
+    Kopf cancels every task of its loop that it did not find at start when it stops, so sharing the
+    test's loop would cancel the test's own teardown; a thread (as kopf.testing.KopfRunner does) avoids
+    that and lets a test stop and start the operator again.
+    """
+
+    def __init__(self, api: kubeemu.Running, **overrides: Any) -> None:
+        settings: dict[str, Any] = dict(
+            namespaces=(NAMESPACE,), standalone=True, kubeconfig=str(api.kubeconfig), liveness=None,
+            metrics_port=None, relay_timeout=1.0, resync_seconds=1.0, delete_wait_seconds=30.0,
+            api_retries=6, api_timeout=5.0, relay_image="mailrelay-relay:test",
+        )
+        settings.update(overrides)
+        self.options = cli.Options(**settings)
+        self.thread: threading.Thread | None = None
+        self.stop_flag = threading.Event()
+        self.error: BaseException | None = None
+        self.starts = 0
+
+    def _main(self, ready: threading.Event) -> None:
+        try:
+            asyncio.run(cli.run(self.options, stop_flag=self.stop_flag, ready_flag=ready,
+                                serve_metrics=False))
+        except BaseException as exc:  # reported by start()/stop()
+            self.error = exc
+
+    async def start(self) -> None:
+        assert self.thread is None or not self.thread.is_alive()
+        self.stop_flag = threading.Event()
+        self.error = None
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._main, args=(ready,), name="operator", daemon=True)
+        self.thread.start()
+        await asyncio.to_thread(ready.wait, 30)  # returns early too if the thread dies: see self.error
+        if self.error is not None:
+            raise self.error
+        assert ready.is_set(), "the operator did not get ready within 30s"
+        self.starts += 1
+
+    async def stop(self) -> None:
+        if self.thread is None:
+            return
+        self.stop_flag.set()
+        await asyncio.to_thread(self.thread.join, 30)
+        assert not self.thread.is_alive(), "the operator did not stop within 30s"
+        self.thread = None
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.fixture
+async def operator(api: kubeemu.Running) -> AsyncIterator[OperatorHarness]:
+    logging.getLogger("kopf").setLevel(logging.WARNING)
+    harness = OperatorHarness(api)
+    await harness.start()
+    try:
+        yield harness
+    finally:
+        await harness.stop()
+
+
+@pytest.fixture
+async def client(api: kubeemu.Running) -> AsyncIterator[controlplane.Api]:
+    async with controlplane.Api(api.url) as http:
+        yield http
+
+
+async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float = 60.0,
+                     what: str = "condition", every: float = 0.2) -> None:
+    """Poll `check` until true; generous timeouts for a loaded 2-core machine, no timing assertions."""
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")
+        await asyncio.sleep(every)

@@ -1,0 +1,87 @@
+"""API-level tests: the real operator (Kopf, in-process) against the emulated API server, with real relay
+processes on 127.A.B.x played by the simulated control plane (ReplicaSet + kubelet)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mailrelay_operator import manifests
+from mailrelay_sandbox import controlplane, kubeemu, scenario
+
+from tests.operator.conftest import NAMESPACE, OperatorHarness, eventually
+
+NAME = "outbound"
+
+
+def relay_object(**knobs: Any) -> dict[str, Any]:
+    return scenario.mailrelay(NAME, NAMESPACE, **knobs)
+
+
+def mailrelay(api: kubeemu.Running) -> dict[str, Any]:
+    obj = api.emulator.peek(kubeemu.MAILRELAYS, NAMESPACE, NAME)
+    assert obj is not None
+    return obj
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_:
+            return dict(cond)
+    return {}
+
+
+def pods(api: kubeemu.Running) -> list[dict[str, Any]]:
+    return [p for p in api.emulator.peek_all(kubeemu.PODS, NAMESPACE, manifests.selector(NAME))
+            if not p["metadata"].get("deletionTimestamp")]
+
+
+def deployment_replicas(api: kubeemu.Running) -> int | None:
+    dep = api.emulator.peek(kubeemu.DEPLOYMENTS, NAMESPACE, NAME)
+    return None if dep is None else int(dep["spec"]["replicas"])
+
+
+async def test_create_makes_owned_objects_and_ready_relays(
+    api: kubeemu.Running, operator: OperatorHarness, cluster: controlplane.ControlPlane,
+    client: controlplane.Api,
+) -> None:
+    await client.request("POST", scenario.mailrelay_path(NAMESPACE), relay_object(min_replicas=2))
+    kinds = [(kubeemu.DEPLOYMENTS, NAME), (kubeemu.SERVICES, NAME), (kubeemu.SECRETS, f"{NAME}-admin"),
+             (kubeemu.PDBS, NAME), (kubeemu.NETWORKPOLICIES, NAME)]
+    await eventually(lambda: all(api.emulator.peek(res, NAMESPACE, n) for res, n in kinds),
+                     within=30, what="owned objects")
+    owner_uid = mailrelay(api)["metadata"]["uid"]
+    for res, n in kinds:
+        obj = api.emulator.peek(res, NAMESPACE, n)
+        assert obj is not None
+        refs = obj["metadata"].get("ownerReferences") or []
+        assert [ref["uid"] for ref in refs] == [owner_uid], f"{res.kind} is owned by the MailRelay once"
+        assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "mailrelay-operator"
+    assert deployment_replicas(api) == 2
+    await eventually(lambda: condition(mailrelay(api), "Ready").get("status") == "True",
+                     within=60, what="Ready condition")
+    status = mailrelay(api)["status"]
+    assert status["readyReplicas"] == 2 and status["desiredReplicas"] == 2
+    assert status["selector"] == manifests.selector(NAME)
+    assert condition(mailrelay(api), "Overloaded")["status"] == "False"
+    assert status["observedGeneration"] == mailrelay(api)["metadata"]["generation"]
+    # Every relay answered the operator's authenticated /status: no scrape failed.
+    assert status["sessions"] == 0 and status["queueMessages"] == 0
+
+    # Drift is repaired: a changed Service port and a deleted PDB come back.
+    await client.patch(f"/api/v1/namespaces/{NAMESPACE}/services/{NAME}",
+                       {"spec": {"ports": [{"name": "smtp", "port": 2500, "targetPort": "smtp"}]}})
+    await client.request("DELETE", f"/apis/policy/v1/namespaces/{NAMESPACE}/poddisruptionbudgets/{NAME}")
+    expected_port = manifests.service(NAME, NAMESPACE)["spec"]["ports"][0]["port"]
+
+    def repaired() -> bool:
+        svc = api.emulator.peek(kubeemu.SERVICES, NAMESPACE, NAME)
+        return (api.emulator.peek(kubeemu.PDBS, NAMESPACE, NAME) is not None and svc is not None
+                and svc["spec"]["ports"][0]["port"] == expected_port)
+
+    await eventually(repaired, within=30, what="drift repair")
+    # The admin token was generated once: the Secret was never rewritten.
+    secret = api.emulator.peek(kubeemu.SECRETS, NAMESPACE, f"{NAME}-admin")
+    assert secret is not None and secret["metadata"]["resourceVersion"]
+    history = api.emulator.objects[kubeemu.SECRETS.key, NAMESPACE, f"{NAME}-admin"].history
+    tokens = {v["data"]["token"] for v in history if v is not None}
+    assert len(tokens) == 1
