@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from bench import report, sessions, throughput, workdir
+from bench import overload, report, sessions, throughput, workdir
 
 PARTS = ("throughput", "sessions", "overload", "profile", "scale-in", "operator")
 
@@ -59,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             throughput.run(run_dir, out, throughput.QUICK if args.quick else throughput.FULL)
         if "sessions" in parts:
             sessions.run(run_dir, out, sessions.QUICK if args.quick else sessions.FULL)
+        if "overload" in parts:
+            overload.run(run_dir, out, overload.QUICK if args.quick else overload.FULL)
     finally:
         run_dir.remove()
     out.line("")
