@@ -1,0 +1,177 @@
+"""Delivery against Postfix's `smtp-sink`, a second, independent upstream implementation.
+
+smtp-sink answers 421 and disconnects after chosen commands (-Q), disconnects without a reply (-q),
+answers 4xx (-r) or 5xx (-f). Each failing upstream is then replaced by a healthy one on the same port,
+as an upstream that recovers, and the message must arrive."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from mailrelay_relay import backoff, delivery, spool
+
+from tests.conftest import require_tool
+from tests.relay.test_delivery import WAIT, Counters, content, eventually
+
+FAST = backoff.Schedule(base=0.05, factor=2.0, cap=0.3, jitter=0.25)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class SmtpSink:
+    """One `smtp-sink` process that dumps every transaction to a file in its own directory."""
+
+    def __init__(self, port: int, *flags: str) -> None:
+        self.port = port
+        self.dump = pathlib.Path(tempfile.mkdtemp(prefix="mailrelay-smtp-sink-"))
+        self.dump.chmod(0o777)  # smtp-sink writes as user nobody
+        args = [require_tool("smtp-sink"), "-u", "nobody", *flags, "-d", f"{self.dump}/%M.",
+                f"127.0.0.1:{port}", "1000"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"smtp-sink exited: {self.proc.stderr.read() if self.proc.stderr else ''!r}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.recv(100)  # the greeting (or the 421 it was told to send)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def files(self) -> list[pathlib.Path]:
+        return [p for p in self.dump.rglob("*") if p.is_file()]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        for p in self.files():
+            p.unlink()
+        for d in sorted(self.dump.rglob("*"), reverse=True):
+            d.rmdir()
+        os.rmdir(self.dump)
+
+
+@pytest.fixture
+def port() -> int:
+    require_tool("smtp-sink")
+    return free_port()
+
+
+@pytest.fixture
+def sinks() -> Iterator[list[SmtpSink]]:
+    started: list[SmtpSink] = []
+    yield started
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+async def store(tmp_path: pathlib.Path) -> AsyncIterator[spool.Spool]:
+    sp = spool.Spool(tmp_path / "spool")
+    yield sp
+    sp.close()
+
+
+def make(sp: spool.Spool, port: int, connections: int = 2) -> delivery.Delivery:
+    cfg = delivery.UpstreamConfig(host="127.0.0.1", port=port, connections=connections, timeout=10.0)
+    return delivery.Delivery(sp, delivery.make_sender(cfg), queue_lifetime=3600.0, concurrency=connections,
+                             schedule=FAST)
+
+
+async def test_delivers_to_smtp_sink(store: spool.Spool, port: int, sinks: list[SmtpSink]) -> None:
+    c = Counters()
+    sink = SmtpSink(port)
+    sinks.append(sink)
+    d = make(store, port, connections=4)
+    await d.start()
+    try:
+        for i in range(200):
+            d.submit(await store.store(spool.Envelope("a@example.org", ("b@example.org",)), content(i),
+                                       time.time()))
+        assert await d.wait_empty(WAIT)
+    finally:
+        await d.stop()
+    assert c["delivered"] == 200 and c["success"] == 200
+    await eventually(lambda: len(sink.files()) == 200)
+    dumped = b"".join(p.read_bytes() for p in sink.files())
+    for i in (0, 99, 199):
+        assert f"Subject: test {i}\r\n".encode() in dumped or f"Subject: test {i}\n".encode() in dumped
+    assert store.queue_count() == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "counter"),
+    [
+        (("-Q", "."), "temporary"),  # 421 and disconnect after the message
+        (("-Q", "MAIL"), "temporary"),  # 421 at MAIL
+        (("-Q", "CONNECT"), "connection_error"),  # 421 greeting
+        (("-r", "RCPT"), "temporary"),  # 4xx at RCPT
+        (("-r", "."), "temporary"),  # 4xx after the message
+        (("-q", "MAIL"), "connection_error"),  # hang up without a reply
+        (("-q", "."), "connection_error"),  # hang up after the message, before the reply
+    ],
+    ids=["421-dot", "421-mail", "421-greeting", "4xx-rcpt", "4xx-dot", "hangup-mail", "hangup-dot"],
+)
+async def test_temporary_failures_retried_until_upstream_recovers(
+    store: spool.Spool, port: int, sinks: list[SmtpSink], flags: tuple[str, ...], counter: str
+) -> None:
+    c = Counters()
+    failing = SmtpSink(port, *flags)
+    sinks.append(failing)
+    d = make(store, port)
+    await d.start()
+    try:
+        for i in range(3):
+            d.submit(await store.store(spool.Envelope("a@example.org", ("b@example.org",)), content(i),
+                                       time.time()))
+        await eventually(lambda: c[counter] >= 4)  # retried, more than once
+        assert d.stats().messages == 3 and store.queue_count() == 3 and store.dead_letter_count() == 0
+        failing.stop()
+        sinks.remove(failing)
+        healthy = SmtpSink(port)
+        sinks.append(healthy)
+        assert await d.wait_empty(WAIT)
+    finally:
+        await d.stop()
+    assert c["delivered"] == 3 and c["dl_permanent"] == 0 and c["dl_expired"] == 0
+    await eventually(lambda: len(healthy.files()) == 3)
+
+
+@pytest.mark.parametrize("command", ["MAIL", "RCPT", "."])
+async def test_hard_reject_is_dead_lettered(
+    store: spool.Spool, port: int, sinks: list[SmtpSink], command: str
+) -> None:
+    c = Counters()
+    sinks.append(SmtpSink(port, "-f", command))
+    d = make(store, port)
+    await d.start()
+    try:
+        d.submit(await store.store(spool.Envelope("a@example.org", ("b@example.org",)), content(0), time.time()))
+        assert await d.wait_empty(WAIT)
+    finally:
+        await d.stop()
+    assert c["dl_permanent"] == 1 and c["delivered"] == 0
+    (reason,) = [p.read_text() for p in store.deadletter_dir.glob("*.reason")]
+    assert "500 5.3.0" in reason and reason.startswith("permanent failure")
