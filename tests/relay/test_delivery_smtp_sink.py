@@ -43,7 +43,8 @@ class SmtpSink:
         deadline = time.monotonic() + 30
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"smtp-sink exited: {self.proc.stderr.read() if self.proc.stderr else ''!r}")
+                err = self.proc.stderr.read() if self.proc.stderr else b""
+                raise RuntimeError(f"smtp-sink exited: {err!r}")
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
                     sock.recv(100)  # the greeting (or the 421 it was told to send)
@@ -168,7 +169,8 @@ async def test_hard_reject_is_dead_lettered(
     d = make(store, port)
     await d.start()
     try:
-        d.submit(await store.store(spool.Envelope("a@example.org", ("b@example.org",)), content(0), time.time()))
+        env = spool.Envelope("a@example.org", ("b@example.org",))
+        d.submit(await store.store(env, content(0), time.time()))
         assert await d.wait_empty(WAIT)
     finally:
         await d.stop()
