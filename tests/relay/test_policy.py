@@ -1,0 +1,275 @@
+"""The pure SMTP reply policy (DESIGN.md §3): tables for every row, hypothesis for the invariants."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mailrelay_relay import policy
+
+HOST = "relay.test"
+MiB = 1024 * 1024
+
+
+def mail_ctx(**overrides: object) -> policy.MailContext:
+    values: dict[str, object] = dict(
+        extended=True, greeted=True, in_transaction=False, max_message_size=10 * MiB,
+        free_bytes=1000 * MiB, inflight_bytes=0, max_inflight_bytes=100 * MiB,
+    )
+    values.update(overrides)
+    return policy.MailContext(**values)  # type: ignore[arg-type]
+
+
+def rcpt_ctx(**overrides: object) -> policy.RcptContext:
+    values: dict[str, object] = dict(extended=True, in_transaction=True, recipients=0, max_recipients=3,
+                                     may_relay=True)
+    values.update(overrides)
+    return policy.RcptContext(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("draining", "sessions", "max_sessions", "result", "line"),
+    [
+        (False, 0, 5, policy.Greeting.ACCEPTED, "220 relay.test ESMTP mailrelay"),
+        (False, 4, 5, policy.Greeting.ACCEPTED, "220 relay.test ESMTP mailrelay"),
+        (False, 5, 5, policy.Greeting.REFUSED_BUSY, "421 4.3.2 relay.test Too busy, try again later"),
+        (False, 9, 5, policy.Greeting.REFUSED_BUSY, "421 4.3.2 relay.test Too busy, try again later"),
+        (True, 0, 5, policy.Greeting.REFUSED_DRAINING,
+         "421 4.3.2 relay.test Service shutting down, try again later"),
+        (True, 5, 5, policy.Greeting.REFUSED_DRAINING,
+         "421 4.3.2 relay.test Service shutting down, try again later"),
+    ],
+)
+def test_greeting(draining: bool, sessions: int, max_sessions: int, result: policy.Greeting,
+                  line: str) -> None:
+    got, reply = policy.greeting(draining=draining, sessions=sessions, max_sessions=max_sessions,
+                                 hostname=HOST)
+    assert got is result
+    assert reply.line() == line
+    assert reply.close == (reply.code == 421)
+
+
+@pytest.mark.parametrize(
+    ("arg", "overrides", "line"),
+    [
+        ("FROM:<a@b.example>", {}, "250 2.1.0 Ok"),
+        ("FROM:<>", {}, "250 2.1.0 Ok"),
+        ("from: <a@b.example> SIZE=1000 BODY=8BITMIME", {}, "250 2.1.0 Ok"),
+        ("FROM:<a@b.example>", {"greeted": False}, "503 5.5.1 Error: send HELO/EHLO first"),
+        ("FROM:<a@b.example>", {"in_transaction": True}, "503 5.5.1 Error: nested MAIL command"),
+        ("FROM:a b", {}, "501 5.1.7 Syntax: MAIL FROM:<address> [parameters]"),
+        ("TO:<a@b.example>", {}, "501 5.1.7 Syntax: MAIL FROM:<address> [parameters]"),
+        ("FROM:<a@b.example> SIZE=10", {"extended": False}, "501 5.5.4 Error: parameters need EHLO"),
+        ("FROM:<a@b.example> FOO=1", {}, "555 5.5.4 Error: MAIL parameter FOO not recognized"),
+        ("FROM:<a@b.example> X-Y", {}, "555 5.5.4 Error: MAIL parameter X-Y not recognized"),
+        ("FROM:<a@b.example> SMTPUTF8", {}, "455 4.3.3 Error: MAIL parameter SMTPUTF8 not supported here"),
+        ("FROM:<a@b.example> RET=HDRS", {}, "455 4.3.3 Error: MAIL parameter RET not supported here"),
+        ("FROM:<a@b.example> REQUIRETLS", {},
+         "455 4.3.3 Error: MAIL parameter REQUIRETLS not supported here"),
+        ("FROM:<a@b.example> BODY=BINARYMIME", {}, "455 4.3.3 Error: BODY=BINARYMIME not supported here"),
+        ("FROM:<a@b.example> BODY=9BIT", {}, "501 5.5.4 Error: BODY must be 7BIT or 8BITMIME"),
+        ("FROM:<a@b.example> SIZE=abc", {}, "501 5.5.4 Error: bad SIZE value"),
+        ("FROM:<a@b.example> SIZE=1 SIZE=2", {}, "501 5.1.7 Syntax: MAIL FROM:<address> [parameters]"),
+        ("FROM:<a@b.example> SIZE=10485761", {},
+         "552 5.3.4 Error: message size exceeds fixed maximum message size"),
+        ("FROM:<a@b.example> SIZE=10485760", {}, "250 2.1.0 Ok"),
+        ("FROM:<a@b.example> SIZE=5000", {"free_bytes": 4999},
+         "452 4.3.1 Error: insufficient system storage"),
+        ("FROM:<a@b.example> SIZE=5000", {"free_bytes": 10000, "inflight_bytes": 6000},
+         "452 4.3.1 Error: insufficient system storage"),
+        ("FROM:<a@b.example>", {"free_bytes": MiB - 1}, "452 4.3.1 Error: insufficient system storage"),
+        ("FROM:<a@b.example> SIZE=2000", {"inflight_bytes": 99 * MiB, "max_inflight_bytes": 99 * MiB + 1999},
+         "455 4.3.2 Error: too much mail in flight, try again later"),
+        ("FROM:<a@b.example> SIZE=1999", {"inflight_bytes": 99 * MiB, "max_inflight_bytes": 99 * MiB + 1999},
+         "250 2.1.0 Ok"),
+        ("FROM:<a@b.example>", {"inflight_bytes": 100 * MiB - 1}, "455 4.3.2 Error: too much mail in flight, "
+         "try again later"),
+        # alone, a transaction may exceed the in-flight budget (otherwise it could never pass)
+        ("FROM:<a@b.example> SIZE=5000", {"max_inflight_bytes": 100}, "250 2.1.0 Ok"),
+    ],
+)
+def test_mail(arg: str, overrides: dict[str, object], line: str) -> None:
+    decision = policy.decide_mail(arg, mail_ctx(**overrides))
+    assert decision.reply.line() == line
+    assert decision.accepted == (decision.reply.code == 250)
+
+
+def test_mail_reservation_and_options() -> None:
+    with_size = policy.decide_mail("FROM:<a@b.example> SIZE=2048 BODY=8bitmime", mail_ctx())
+    assert (with_size.reservation, with_size.options, with_size.mail_from) == (
+        2048, ("BODY=8BITMIME",), "a@b.example")
+    without = policy.decide_mail("FROM:<>", mail_ctx())
+    assert without.reservation == policy.DEFAULT_RESERVATION and without.mail_from == ""
+    small_max = policy.decide_mail("FROM:<a@b.example>", mail_ctx(max_message_size=4096))
+    assert small_max.reservation == 4096
+
+
+@pytest.mark.parametrize(
+    ("arg", "overrides", "line"),
+    [
+        ("TO:<c@d.example>", {}, "250 2.1.5 Ok"),
+        ("to: <c@d.example>", {}, "250 2.1.5 Ok"),
+        ("TO:<Postmaster>", {}, "250 2.1.5 Ok"),
+        ("TO:<c@d.example>", {"in_transaction": False}, "503 5.5.1 Error: need MAIL command"),
+        ("TO:<>", {}, "501 5.1.3 Syntax: RCPT TO:<address> [parameters]"),
+        ("TO:<c@@d>", {}, "501 5.1.3 Syntax: RCPT TO:<address> [parameters]"),
+        ("TO:<c@d.example> FOO", {}, "555 5.5.4 Error: RCPT parameter FOO not recognized"),
+        ("TO:<c@d.example> NOTIFY=NEVER", {}, "455 4.3.3 Error: RCPT parameter NOTIFY not supported here"),
+        ("TO:<c@d.example>", {"may_relay": False}, "554 5.7.1 Relay access denied"),
+        ("TO:<c@d.example>", {"recipients": 3}, "452 4.5.3 Error: too many recipients"),
+        ("TO:<c@d.example>", {"recipients": 2}, "250 2.1.5 Ok"),
+    ],
+)
+def test_rcpt(arg: str, overrides: dict[str, object], line: str) -> None:
+    decision = policy.decide_rcpt(arg, rcpt_ctx(**overrides))
+    assert decision.reply.line() == line
+    assert decision.accepted == (decision.reply.code == 250)
+
+
+@pytest.mark.parametrize(
+    ("draining", "in_transaction", "verb", "closes"),
+    [
+        (False, False, "MAIL", False),
+        (True, False, "MAIL", True),
+        (True, False, "NOOP", True),
+        (True, False, "RSET", True),
+        (True, False, "EHLO", True),
+        (True, False, "QUIT", False),
+        (True, True, "RCPT", False),
+        (True, True, "DATA", False),
+    ],
+)
+def test_drain_gate(draining: bool, in_transaction: bool, verb: str, closes: bool) -> None:
+    reply = policy.drain_gate(draining=draining, in_transaction=in_transaction, verb=verb, hostname=HOST)
+    if closes:
+        assert reply is not None
+        assert reply.line() == "421 4.3.2 relay.test Service shutting down, try again later" and reply.close
+    else:
+        assert reply is None
+
+
+@pytest.mark.parametrize(
+    ("outcome", "line"),
+    [
+        (policy.DataOutcome.QUEUED, "250 2.0.0 Ok: queued as ABC"),
+        (policy.DataOutcome.TOO_BIG, "552 5.3.4 Error: message size exceeds fixed maximum message size"),
+        (policy.DataOutcome.BARE_NEWLINE,
+         "550 5.6.0 Error: bare CR or LF in message data (RFC 5321 section 2.3.8)"),
+        (policy.DataOutcome.LINE_TOO_LONG,
+         "550 5.6.0 Error: line longer than 1000 octets (RFC 5321 section 4.5.3.1.6)"),
+        (policy.DataOutcome.SPOOL_FULL, "452 4.3.1 Error: insufficient system storage"),
+        (policy.DataOutcome.SPOOL_ERROR, "451 4.3.0 Error: local error in processing, try again later"),
+    ],
+)
+def test_data_replies(outcome: policy.DataOutcome, line: str) -> None:
+    assert policy.data_reply(outcome, "ABC").line() == line
+
+
+def test_timeout_and_ehlo() -> None:
+    assert policy.timeout(HOST).line() == "421 4.4.2 relay.test Error: timeout exceeded"
+    lines = policy.ehlo(HOST, max_message_size=1234, starttls=True)
+    assert lines == ["250-relay.test", "250-PIPELINING", "250-SIZE 1234", "250-8BITMIME",
+                     "250-ENHANCEDSTATUSCODES", "250 STARTTLS"]
+    assert policy.ehlo(HOST, max_message_size=1, starttls=False)[-1] == "250 ENHANCEDSTATUSCODES"
+
+
+@pytest.mark.parametrize(
+    ("lines", "outcome", "content"),
+    [
+        ([b"a\r\n", b".\r\n"], policy.DataOutcome.QUEUED, b"a\r\n"),
+        ([b".\r\n"], policy.DataOutcome.QUEUED, b""),
+        ([b"..x\r\n", b".\r\n"], policy.DataOutcome.QUEUED, b".x\r\n"),
+        ([b"a\n", b".\r\n"], policy.DataOutcome.BARE_NEWLINE, b""),
+        ([b"a\rb\r\n", b".\r\n"], policy.DataOutcome.BARE_NEWLINE, b""),
+        # the smuggling shape: a bare-LF "terminator" is not one; the real CRLF.CRLF ends the one message
+        ([b"a\r\n", b".\n", b"MAIL FROM:<x@y.example>\r\n", b".\r\n"], policy.DataOutcome.BARE_NEWLINE, b""),
+        ([b"x" * 999 + b"\r\n", b".\r\n"], policy.DataOutcome.LINE_TOO_LONG, b""),
+        ([b"x" * 998 + b"\r\n", b".\r\n"], policy.DataOutcome.QUEUED, b"x" * 998 + b"\r\n"),
+        ([b"y" * 998 + b"\r\n", b"y" * 998 + b"\r\n", b".\r\n"], policy.DataOutcome.TOO_BIG, b""),
+    ],
+)
+def test_data_scan(lines: list[bytes], outcome: policy.DataOutcome, content: bytes) -> None:
+    scan = policy.scan_data(lines, max_size=1500)
+    assert scan.done
+    assert scan.outcome is outcome
+    assert scan.content() == content
+
+
+@pytest.mark.parametrize(
+    ("ip", "allowed"),
+    [("127.0.0.1", True), ("127.9.9.9", True), ("::1", True), ("::ffff:127.0.0.2", True),
+     ("10.0.0.1", False), ("192.168.1.1", False), (None, False), ("garbage", False)],
+)
+def test_may_relay_defaults(ip: str | None, allowed: bool) -> None:
+    networks = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
+    assert policy.may_relay(ip, networks) is allowed
+
+
+# --- properties ---------------------------------------------------------------------------------------------
+
+sizes = st.integers(min_value=0, max_value=2**40)
+
+
+@given(declared=sizes, max_size=st.integers(1, 2**35), free=sizes, inflight=sizes,
+       max_inflight=st.integers(1, 2**40))
+def test_mail_decision_is_consistent(declared: int, max_size: int, free: int, inflight: int,
+                                     max_inflight: int) -> None:
+    ctx = mail_ctx(max_message_size=max_size, free_bytes=free, inflight_bytes=inflight,
+                   max_inflight_bytes=max_inflight)
+    decision = policy.decide_mail(f"FROM:<a@b.example> SIZE={declared}", ctx)
+    code = decision.reply.code
+    if declared > max_size:
+        assert code == 552
+    elif free - inflight < declared:
+        assert code == 452
+    elif inflight > 0 and inflight + declared > max_inflight:
+        assert code == 455 and decision.reply.status == "4.3.2"
+    else:
+        assert code == 250 and decision.reservation == declared
+    if code == 455:
+        # a smaller message still passes at the same moment (when it fits)
+        smaller = max_inflight - inflight
+        if 0 <= smaller < declared and smaller <= free - inflight:
+            assert policy.decide_mail(f"FROM:<a@b.example> SIZE={smaller}", ctx).reply.code == 250
+
+
+@given(count=st.integers(0, 2000), maximum=st.integers(1, 1000), may_relay=st.booleans())
+def test_rcpt_never_exceeds_the_maximum(count: int, maximum: int, may_relay: bool) -> None:
+    decision = policy.decide_rcpt("TO:<c@d.example>", rcpt_ctx(recipients=count, max_recipients=maximum,
+                                                               may_relay=may_relay))
+    if decision.accepted:
+        assert count < maximum and may_relay
+    else:
+        assert decision.reply.code in (452, 554)
+
+
+@given(st.text(max_size=80))
+def test_parsing_never_crashes_and_replies_are_well_formed(arg: str) -> None:
+    for reply in (policy.decide_mail(arg, mail_ctx()).reply, policy.decide_rcpt(arg, rcpt_ctx()).reply):
+        line = reply.line()
+        assert 200 <= reply.code <= 599
+        assert "\r" not in line and "\n" not in line
+        if reply.code >= 400 and reply.status:
+            assert reply.status[0] == str(reply.code)[0]
+
+
+@given(st.lists(st.binary(max_size=60), max_size=20))
+@settings(max_examples=300)
+def test_one_data_is_one_message(chunks: list[bytes]) -> None:
+    """Whatever lines come in, the scan ends only at an exact '.\\r\\n' line and keeps no bare CR/LF."""
+    lines = []
+    for chunk in chunks:
+        for piece in chunk.split(b"\n"):
+            lines.append(piece + b"\n")
+    lines.append(b".\r\n")
+    scan = policy.scan_data(lines, max_size=10_000)
+    assert scan.done
+    end = lines.index(b".\r\n")
+    assert scan.outcome is not policy.DataOutcome.QUEUED or all(
+        line.endswith(b"\r\n") and b"\r" not in line[:-2] for line in lines[:end])
+    if scan.outcome is policy.DataOutcome.QUEUED:
+        content = scan.content()
+        assert b"\r\n.\r\n" not in b"\r\n" + content
+        assert content.count(b"\n") == content.count(b"\r\n") == content.count(b"\r")

@@ -1,0 +1,128 @@
+"""The durable spool on a real file system: record round-trip, group commit, recovery, dead-letter, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mailrelay_relay import spool
+
+addresses = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), max_size=40)
+
+
+@given(
+    mail_from=addresses,
+    rcpts=st.lists(addresses, min_size=1, max_size=5),
+    options=st.lists(st.sampled_from(["BODY=8BITMIME", "BODY=7BIT"]), max_size=1),
+    content=st.binary(max_size=4096),
+    received_at=st.floats(min_value=0, max_value=4e9, allow_nan=False),
+)
+def test_record_round_trip(mail_from: str, rcpts: list[str], options: list[str], content: bytes,
+                           received_at: float) -> None:
+    envelope = spool.Envelope(mail_from, tuple(rcpts), tuple(options))
+    data = spool.encode_record("ID1", envelope, content, received_at)
+    assert spool.decode_record(data) == ("ID1", envelope, content, received_at)
+
+
+@given(content=st.binary(min_size=1, max_size=512), cut=st.integers(min_value=1, max_value=600))
+@settings(max_examples=200)
+def test_torn_records_are_detected(content: bytes, cut: int) -> None:
+    data = spool.encode_record("ID1", spool.Envelope("a@b", ("c@d",)), content, 1.0)
+    cut = min(cut, len(data) - 1)
+    with pytest.raises(spool.CorruptRecord):
+        spool.decode_record(data[:-cut])
+    flipped = bytearray(data)
+    flipped[-1] ^= 0x01
+    with pytest.raises(spool.CorruptRecord):
+        spool.decode_record(bytes(flipped))
+
+
+async def test_store_recover_remove(tmp_path: pathlib.Path) -> None:
+    sp = spool.Spool(tmp_path)
+    envelope = spool.Envelope("a@b.example", ("c@d.example", "e@f.example"), ("BODY=8BITMIME",))
+    msg = await sp.store(envelope, b"Subject: x\r\n\r\nhello\r\n", 1000.0)
+    assert msg.path.parent == tmp_path / "queue" and msg.path.exists()
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert sp.read_content(msg) == b"Subject: x\r\n\r\nhello\r\n"
+    again = spool.Spool(tmp_path).recover()
+    assert again == [msg]
+    sp.remove(msg)
+    sp.remove(msg)  # twice is fine
+    assert spool.Spool(tmp_path).recover() == []
+    sp.close()
+
+
+async def test_group_commit_shares_commits(tmp_path: pathlib.Path) -> None:
+    sp = spool.Spool(tmp_path)
+    envelope = spool.Envelope("a@b.example", ("c@d.example",))
+    messages = await asyncio.gather(*(sp.store(envelope, b"m%d\r\n" % n, 1000.0 + n) for n in range(200)))
+    assert len({m.id for m in messages}) == 200
+    assert sp.commits < 200  # concurrent stores share commits
+    recovered = spool.Spool(tmp_path).recover()
+    assert [m.id for m in recovered] == [m.id for m in messages]  # oldest first
+    assert {sp.read_content(m) for m in recovered} == {b"m%d\r\n" % n for n in range(200)}
+    sp.close()
+
+
+def test_recover_cleans_tmp_and_dead_letters_corrupt(tmp_path: pathlib.Path) -> None:
+    sp = spool.Spool(tmp_path)
+    (tmp_path / "tmp" / "half.tmp").write_bytes(b"MAILRELAY-SPOOL 1\n{")
+    good = spool.encode_record("GOOD", spool.Envelope("", ("c@d.example",)), b"x\r\n", 5.0)
+    (tmp_path / "queue" / "GOOD.msg").write_bytes(good)
+    (tmp_path / "queue" / "TORN.msg").write_bytes(good[:-1])
+    recovered = sp.recover()
+    assert [m.id for m in recovered] == ["GOOD"]
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert sp.dead_letter_count() == 1
+    assert (tmp_path / "deadletter" / "TORN.reason").read_text().startswith("corrupt: ")
+    sp.close()
+
+
+async def test_dead_letter_keeps_message_and_reason(tmp_path: pathlib.Path) -> None:
+    sp = spool.Spool(tmp_path)
+    msg = await sp.store(spool.Envelope("a@b.example", ("c@d.example",)), b"body\r\n", 1.0)
+    sp.dead_letter(msg, "550 5.1.1 no such user\r\nINJECTED")
+    assert not msg.path.exists()
+    assert sp.dead_letter_count() == 1
+    moved = tmp_path / "deadletter" / (msg.id + ".msg")
+    assert spool.decode_record(moved.read_bytes())[2] == b"body\r\n"
+    reason = (tmp_path / "deadletter" / (msg.id + ".reason")).read_text()
+    assert reason == "550 5.1.1 no such user  INJECTED\n"
+    assert sp.recover() == []
+    sp.close()
+
+
+@pytest.mark.parametrize(("fault", "error"), [("write-enospc", spool.SpoolFullError),
+                                              ("write-eio", spool.SpoolError),
+                                              ("fsync-eio", spool.SpoolError)])
+async def test_injected_faults_leave_the_spool_intact(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
+                                                      fault: str, error: type[Exception]) -> None:
+    fault_file = tmp_path / "fault"
+    monkeypatch.setenv(spool.FAULT_ENV, str(fault_file))
+    sp = spool.Spool(tmp_path / "spool")
+    envelope = spool.Envelope("a@b.example", ("c@d.example",))
+    kept = await sp.store(envelope, b"before\r\n", 1.0)
+    fault_file.write_text(fault)
+    with pytest.raises(error) as raised:
+        await sp.store(envelope, b"during\r\n", 2.0)
+    assert isinstance(raised.value, spool.SpoolFullError) == (fault == "write-enospc")
+    assert list((tmp_path / "spool" / "tmp").iterdir()) == []
+    os.unlink(fault_file)
+    after = await sp.store(envelope, b"after\r\n", 3.0)
+    recovered = spool.Spool(tmp_path / "spool").recover()
+    assert [m.id for m in recovered] == [kept.id, after.id]
+    sp.close()
+
+
+def test_free_bytes_fault_and_real(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fault_file = tmp_path / "fault"
+    monkeypatch.setenv(spool.FAULT_ENV, str(fault_file))
+    sp = spool.Spool(tmp_path / "spool")
+    assert sp.free_bytes() > 0
+    fault_file.write_text("free=123")
+    assert sp.free_bytes() == 123
+    sp.close()
