@@ -516,3 +516,73 @@ def test_huge_data_gets_552_without_buffering_it(tmp_path: pathlib.Path, sink: h
         assert relay.healthy()
         assert relay.status()["queue"]["messages"] == 0
         assert not sink.snapshot()[1]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: smtp.Session._wait awaits the write side (pause_writing) with no deadline, so a client "
+    "that pipelines commands and never reads the replies holds its session slot for ever: the "
+    "per-command deadline (421 4.4.2) never fires",
+)
+def test_slow_reader_is_cut_off_by_the_command_deadline(
+    tmp_path: pathlib.Path, sink: h.RecordingSink
+) -> None:
+    """A "slow read" client: it pipelines megabytes of HELP (each answered with ~80 bytes) on a tiny
+    receive window and never reads. The relay must not wait for it for ever: within a few command
+    deadlines the session is closed and its slot is free again, while the client is still connected."""
+    with h.relay(tmp_path, sink.address, extra=["--command-timeout", "1", "--max-sessions", "3"]) as relay:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect((relay.host, relay.port))
+        s.setblocking(False)
+        try:
+            payload = b"HELP\r\n" * 400_000
+            sent = 0
+            started = time.monotonic()
+            while sent < len(payload) and time.monotonic() - started < 8:
+                try:
+                    sent += s.send(payload[sent:sent + 65536])
+                except BlockingIOError:
+                    time.sleep(0.05)
+            assert h.wait_until(lambda: relay.status()["sessions"] == 0, 10), \
+                "a client that never reads its replies still holds a session"
+        finally:
+            s.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: --max-inflight-bytes counts only declared sizes (SIZE=, or 1 MiB without it), but DATA is "
+    "buffered up to --max-message-size whatever was declared, so a client that declares SIZE=1000 and "
+    "sends 8 MB is held in memory while the in-flight sum says 1000 and other MAILs still get 250",
+)
+def test_inflight_limit_cannot_be_bypassed_by_under_declaring_size(
+    tmp_path: pathlib.Path, sink: h.RecordingSink
+) -> None:
+    """--max-inflight-bytes bounds what open transactions hold. A client that declares SIZE=1000 and then
+    sends 8 MB either gets 552 5.3.4 once it passes its declaration, or the bytes it really holds count
+    towards the limit, so that a second MAIL SIZE=2500000 (over a 3 MB limit) gets 455 4.3.2."""
+    limit = 3_000_000
+    extra = ["--max-inflight-bytes", str(limit), "--max-message-size", "10000000"]
+    with (h.relay(tmp_path, sink.address, extra=extra) as relay,
+          h.RawClient(relay.host, relay.port) as a, h.RawClient(relay.host, relay.port) as b):
+            a.reply()
+            a.cmd("EHLO a.test")
+            assert h.first_code(a.cmd("MAIL FROM:<a@example.org> SIZE=1000")) == 250
+            assert h.first_code(a.cmd("RCPT TO:<x@example.net>")) == 250
+            assert h.first_code(a.cmd("DATA")) == 354
+            line = b"B" * 998 + b"\r\n"
+            a.send(b"Subject: liar\r\n\r\n" + line * 8000)  # 8 MB, no end of data yet
+            time.sleep(1.0)
+            held = relay.status()["inflight_bytes"]
+            b.reply()
+            b.cmd("EHLO b.test")
+            second = b.cmd("MAIL FROM:<b@example.org> SIZE=2500000")
+            a.send(b".\r\n")
+            first = a.reply()
+            cut_early = first is not None and first[0].startswith(b"552")
+            limited = held >= limit and second is not None and second[0].startswith(b"455 4.3.2")
+            assert cut_early or limited, (
+                f"in-flight sum {held} while 8 MB were buffered; second MAIL: {h.text(second)}; "
+                f"first DATA: {h.text(first)}"
+            )
