@@ -1,0 +1,585 @@
+"""Drain-first scale-in (mailrelay_operator.drain): victim choice, the plan state machine, restarts.
+
+Tables pin each transition (start, wait, complete, time out, cancel, maintenance, pending pods first).
+Properties check the invariants for any cluster state, that a plan rebuilt from the pods' annotations
+alone (an operator restart) is the same plan, and a simulated cluster (a ReplicaSet that honours
+NotReady and deletion-cost ordering, relays whose load drains away) checks that no relay holding mail
+is ever removed before its drain ended and that the pool settles on the desired count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mailrelay_operator import drain, kubetypes
+
+NOW = 1_800_000_000.0
+TIMEOUT = 600.0
+
+
+def pod(name: str, **kw: Any) -> drain.PodState:
+    base: dict[str, Any] = {
+        "name": name,
+        "phase": "Running",
+        "ready": True,
+        "created_at": NOW - 3600,
+        "deleting": False,
+        "drain_started": None,
+        "sessions": 10,
+        "queue_messages": 0,
+        "drained": False,
+        "relay_draining": False,
+    }
+    base.update(kw)
+    if base["drain_started"] is not None and "ready" not in kw:
+        base["ready"] = False
+    if base["drain_started"] is not None and "relay_draining" not in kw:
+        base["relay_draining"] = True
+    return drain.PodState(**base)
+
+
+def draining(name: str, since: float = 60, **kw: Any) -> drain.PodState:
+    return pod(name, drain_started=NOW - since, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Victim choice
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pods", "count", "expected"),
+    [
+        ([pod("a", sessions=5), pod("b", sessions=1), pod("c", sessions=9)], 1, ("b",)),
+        ([pod("a", sessions=5), pod("b", sessions=1), pod("c", sessions=9)], 2, ("b", "a")),
+        ([pod("a", sessions=0), pod("b", ready=False, sessions=50)], 1, ("b",)),  # not ready first
+        ([pod("a", sessions=0), pod("b", phase="Pending", ready=False, sessions=None)], 1, ("b",)),
+        (
+            [pod("a", ready=False), pod("b", phase="Pending", ready=False)],
+            2,
+            ("b", "a"),
+        ),  # pending before not ready
+        (
+            [pod("a", sessions=3, queue_messages=9), pod("b", sessions=3, queue_messages=2)],
+            1,
+            ("b",),
+        ),  # queue
+        (
+            [pod("a", sessions=1, queue_messages=900), pod("b", sessions=2, queue_messages=0)],
+            1,
+            ("a",),
+        ),  # sessions
+        ([pod("a", sessions=None), pod("b", sessions=400)], 1, ("b",)),  # unknown load last
+        ([pod("a", created_at=NOW - 10), pod("b", created_at=NOW - 20)], 1, ("a",)),  # youngest on a tie
+        ([pod("a"), draining("b"), pod("c", deleting=True)], 3, ("a",)),  # never draining or deleting ones
+        ([pod("a")], 0, ()),
+    ],
+)
+def test_choose_victims(pods: list[drain.PodState], count: int, expected: tuple[str, ...]) -> None:
+    assert drain.choose_victims(pods, count) == expected
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plan: tables
+# ---------------------------------------------------------------------------------------------------
+
+
+def plan(desired: int, replicas: int, pods: list[drain.PodState], maintenance: bool = False) -> drain.Plan:
+    return drain.plan(desired, replicas, pods, NOW, TIMEOUT, maintenance)
+
+
+def test_scale_in_starts_draining_the_lightest_relay() -> None:
+    p = plan(2, 3, [pod("a", sessions=5), pod("b", sessions=1), pod("c", sessions=9)])
+    assert p == drain.Plan(
+        start_drain=("b",), resume=(), completed=(), deployment_replicas=None, delete_pods=()
+    )
+
+
+def test_replicas_stay_while_the_drain_runs() -> None:
+    p = plan(2, 3, [pod("a"), draining("b", sessions=3), pod("c")])
+    assert p.empty
+
+
+def test_drained_relay_is_removed_and_replicas_lowered_by_one() -> None:
+    p = plan(2, 3, [pod("a"), draining("b", sessions=0, drained=True), pod("c")])
+    assert p.completed == (("b", "drained"),)
+    assert p.deployment_replicas == 2
+    assert p.start_drain == () and p.resume == ()
+
+
+def test_drain_times_out() -> None:
+    p = plan(2, 3, [pod("a"), draining("b", since=TIMEOUT, sessions=4, queue_messages=7), pod("c")])
+    assert p.completed == (("b", "timeout"),)
+    assert p.deployment_replicas == 2
+
+
+def test_failed_scrape_never_completes_a_drain_early() -> None:
+    p = plan(2, 3, [pod("a"), draining("b", sessions=None, queue_messages=None, drained=None), pod("c")])
+    assert p.empty
+
+
+def test_cancel_mid_drain_resumes() -> None:
+    p = plan(3, 3, [pod("a"), draining("b", sessions=3), pod("c")])
+    assert p.resume == ("b",)
+    assert p.start_drain == () and p.completed == () and p.deployment_replicas is None
+
+
+def test_cancel_resumes_only_what_demand_needs_newest_drain_first() -> None:
+    pods = [pod("a"), draining("b", since=100), draining("c", since=10), pod("d")]
+    p = plan(3, 4, pods)  # serving 2, want 3: one back
+    assert p.resume == ("c",)
+    assert p.deployment_replicas is None
+
+
+def test_demand_beyond_draining_relays_resumes_all_and_grows() -> None:
+    p = plan(5, 3, [pod("a"), draining("b"), pod("c")])
+    assert p.resume == ("b",)
+    assert p.deployment_replicas == 5
+
+
+def test_a_drained_relay_is_resumed_rather_than_replaced() -> None:
+    p = plan(3, 3, [pod("a"), draining("b", sessions=0, drained=True), pod("c")])
+    assert p.resume == ("b",) and p.completed == () and p.deployment_replicas is None
+
+
+def test_pending_pods_go_first_without_drain() -> None:
+    pods = [pod("a"), pod("b"), pod("c", phase="Pending", ready=False, sessions=None, drained=None)]
+    p = plan(2, 3, pods)
+    assert p.delete_pods == ("c",) and p.start_drain == ()
+    assert p.deployment_replicas == 2
+
+
+def test_pods_not_created_yet_go_first() -> None:
+    p = plan(2, 3, [pod("a"), pod("b")])  # the third pod does not exist yet
+    assert p.deployment_replicas == 2
+    assert p.start_drain == () and p.delete_pods == ()
+
+
+def test_mixed_scale_in_frees_pending_then_drains() -> None:
+    pods = [pod("a", sessions=7), pod("b", sessions=2), pod("c", phase="Pending", ready=False), pod("d")]
+    p = plan(1, 5, pods)  # serving 5 (one not created), want 1: free 1 + delete c, drain 2
+    assert p.delete_pods == ("c",)
+    assert p.start_drain == ("b", "a")
+    assert p.deployment_replicas == 3
+
+
+def test_scale_up_without_drains_only_raises_replicas() -> None:
+    p = plan(5, 3, [pod("a"), pod("b"), pod("c")])
+    assert p == drain.Plan((), (), (), 5, ())
+
+
+def test_deleting_pods_are_ignored() -> None:
+    p = plan(2, 2, [pod("a"), pod("b"), pod("c", deleting=True, drain_started=NOW - 9)])
+    assert p.empty
+
+
+def test_relay_that_forgot_its_drain_is_drained_again() -> None:
+    p = plan(2, 3, [pod("a"), draining("b", relay_draining=False, ready=True), pod("c")])
+    assert p.redrain == ("b",)
+    assert p.start_drain == () and p.resume == ()
+
+
+def test_maintenance_drains_every_running_relay_and_keeps_them() -> None:
+    pods = [
+        pod("a"),
+        draining("b", sessions=0, drained=True),
+        pod("c", phase="Pending", ready=False),
+        draining("d", since=TIMEOUT * 5),
+    ]
+    p = plan(3, 4, pods, maintenance=True)
+    assert p.start_drain == ("a",)
+    assert p.completed == () and p.delete_pods == () and p.resume == ()
+    assert p.deployment_replicas is None
+
+
+def test_maintenance_off_resumes() -> None:
+    pods = [draining("a", sessions=0, drained=True), draining("b", sessions=0, drained=True)]
+    p = plan(2, 2, pods)
+    assert set(p.resume) == {"a", "b"}
+
+
+def test_finalizer_waits_for_every_drain() -> None:
+    pods = [draining("a", sessions=0, drained=True), draining("b", sessions=1), pod("c", phase="Pending")]
+    assert not drain.all_finished(pods, NOW, TIMEOUT)
+    assert drain.all_finished(pods, NOW + TIMEOUT, TIMEOUT)  # b timed out by then
+    assert not drain.all_finished([pod("x")], NOW, TIMEOUT)  # running, not even draining
+
+
+def test_negative_counts_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        plan(-1, 2, [])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parsing pods and annotations
+# ---------------------------------------------------------------------------------------------------
+
+
+def to_pod(state: drain.PodState) -> kubetypes.Pod:
+    """The pod JSON the API would show for `state` (the operator writes only the annotations)."""
+    meta: kubetypes.ObjectMeta = {
+        "name": state.name,
+        "namespace": "mail",
+        "creationTimestamp": drain.format_time(state.created_at),
+        "annotations": {"unrelated": "x", **drain.pod_annotations(state)},
+    }
+    if state.deleting:
+        meta["deletionTimestamp"] = drain.format_time(state.created_at + 1)
+    return {
+        "metadata": meta,
+        "status": {
+            "phase": state.phase,
+            "conditions": [{"type": "Ready", "status": "True" if state.ready else "False"}],
+        },
+    }
+
+
+def to_status(state: drain.PodState) -> kubetypes.RelayStatus | None:
+    if state.sessions is None or state.queue_messages is None or state.drained is None:
+        return None
+    return {
+        "draining": bool(state.relay_draining),
+        "drained": state.drained,
+        "sessions": state.sessions,
+        "queue": {"messages": state.queue_messages, "bytes": 0, "oldest_age_seconds": 0.0},
+    }
+
+
+def test_pod_state_parses_the_pod_and_status() -> None:
+    pod_json: kubetypes.Pod = {
+        "metadata": {
+            "name": "r-1",
+            "creationTimestamp": "2027-01-15T08:00:00Z",
+            "annotations": {
+                drain.DRAIN_STARTED_ANNOTATION: "2027-01-15T08:30:00.5Z",
+                drain.DELETION_COST_ANNOTATION: "-1000",
+            },
+        },
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}]},
+    }
+    status: kubetypes.RelayStatus = {
+        "draining": True,
+        "drained": False,
+        "sessions": 2,
+        "queue": {"messages": 5},
+    }
+    state = drain.pod_state(pod_json, status)
+    assert state == drain.PodState(
+        name="r-1",
+        phase="Running",
+        ready=False,
+        created_at=drain.parse_time("2027-01-15T08:00:00+00:00"),
+        deleting=False,
+        drain_started=drain.parse_time("2027-01-15T08:00:00Z") + 1800.5,
+        sessions=2,
+        queue_messages=5,
+        drained=False,
+        relay_draining=True,
+    )
+
+
+def test_pod_state_without_status_or_with_garbage() -> None:
+    state = drain.pod_state(
+        {
+            "metadata": {"name": "x", "annotations": {drain.DRAIN_STARTED_ANNOTATION: "yesterday"}},
+            "status": {},
+        },
+        {"sessions": -3, "queue": {}, "drained": "yes"},  # type: ignore[typeddict-item]
+    )
+    assert state.phase == "Pending" and not state.ready
+    assert state.drain_started == 0.0  # unreadable: treated as long ago, so it times out, never forgotten
+    assert (state.sessions, state.queue_messages, state.drained) == (None, None, None)
+    assert drain.outcome(state, NOW, TIMEOUT) == drain.OUTCOME_TIMEOUT
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2027-01-15T08:30:00Z",
+        "2027-01-15T08:30:00.123456Z",
+        "2027-01-15T09:30:00+01:00",
+        "2027-01-15T08:30:00z",
+    ],
+)
+def test_parse_time(text: str) -> None:
+    assert drain.parse_time(text) == pytest.approx(drain.parse_time("2027-01-15T08:30:00Z"), abs=1)
+
+
+def test_parse_time_needs_a_zone() -> None:
+    with pytest.raises(ValueError):
+        drain.parse_time("2027-01-15T08:30:00")
+
+
+def test_annotations_round_trip() -> None:
+    annotations = drain.drain_annotations(NOW + 0.25)
+    assert annotations[drain.DELETION_COST_ANNOTATION] == "-1000"
+    assert drain.parse_time(annotations[drain.DRAIN_STARTED_ANNOTATION]) == NOW + 0.25
+    assert drain.resume_annotations() == {
+        drain.DRAIN_STARTED_ANNOTATION: None,
+        drain.DELETION_COST_ANNOTATION: None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Properties
+# ---------------------------------------------------------------------------------------------------
+
+# Times on a microsecond grid, as the annotation stores them.
+times = st.integers(min_value=-2 * 10**9, max_value=0).map(lambda us: NOW + us / 10**6)
+counts = st.one_of(st.none(), st.integers(0, 300))
+
+
+@st.composite
+def pod_states(draw: st.DrawFn, name: str) -> drain.PodState:
+    phase = draw(st.sampled_from(["Running", "Running", "Running", "Pending", "Failed"]))
+    scraped = phase == "Running" and draw(st.integers(0, 5)) > 0
+    return drain.PodState(
+        name=name,
+        phase=phase,
+        ready=phase == "Running" and draw(st.booleans()),
+        created_at=draw(times),
+        deleting=draw(st.integers(0, 9)) == 0,
+        drain_started=draw(st.one_of(st.none(), times)),
+        sessions=draw(st.integers(0, 300)) if scraped else None,
+        queue_messages=draw(st.integers(0, 300)) if scraped else None,
+        drained=draw(st.booleans()) if scraped else None,
+        relay_draining=draw(st.booleans()) if scraped else None,
+    )
+
+
+@st.composite
+def clusters(draw: st.DrawFn) -> tuple[int, int, list[drain.PodState], bool]:
+    n = draw(st.integers(0, 10))
+    pods = [draw(pod_states(f"relay-{i}")) for i in range(n)]
+    replicas = draw(st.integers(0, 12))
+    desired = draw(st.integers(0, 12))
+    return desired, replicas, pods, draw(st.integers(0, 5)) == 0
+
+
+@settings(max_examples=250, deadline=None)
+@given(clusters())
+def test_plan_invariants(cluster: tuple[int, int, list[drain.PodState], bool]) -> None:
+    desired, replicas, pods, maintenance = cluster
+    p = drain.plan(desired, replicas, pods, NOW, TIMEOUT, maintenance)
+    by_name = {s.name: s for s in pods}
+    live = [s for s in pods if not s.deleting]
+    draining_names = {s.name for s in live if s.draining}
+
+    # each action only touches pods in the right state, and no pod gets two actions
+    assert all(not by_name[n].deleting and not by_name[n].draining for n in p.start_drain)
+    assert all(by_name[n].phase == "Running" for n in p.start_drain)
+    assert set(p.resume) <= draining_names
+    completed = [n for n, _ in p.completed]
+    assert set(completed) <= draining_names
+    assert all(drain.outcome(by_name[n], NOW, TIMEOUT) == o for n, o in p.completed)
+    assert all(not by_name[n].draining and by_name[n].phase != "Running" for n in p.delete_pods)
+    assert set(p.redrain) <= draining_names
+    actions = [*p.start_drain, *p.resume, *completed, *p.delete_pods]
+    assert len(actions) == len(set(actions))
+    assert not (p.start_drain and p.resume), "never drain and resume in one step"
+
+    new = replicas if p.deployment_replicas is None else p.deployment_replicas
+    assert new >= 0
+    if maintenance:
+        # maintenance drains every running relay and never removes one
+        assert set(p.start_drain) == {s.name for s in live if s.phase == "Running" and not s.draining}
+        assert p.completed == () and p.delete_pods == () and p.deployment_replicas is None
+        return
+    # replicas are lowered only by the pods this plan removes (and by pods that do not exist yet)
+    not_created = max(0, replicas - len(live))
+    assert replicas - new <= len(p.completed) + len(p.delete_pods) + not_created
+    # the count of relays that serve once this plan is applied moves towards the desired count
+    serving_before = replicas - len(draining_names)
+    serving_after = new - (len(draining_names) - len(p.resume) - len(p.completed) + len(p.start_drain))
+    if serving_before != desired:
+        assert abs(serving_after - desired) <= abs(serving_before - desired)
+
+
+@settings(max_examples=150, deadline=None)
+@given(clusters(), st.floats(0, 2 * TIMEOUT))
+def test_restart_rebuilds_the_same_plan_from_the_pods(
+    cluster: tuple[int, int, list[drain.PodState], bool], later: float
+) -> None:
+    """An operator restart keeps nothing in memory: the state parsed back from the pods' JSON (the
+    drain annotations) and the relays' /status gives the same plan as the state before the restart."""
+    desired, replicas, pods, maintenance = cluster
+    rebuilt = [drain.pod_state(to_pod(s), to_status(s)) for s in pods]
+    for before, after in zip(pods, rebuilt, strict=True):
+        assert after.drain_started == before.drain_started
+        assert after.draining == before.draining
+    now = NOW + later
+    assert drain.plan(desired, replicas, rebuilt, now, TIMEOUT, maintenance) == drain.plan(
+        desired, replicas, pods, now, TIMEOUT, maintenance
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# A simulated cluster: the plan applied tick after tick
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SimPod:
+    name: str
+    created: float
+    phase: str = "Pending"
+    sessions: int = 0
+    queue: int = 0
+    drain_started: float | None = None  # the annotation
+    relay_draining: bool = False
+    stuck: bool = False  # a client that never lets go: the drain can only time out
+
+    def state(self) -> drain.PodState:
+        drained = self.relay_draining and self.sessions == 0 and self.queue == 0
+        return drain.PodState(
+            name=self.name,
+            phase=self.phase,
+            ready=self.phase == "Running" and not self.relay_draining,
+            created_at=self.created,
+            deleting=False,
+            drain_started=self.drain_started,
+            sessions=self.sessions if self.phase == "Running" else None,
+            queue_messages=self.queue if self.phase == "Running" else None,
+            drained=drained if self.phase == "Running" else None,
+            relay_draining=self.relay_draining if self.phase == "Running" else None,
+        )
+
+
+class Cluster:
+    """A ReplicaSet that creates pods (pending for a tick) and, when it has too many, deletes by the
+    real ordering: pending first, then not ready, then the lowest deletion cost. Relays take load while
+    ready and lose it while draining."""
+
+    def __init__(self, replicas: int, rng: random.Random, stuck_ratio: float) -> None:
+        self.rng = rng
+        self.stuck_ratio = stuck_ratio  # share of relays whose sessions never end (their drain times out)
+        self.tick = 0
+        self.replicas = replicas
+        self.pods: dict[str, SimPod] = {}
+        self.serial = 0
+        self.lost: list[str] = []  # relays removed while they still held mail, before their drain ended
+        self.rs_choices = 0
+
+    def reconcile_rs(self, now: float) -> None:
+        for p in self.pods.values():
+            if p.phase == "Pending":
+                p.phase = "Running"
+        while len(self.pods) < self.replicas:
+            self.serial += 1
+            name = f"relay-{self.serial}"
+            self.pods[name] = SimPod(name, created=now, stuck=self.rng.random() < self.stuck_ratio)
+        while len(self.pods) > self.replicas:
+            self.rs_choices += 1
+
+            def rank(p: SimPod) -> tuple[bool, bool, int]:
+                ready = p.phase == "Running" and not p.relay_draining
+                return (p.phase == "Running", ready, -1000 if p.drain_started is not None else 0)
+
+            victim = min(self.pods.values(), key=rank)
+            self.remove(victim.name, now, by_rs=True)
+
+    def remove(self, name: str, now: float, by_rs: bool = False) -> None:
+        p = self.pods.pop(name)
+        finished = p.drain_started is not None and (
+            (p.relay_draining and p.sessions == 0 and p.queue == 0) or now - p.drain_started >= TIMEOUT
+        )
+        if p.phase == "Running" and (p.sessions or p.queue) and not finished:
+            self.lost.append(f"{name} (by {'ReplicaSet' if by_rs else 'operator'})")
+
+    def traffic(self) -> None:
+        for p in self.pods.values():
+            if p.phase != "Running":
+                continue
+            if p.relay_draining:
+                if p.stuck:
+                    p.sessions = max(p.sessions, 1)
+                    continue
+                p.sessions = max(0, p.sessions - self.rng.randint(0, 3))
+                p.queue = max(0, p.queue - self.rng.randint(0, 5))
+            else:
+                p.sessions = self.rng.randint(0, 8)
+                p.queue = self.rng.randint(0, 10)
+
+    def apply(self, p: drain.Plan, now: float) -> None:
+        for name in p.start_drain:
+            self.pods[name].drain_started = now
+            self.pods[name].relay_draining = True
+        for name in p.redrain:
+            self.pods[name].relay_draining = True
+        for name in p.resume:
+            self.pods[name].drain_started = None
+            self.pods[name].relay_draining = False
+        for name, _ in p.completed:
+            self.remove(name, now)
+        for name in p.delete_pods:
+            self.remove(name, now)
+        if p.deployment_replicas is not None:
+            self.replicas = p.deployment_replicas
+
+
+def run(cluster: Cluster, schedule: list[tuple[int, int]], now: float, stats: dict[str, int]) -> float:
+    """Drive the cluster through (desired, ticks) phases; the operator keeps no memory between ticks."""
+    for desired, ticks in schedule:
+        for _ in range(ticks):
+            now += 20.0
+            cluster.reconcile_rs(now)
+            cluster.traffic()
+            cluster.tick += 1
+            if cluster.tick % 23 == 0:
+                # a relay container restarts: it forgets it was draining; the annotation stays
+                for p in cluster.pods.values():
+                    p.relay_draining = False
+            states = [p.state() for p in cluster.pods.values()]
+            p = drain.plan(desired, cluster.replicas, states, now, TIMEOUT, False)
+            stats["resume"] += len(p.resume)
+            stats["start"] += len(p.start_drain)
+            stats["timeout"] += sum(o == drain.OUTCOME_TIMEOUT for _, o in p.completed)
+            stats["drained"] += sum(o == drain.OUTCOME_DRAINED for _, o in p.completed)
+            stats["redrain"] += len(p.redrain)
+            cluster.apply(p, now)
+    return now
+
+
+SETTLE_TICKS = int(TIMEOUT // 20) + 10  # longer than a drain timeout
+
+
+def assert_settled(cluster: Cluster, desired: int) -> None:
+    assert cluster.lost == []
+    serving = [p for p in cluster.pods.values() if p.drain_started is None]
+    assert len(serving) == desired
+    assert cluster.replicas == len(cluster.pods) == desired
+    assert cluster.rs_choices == 0, "the ReplicaSet never had to pick a victim itself"
+
+
+def new_stats() -> dict[str, int]:
+    return {"resume": 0, "start": 0, "timeout": 0, "drained": 0, "redrain": 0}
+
+
+def test_simulated_scenario_covers_cancel_timeout_and_redrain() -> None:
+    cluster = Cluster(replicas=6, rng=random.Random(7), stuck_ratio=0.3)
+    stats = new_stats()
+    now = run(
+        cluster, [(6, 5), (2, 4), (6, 2), (1, 3), (5, 2), (3, 40), (8, 3), (2, SETTLE_TICKS)], NOW, stats
+    )
+    assert_settled(cluster, 2)
+    assert now > NOW
+    assert stats["resume"] > 0 and stats["timeout"] > 0 and stats["drained"] > 0 and stats["redrain"] > 0, (
+        stats
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 8), st.integers(1, 40)), min_size=1, max_size=6),
+    st.integers(0, 2**32 - 1),
+)
+def test_simulated_cluster_never_loses_mail_and_settles(schedule: list[tuple[int, int]], seed: int) -> None:
+    cluster = Cluster(replicas=schedule[0][0], rng=random.Random(seed), stuck_ratio=0.1)
+    final = schedule[-1][0]
+    run(cluster, [*schedule, (final, SETTLE_TICKS)], NOW, new_stats())
+    assert_settled(cluster, final)
