@@ -1,0 +1,262 @@
+"""Drain, resume, SIGTERM, SIGKILL and --workers, on real relay processes with a real upstream sink."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import smtplib
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from mailrelay_sandbox import sink as sinkmod
+
+from tests.relay.relay_harness import HOSTNAME, Wire, message, start_relay, wait_until
+
+DRAINING_421 = f"4.3.2 {HOSTNAME} Service shutting down, try again later"
+
+
+@pytest.fixture
+def sink() -> Iterator[sinkmod.Sink]:
+    with sinkmod.running() as s:
+        yield s
+
+
+def delivered_ids(sink: sinkmod.Sink) -> set[str]:
+    ids = set()
+    for m in sink.messages:
+        for line in m.content.split(b"\r\n"):
+            if line.lower().startswith(b"message-id: "):
+                ids.add(line[12:].decode())
+    return ids
+
+
+def open_transaction(w: Wire) -> None:
+    w.ehlo()
+    assert w.cmd("MAIL FROM:<a@client.test>")[0] == 250
+    assert w.cmd("RCPT TO:<b@dest.test>")[0] == 250
+
+
+def test_drain_with_session_in_data_then_resume(tmp_path: pathlib.Path, sink: sinkmod.Sink) -> None:
+    relay = start_relay(tmp_path, sink.address, args=["--drain-grace", "30"])
+    try:
+        in_data = Wire(relay.smtp_address)
+        between = Wire(relay.smtp_address)
+        between.ehlo()
+        open_transaction(in_data)
+        assert in_data.cmd("DATA")[0] == 354
+        msg_id, content = message("in flight")
+        in_data.send(content[:40])
+
+        status = relay.drain()
+        assert status["draining"] is True and status["drained"] is False and status["sessions"] == 2
+        assert relay.get("/readyz")[0] == 503
+        # a new connection: 421 at the greeting, the listener stays open
+        late = Wire(relay.smtp_address)
+        assert late.greeting == (421, [DRAINING_421])
+        assert late.closed()
+        # the session between transactions: its next command gets 421 and the session closes
+        assert between.cmd("MAIL FROM:<a@client.test>") == (421, DRAINING_421)
+        assert between.closed()
+        # the transaction in DATA finishes with 250, then its next command other than QUIT gets 421
+        in_data.send(content[40:] + b".\r\n")
+        code, lines = in_data.reply()
+        assert code == 250 and lines[0].startswith("2.0.0 Ok: queued as ")
+        assert in_data.cmd("RSET") == (421, DRAINING_421)
+        assert in_data.closed()
+        assert wait_until(lambda: msg_id in delivered_ids(sink))
+        assert wait_until(lambda: relay.status()["drained"] is True)
+
+        resumed = relay.resume()
+        assert resumed["draining"] is False and resumed["drained"] is False
+        assert relay.get("/readyz")[0] == 200
+        again = Wire(relay.smtp_address)
+        assert again.greeting is not None and again.greeting[0] == 220
+        assert again.line("QUIT") == "221 2.0.0 Bye"
+        metrics = relay.metrics()
+        assert 'mailrelay_relay_connections_total{result="refused_draining"} 1.0' in metrics
+        assert "mailrelay_relay_draining 0.0" in metrics
+    finally:
+        relay.kill()
+
+
+def test_quit_while_draining_gets_221(tmp_path: pathlib.Path, sink: sinkmod.Sink) -> None:
+    relay = start_relay(tmp_path, sink.address, args=["--drain-grace", "30"])
+    try:
+        w = Wire(relay.smtp_address)
+        w.ehlo()
+        relay.drain()
+        assert w.line("QUIT") == "221 2.0.0 Bye"
+    finally:
+        relay.kill()
+
+
+def test_idle_session_gets_unprompted_421(tmp_path: pathlib.Path, sink: sinkmod.Sink) -> None:
+    relay = start_relay(tmp_path, sink.address, args=["--drain-grace", "0.5"])
+    try:
+        idle = Wire(relay.smtp_address)
+        idle.ehlo()
+        busy = Wire(relay.smtp_address)
+        open_transaction(busy)  # inside a transaction: not idle, no unprompted 421
+        started = time.monotonic()
+        relay.drain()
+        assert idle.reply() == (421, [DRAINING_421])  # nothing sent: the relay speaks first
+        assert time.monotonic() - started >= 0.4
+        assert idle.closed()
+        assert busy.cmd("DATA")[0] == 354
+        busy.send(message()[1] + b".\r\n")
+        assert busy.reply()[0] == 250
+        # after its transaction, the busy session is idle too, and gets its 421 after the grace
+        assert busy.reply() == (421, [DRAINING_421])
+        assert wait_until(lambda: relay.status()["drained"] is True)
+    finally:
+        relay.kill()
+
+
+def test_sigterm_drains_then_exits(tmp_path: pathlib.Path, sink: sinkmod.Sink) -> None:
+    relay = start_relay(tmp_path, sink.address, args=["--drain-grace", "30", "--drain-timeout", "60"])
+    assert relay.process is not None
+    w = Wire(relay.smtp_address)
+    open_transaction(w)
+    assert w.cmd("DATA")[0] == 354
+    relay.process.send_signal(signal.SIGTERM)
+    assert wait_until(lambda: relay.status()["draining"] is True)
+    time.sleep(0.5)
+    assert relay.running  # a transaction in flight keeps the relay up
+    msg_id, content = message("sigterm")
+    w.send(content + b".\r\n")
+    assert w.reply()[0] == 250
+    assert w.line("QUIT") == "221 2.0.0 Bye"
+    assert relay.process.wait(60) == 0
+    assert msg_id in delivered_ids(sink)  # the queue was flushed before the exit
+    events = [e["event"] for e in relay.log_events()]
+    assert "drain.complete" in events and events[-1] == "relay.stopped"
+
+
+def test_resume_cannot_cancel_sigterm(tmp_path: pathlib.Path, sink: sinkmod.Sink) -> None:
+    relay = start_relay(tmp_path, sink.address, args=["--drain-grace", "30"])
+    try:
+        assert relay.process is not None
+        w = Wire(relay.smtp_address)
+        w.ehlo()  # an open session keeps the drain going
+        relay.process.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: relay.status()["draining"] is True)
+        assert relay.resume()["draining"] is True
+        assert relay.get("/readyz")[0] == 503
+        w.line("QUIT")
+        assert relay.process.wait(60) == 0
+    finally:
+        relay.kill()
+
+
+def test_sigterm_drain_timeout_leaves_queue_in_spool(tmp_path: pathlib.Path) -> None:
+    upstream = sinkmod.Sink()
+    upstream.start()
+    upstream_address = upstream.address
+    upstream.stop()  # the upstream is down: mail stays queued
+    relay = start_relay(tmp_path, upstream_address, args=["--drain-timeout", "1"])
+    try:
+        with smtplib.SMTP(*relay.smtp_address) as client:
+            msg_id, content = message("stays")
+            client.sendmail("a@client.test", ["b@dest.test"], content)
+        assert relay.status()["queue"]["messages"] == 1
+        assert relay.stop(timeout=60) == 0
+        stopped = [e for e in relay.log_events() if e["event"] == "relay.stopped_with_queue"]
+        assert stopped and stopped[-1]["queued"] == 1
+        assert any(e["event"] == "drain.timeout" for e in relay.log_events())
+        assert len(list((relay.spool / "queue").iterdir())) == 1
+        upstream.start()  # back on the same port: the restarted relay delivers the spooled message
+        relay.start()
+        assert upstream.wait_for(1, timeout=60)
+        assert msg_id in delivered_ids(upstream)
+    finally:
+        relay.kill()
+        upstream.stop()
+
+
+def test_sigkill_with_queued_mail_then_restart_delivers_every_250(tmp_path: pathlib.Path) -> None:
+    upstream = sinkmod.Sink()
+    upstream.start()
+    upstream_address = upstream.address
+    upstream.fail("mail", 451)  # the upstream defers everything: mail piles up in the spool
+    relay = start_relay(tmp_path, upstream_address, args=["--max-sessions", "50"])
+    accepted: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        while not stop.is_set():
+            msg_id, content = message(f"kill {n}")
+            try:
+                with smtplib.SMTP(*relay.smtp_address, timeout=30) as smtp:
+                    smtp.sendmail("a@client.test", ["b@dest.test"], content)
+            except (smtplib.SMTPException, OSError):
+                return  # the relay died mid-transaction: that message never got a 250
+            with lock:
+                accepted.append(msg_id)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        assert wait_until(lambda: len(accepted) >= 30, timeout=60)
+        assert relay.kill() == -signal.SIGKILL  # crash in the middle of the load
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    with lock:
+        acknowledged = list(accepted)
+    assert acknowledged
+    upstream.clear_failures()
+    try:
+        relay.start()
+        assert wait_until(lambda: set(acknowledged) <= delivered_ids(upstream), timeout=90), (
+            f"missing {len(set(acknowledged) - delivered_ids(upstream))} of {len(acknowledged)}")
+        assert wait_until(lambda: relay.status()["queue"]["messages"] == 0, timeout=60)
+    finally:
+        relay.kill()
+        upstream.stop()
+
+
+def test_workers_share_session_cap_status_and_drain(tmp_path: pathlib.Path, sink: sinkmod.Sink) -> None:
+    relay = start_relay(tmp_path, sink.address, workers=2,
+                        args=["--max-sessions", "6", "--drain-grace", "0.5"])
+    try:
+        sessions = [Wire(relay.smtp_address) for _ in range(6)]
+        assert relay.status()["sessions"] == 6
+        busy = Wire(relay.smtp_address)
+        assert busy.greeting == (421, [f"4.3.2 {HOSTNAME} Too busy, try again later"])
+        pids = {e.get("pid") for e in relay.log_events() if e["event"] == "relay.started"}
+        assert len(pids) == 2
+        for w in sessions:
+            w.close()
+        assert wait_until(lambda: relay.status()["sessions"] == 0)
+        ids = []
+        for n in range(10):
+            with smtplib.SMTP(*relay.smtp_address) as client:
+                msg_id, content = message(f"w{n}")
+                client.sendmail("a@client.test", ["b@dest.test"], content)
+                ids.append(msg_id)
+        assert wait_until(lambda: set(ids) <= delivered_ids(sink))
+        assert wait_until(lambda: relay.status()["queue"]["messages"] == 0)
+        metrics = relay.metrics()
+        accepted = [line for line in metrics.splitlines()
+                    if line.startswith("mailrelay_relay_messages_accepted_total ")]
+        assert accepted == ["mailrelay_relay_messages_accepted_total 10.0"]
+        idle = Wire(relay.smtp_address)
+        idle.ehlo()
+        status = relay.drain()
+        assert status["draining"] is True
+        assert idle.reply() == (421, [DRAINING_421])
+        assert Wire(relay.smtp_address).greeting == (421, [DRAINING_421])
+        assert wait_until(lambda: relay.status()["drained"] is True)
+        assert "mailrelay_relay_draining 1.0" in relay.metrics()
+        relay.resume()
+        assert Wire(relay.smtp_address).greeting is not None
+        assert relay.stop(timeout=60) == 0
+        assert json.dumps(relay.log_events()).count('"relay.stopped"') >= 2
+    finally:
+        relay.kill()
