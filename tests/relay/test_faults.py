@@ -204,8 +204,9 @@ def test_upstream_slow_messages_still_arrive_and_acceptance_does_not_wait(tmp_pa
 @pytest.mark.parametrize(
     ("verb", "reply"),
     [("CONNECT", b"421 4.3.2 sink busy"), ("MAIL", b"421 4.3.2 closing"), ("RCPT", b"451 4.3.0 later"),
-     ("DOT", b"451 4.3.0 try again"), ("DOT", b"421 4.4.2 gone")],
-    ids=["421-greeting", "421-mail", "451-rcpt", "451-dot", "421-dot"],
+     ("DOT", b"451 4.3.0 try again"), ("DOT", b"421 4.4.2 gone"), ("CONNECT", b"hello, I am not SMTP"),
+     ("DOT", b"999 nonsense code")],
+    ids=["421-greeting", "421-mail", "451-rcpt", "451-dot", "421-dot", "garbage-greeting", "999-dot"],
 )
 def test_upstream_temporary_failures_are_retried_not_lost(
     tmp_path: pathlib.Path, verb: str, reply: bytes
@@ -393,6 +394,8 @@ def test_drain_that_never_finishes_times_out_and_leftovers_survive(tmp_path: pat
         elapsed = time.monotonic() - started
         assert rc == 0, f"exit code {rc}; log:\n{relay.log()[-2000:]}"
         assert elapsed < 45
+        log = relay.log()
+        assert '"drain.timeout"' in log and '"relay.stopped_with_queue"' in log, log[-2000:]
         assert h.spool_problems(relay.spool) == []
         assert len(h.queue_entries(relay.spool)) == 3
         sink.start(port)
