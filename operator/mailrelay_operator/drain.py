@@ -252,10 +252,11 @@ def plan(
     replicas = deployment_replicas
     serving = replicas - len(draining)
     resume: tuple[str, ...] = ()
-    if desired > serving and draining:
+    resumable = [p for p in draining if p.phase == "Running"]
+    if desired > serving and resumable:
         # Demand rose mid-drain: put the most recently drained relays back into service first.
-        resume = tuple(p.name for p in draining[: desired - serving])
-        draining = draining[len(resume) :]
+        resume = tuple(p.name for p in resumable[: desired - serving])
+        draining = [p for p in draining if p.name not in resume]
         serving = replicas - len(draining)
     redrain = tuple(name for name in redrain if name not in resume)
 

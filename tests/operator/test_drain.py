@@ -142,6 +142,12 @@ def test_demand_beyond_draining_relays_resumes_all_and_grows() -> None:
     assert p.deployment_replicas == 5
 
 
+def test_a_relay_that_stopped_running_is_not_resumed() -> None:
+    p = plan(3, 3, [pod("a"), draining("b", phase="Failed", sessions=None, drained=None), pod("c")])
+    assert p.resume == () and p.completed == (("b", "drained"),)
+    assert p.deployment_replicas is None  # b is deleted and the count stays: a fresh relay replaces it
+
+
 def test_a_drained_relay_is_resumed_rather_than_replaced() -> None:
     p = plan(3, 3, [pod("a"), draining("b", sessions=0, drained=True), pod("c")])
     assert p.resume == ("b",) and p.completed == () and p.deployment_replicas is None
@@ -374,6 +380,7 @@ def test_plan_invariants(cluster: tuple[int, int, list[drain.PodState], bool]) -
     assert all(not by_name[n].deleting and not by_name[n].draining for n in p.start_drain)
     assert all(by_name[n].phase == "Running" for n in p.start_drain)
     assert set(p.resume) <= draining_names
+    assert all(by_name[n].phase == "Running" for n in p.resume)
     completed = [n for n, _ in p.completed]
     assert set(completed) <= draining_names
     assert all(drain.outcome(by_name[n], NOW, TIMEOUT) == o for n, o in p.completed)
