@@ -207,8 +207,9 @@ async def run(
     handlers.register(registry, runtime)
     settings = kopf.OperatorSettings()
     handlers.configure(settings)
+    stop_metrics = None
     if serve_metrics and options.metrics_port:
-        metrics.serve(options.metrics_port, options.metrics_host)
+        stop_metrics = metrics.serve(options.metrics_port, options.metrics_host)
     try:
         await kopf.operator(
             registry=registry,
@@ -223,6 +224,8 @@ async def run(
             memo=kopf.Memo(),
         )
     finally:
+        if stop_metrics is not None:
+            stop_metrics()
         await relays.close()
         await client.close()
 

@@ -8,6 +8,7 @@ It must not decide anything; callers record what happened.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -49,9 +50,18 @@ def forget(namespace: str, name: str) -> None:
             SCALE_EVENTS.remove(namespace, name, direction)
 
 
-def serve(port: int, host: str = "0.0.0.0") -> None:
-    """Start the /metrics listener (a daemon thread of prometheus_client; not in the asyncio loop)."""
-    prometheus_client.start_http_server(port, addr=host, registry=REGISTRY)
+def serve(port: int, host: str = "0.0.0.0") -> Callable[[], None]:
+    """Start the /metrics listener (a daemon thread of prometheus_client; not in the asyncio loop).
+
+    Returns a function that stops it."""
+    server, thread = prometheus_client.start_http_server(port, addr=host, registry=REGISTRY)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    return stop
 
 
 def exposition() -> bytes:

@@ -53,7 +53,7 @@ class OperatorHarness:
     that and lets a test stop and start the operator again.
     """
 
-    def __init__(self, api: kubeemu.Running, **overrides: Any) -> None:
+    def __init__(self, api: kubeemu.Running, *, serve_metrics: bool = False, **overrides: Any) -> None:
         settings: dict[str, Any] = dict(
             namespaces=(NAMESPACE,), standalone=True, kubeconfig=str(api.kubeconfig), liveness=None,
             metrics_port=None, relay_timeout=1.0, resync_seconds=1.0, delete_wait_seconds=30.0,
@@ -65,11 +65,12 @@ class OperatorHarness:
         self.stop_flag = threading.Event()
         self.error: BaseException | None = None
         self.starts = 0
+        self.serve_metrics = serve_metrics
 
     def _main(self, ready: threading.Event) -> None:
         try:
             asyncio.run(cli.run(self.options, stop_flag=self.stop_flag, ready_flag=ready,
-                                serve_metrics=False))
+                                serve_metrics=self.serve_metrics))
         except BaseException as exc:  # reported by start()/stop()
             self.error = exc
 
