@@ -355,11 +355,13 @@ def data_reply(outcome: DataOutcome, queue_id: str = "") -> Reply:
 
 @dataclasses.dataclass
 class DataScan:
-    """Scanner state for DATA, one line at a time (each line as read, ending in LF).
+    """Scanner state for DATA, fed the stream in the pieces the reader returns.
 
-    Pure and incremental: feed() each line; `done` turns true at the terminating CRLF.CRLF only (a bare
-    LF never ends DATA, so one DATA can never become two messages). Content beyond the size limit, and
-    after a bare CR/LF or an over-long line, is counted but not kept.
+    Each piece is a line ending in LF, or (for a line longer than the reader's buffer) a chunk without
+    LF whose rest follows. Pure and incremental: `done` turns true only at a '.' CRLF line whose
+    preceding bytes were CRLF (or at the very start), so a bare LF or CR never ends DATA and one DATA can
+    never become two messages. Content beyond the size limit, and after a bare CR/LF or an over-long
+    line, is counted but not kept.
     """
 
     max_size: int
@@ -367,17 +369,27 @@ class DataScan:
     outcome: DataOutcome = DataOutcome.QUEUED
     done: bool = False
     chunks: list[bytes] = dataclasses.field(default_factory=list)
+    tail: bytes = b"\r\n"  # the last two bytes of the stream so far (the start counts as after CRLF)
+    partial: bool = False  # inside an over-long line
 
-    def feed(self, line: bytes) -> None:
-        if line == b".\r\n":
+    def feed(self, piece: bytes) -> None:
+        at_line_start = not self.partial and self.tail == b"\r\n"
+        self.tail = (self.tail + piece)[-2:]
+        if not piece.endswith(b"\n"):  # a chunk of an over-long line
+            self.partial = True
+            self.size += len(piece)
+            self._fail(DataOutcome.LINE_TOO_LONG)
+            return
+        if self.partial:  # the end of an over-long line
+            self.partial = False
+            self.size += len(piece)
+            return
+        if piece == b".\r\n" and at_line_start:
             self.done = True
             return
-        if line[:1] == b".":
-            line = line[1:]
-        ok = self.outcome is DataOutcome.QUEUED
-        if ok:
-            if not line.endswith(b"\r\n") or line.find(b"\r", 0, len(line) - 2) >= 0 \
-                    or line.find(b"\n", 0, len(line) - 1) >= 0:
+        line = piece[1:] if piece[:1] == b"." else piece
+        if self.outcome is DataOutcome.QUEUED:
+            if not at_line_start or not line.endswith(b"\r\n") or line.find(b"\r", 0, len(line) - 2) >= 0:
                 self._fail(DataOutcome.BARE_NEWLINE)
             elif len(line) > MAX_TEXT_LINE:
                 self._fail(DataOutcome.LINE_TOO_LONG)
@@ -388,14 +400,9 @@ class DataScan:
             else:
                 self.chunks.append(line)
 
-    def overflow(self, nbytes: int) -> None:
-        """A line longer than the reader's buffer: `nbytes` of it were discarded unseen."""
-        self.size += nbytes
-        if self.outcome is DataOutcome.QUEUED:
-            self._fail(DataOutcome.LINE_TOO_LONG)
-
     def _fail(self, outcome: DataOutcome) -> None:
-        self.outcome = outcome
+        if self.outcome is DataOutcome.QUEUED:
+            self.outcome = outcome
         self.chunks = []
 
     def content(self) -> bytes:

@@ -456,15 +456,8 @@ class Session(asyncio.Protocol):
             return
         deadline = self.loop.time() + self.cfg.data_timeout
         scan = policy.DataScan(self.cfg.max_message_size)
-        continuation = False
         while not scan.done:
-            chunk = await self.readline(deadline)
-            if continuation or not chunk.endswith(b"\n"):
-                # part of an over-long line: never a line start, so never a terminator
-                scan.overflow(len(chunk))
-                continuation = not chunk.endswith(b"\n")
-                continue
-            scan.feed(chunk)
+            scan.feed(await self.readline(deadline))
         outcome = scan.outcome
         queue_id = ""
         if outcome is policy.DataOutcome.QUEUED:
