@@ -421,3 +421,75 @@ def test_sigterm_with_a_flushable_queue_delivers_before_exit(tmp_path: pathlib.P
             assert markers_at(sink, markers) == dict.fromkeys(markers, 1)
         finally:
             relay.kill()
+
+
+# ------------------------------------------------------------------------------------------------
+# --workers N: one process of the pod dies
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie or a vanished process is not alive)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _live_children(relay: h.RelayProcess) -> list[int]:
+    assert relay.proc is not None
+    return [pid for pid in h._process_tree(relay.proc.pid)[1:] if _alive(pid)]
+
+
+def test_a_worker_sigkilled_takes_the_pod_down_and_nothing_is_lost(tmp_path: pathlib.Path) -> None:
+    """With --workers 2 and the upstream down, six messages get 250; one worker is SIGKILLed. The
+    supervisor notices, stops the other worker and exits non-zero (so Kubernetes restarts the pod),
+    and a restart with the upstream back delivers each message exactly once."""
+    port = h.free_port()
+    sink = h.RecordingSink()
+    relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}", extra=["--workers", "2"]).start()
+    try:
+        markers = [f"worker-kill-{i}" for i in range(6)]
+        assert send_many(relay, markers) == markers
+        workers = _live_children(relay)
+        assert len(workers) >= 2, workers
+        os.kill(workers[0], signal.SIGKILL)
+        assert relay.proc is not None
+        rc = relay.proc.wait(60)
+        assert rc != 0, "the supervisor exited 0 after losing a worker"
+        assert h.wait_until(lambda: not _live_children(relay), 30), "workers outlived the supervisor"
+        assert h.spool_problems(relay.spool) == []
+        assert len(h.queue_entries(relay.spool)) == 6
+        sink.start(port)
+        relay.start()
+        assert h.wait_until(lambda: queue_len(relay) == 0, 60)
+        assert markers_at(sink, markers) == dict.fromkeys(markers, 1)
+    finally:
+        relay.kill()
+        sink.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: with --workers N, SIGKILL of the supervisor alone (e.g. the OOM killer picking it) leaves "
+    "the forked workers running: they keep accepting SMTP on the SO_REUSEPORT port with no admin API, "
+    "and a restarted relay recovers the same spool files they still deliver (duplicates); workers "
+    "should exit when their parent dies (PR_SET_PDEATHSIG or watching getppid())",
+)
+def test_supervisor_sigkilled_alone_its_workers_exit(tmp_path: pathlib.Path) -> None:
+    """Only the supervisor is SIGKILLed: its workers must not live on as orphans serving SMTP."""
+    with h.RecordingSink() as sink:
+        relay = h.RelayProcess(tmp_path, sink.address, extra=["--workers", "2"]).start()
+        try:
+            workers = _live_children(relay)
+            assert len(workers) >= 2
+            assert relay.proc is not None
+            os.kill(relay.proc.pid, signal.SIGKILL)
+            relay.proc.wait(10)
+
+            assert h.wait_until(lambda: not any(_alive(p) for p in workers), 10), "orphaned workers still running"
+            assert not relay.smtp_ready(), "orphaned workers still accept SMTP"
+        finally:
+            for p in workers:
+                with contextlib.suppress(OSError):
+                    os.kill(p, signal.SIGKILL)
+            relay.kill()
