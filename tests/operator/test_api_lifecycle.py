@@ -71,7 +71,6 @@ async def test_create_makes_owned_objects_and_ready_relays(
     operator_with_endpoints: tuple[OperatorHarness, int, int],
     cluster: controlplane.ControlPlane,
     client: controlplane.Api,
-    tmp_path: Path,
 ) -> None:
     _, liveness_port, metrics_port = operator_with_endpoints
     await client.request("POST", scenario.mailrelay_path(NAMESPACE), relay_object(min_replicas=2))
