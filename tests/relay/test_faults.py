@@ -486,7 +486,8 @@ def test_supervisor_sigkilled_alone_its_workers_exit(tmp_path: pathlib.Path) -> 
             os.kill(relay.proc.pid, signal.SIGKILL)
             relay.proc.wait(10)
 
-            assert h.wait_until(lambda: not any(_alive(p) for p in workers), 10), "orphaned workers still running"
+            orphans_gone = h.wait_until(lambda: not any(_alive(p) for p in workers), 10)
+            assert orphans_gone, "orphaned workers still running"
             assert not relay.smtp_ready(), "orphaned workers still accept SMTP"
         finally:
             for p in workers:
