@@ -383,3 +383,44 @@ def test_parser_and_crd_agree_on_validity(raw: dict[str, Any]) -> None:
         return
     assert errors == [], f"spec.parse accepts what the CRD rejects: {errors}"
     assert parsed == specmod.parse(defaulted["spec"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every MailRelay the project shows users is admitted and parsed
+# ---------------------------------------------------------------------------------------------------
+
+REPO = CRD_PATH.parents[1]
+
+
+def published_mailrelays() -> list[tuple[str, dict[str, Any]]]:
+    """MailRelay documents in the chart examples, the README and docs/ (```yaml blocks)."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    texts: list[tuple[str, str]] = [
+        (str(p.relative_to(REPO)), p.read_text()) for p in sorted(REPO.glob("charts/*/examples/*.yaml"))
+    ]
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        if doc.exists():
+            blocks = doc.read_text().split("```yaml")[1:]
+            texts += [(f"{doc.relative_to(REPO)}#{i}", b.split("```")[0]) for i, b in enumerate(blocks)]
+    for where, text in texts:
+        try:
+            docs = list(yaml.safe_load_all(text))
+        except yaml.YAMLError:
+            continue  # a fragment, not a manifest
+        found += [(where, d) for d in docs if isinstance(d, dict) and d.get("kind") == "MailRelay"]
+    return found
+
+
+PUBLISHED = published_mailrelays()
+
+
+def test_the_project_publishes_samples() -> None:
+    assert PUBLISHED, "no MailRelay sample found in the chart examples, README or docs"
+
+
+@pytest.mark.parametrize(("where", "obj"), PUBLISHED, ids=[w for w, _ in PUBLISHED])
+def test_published_samples_are_admitted_and_parsed(where: str, obj: dict[str, Any]) -> None:
+    assert obj["apiVersion"] == "mailrelay.dev/v1alpha1"
+    defaulted, errors = admit(obj)
+    assert errors == [], where
+    assert specmod.parse(obj["spec"]) == specmod.parse(defaulted["spec"])
