@@ -412,6 +412,8 @@ class Delivery:
         self._gate_open: asyncio.Event | None = None
         self._empty: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._removals: list[_Item] = []
+        self._remover: asyncio.Task[None] | None = None
         self._stopping = False
 
     # -- the interface app.py uses ----------------------------------------------------------------
@@ -469,6 +471,8 @@ class Delivery:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self._remover is not None:
+            await self._remover
         await self._sender.close()
 
     def retry_now(self) -> None:
@@ -668,19 +672,37 @@ class Delivery:
             self._dead_letter(item, "permanent", "permanent failure: " + "; ".join(item.permanent)
                               + f" (delivered to {item.delivered_to} of {total} recipients)")
             return
-        try:
-            self._spool.remove(item.msg)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            # Delivered, but the file stayed: it may be delivered again after a restart (never lost).
-            logs.event(log, "delivery.spool_remove_failed", level=logging.ERROR, queue_id=item.msg.id,
-                       error=str(exc))
         metrics.MESSAGES_DELIVERED.inc()
         metrics.DELIVERY_DURATION.observe(max(0.0, self._clock() - item.msg.received_at))
         logs.event(log, "delivery.delivered", level=logging.DEBUG, queue_id=item.msg.id,
                    attempts=item.attempts)
-        self._forget(item)
+        # The spool file is unlinked off the event loop, in batches (one thread hop for all messages
+        # delivered meanwhile): unlink takes the queue directory's lock, which the spool's group commit
+        # holds for its renames, so inline it could stall every SMTP session of this worker.
+        self._removals.append(item)
+        if self._remover is None:
+            self._remover = asyncio.create_task(self._remove_loop(), name="delivery-remover")
+
+    async def _remove_loop(self) -> None:
+        try:
+            while self._removals:
+                batch, self._removals = self._removals, []
+                await asyncio.to_thread(self._remove_batch, [item.msg for item in batch])
+                for item in batch:
+                    self._forget(item)
+        finally:
+            self._remover = None
+
+    def _remove_batch(self, msgs: list[spool.QueuedMessage]) -> None:
+        for msg in msgs:
+            try:
+                self._spool.remove(msg)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                # Delivered, but the file stayed: it may be delivered again after a restart (never lost).
+                logs.event(log, "delivery.spool_remove_failed", level=logging.ERROR, queue_id=msg.id,
+                           error=str(exc))
 
     def _dead_letter(self, item: _Item, reason: Literal["permanent", "expired"], text: str) -> None:
         try:
