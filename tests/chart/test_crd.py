@@ -9,17 +9,22 @@ a real API server.
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import celpy
-import jsonschema
+import celpy.adapter
+import jsonschema  # type: ignore[import-untyped]
 import kubernetes_validate
 import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mailrelay_operator import spec as specmod
+
+from tests.conftest import require_tool
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "mailrelay.yaml"
 
@@ -62,7 +67,7 @@ def cel_errors(value: Any, schema: dict[str, Any], path: str = "") -> list[str]:
     errors: list[str] = []
     for rule in schema.get("x-kubernetes-validations", []):
         program = CEL_ENV.program(CEL_ENV.compile(rule["rule"]))
-        result = program.evaluate({"self": celpy.json_to_cel(value)})
+        result = program.evaluate({"self": celpy.adapter.json_to_cel(value)})
         if not isinstance(result, celpy.celtypes.BoolType):
             errors.append(f"{path or '.'}: rule {rule['rule']!r} failed to evaluate: {result!r}")
         elif not bool(result):
@@ -424,3 +429,15 @@ def test_published_samples_are_admitted_and_parsed(where: str, obj: dict[str, An
     defaulted, errors = admit(obj)
     assert errors == [], where
     assert specmod.parse(obj["spec"]) == specmod.parse(defaulted["spec"])
+
+
+def test_kubernetes_validate_command_line_accepts_the_crd_file() -> None:
+    """The same check through the tool's command line, as CI or a user would run it."""
+    tool = Path(sys.executable).parent / "kubernetes-validate"
+    if not tool.exists():
+        tool = Path(require_tool("kubernetes-validate"))
+    result = subprocess.run(
+        [str(tool), "--strict", "-k", "1.37.0", str(CRD_PATH)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "passed" in result.stdout + result.stderr

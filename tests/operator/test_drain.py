@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
@@ -295,7 +295,7 @@ def test_pod_state_without_status_or_with_garbage() -> None:
             "metadata": {"name": "x", "annotations": {drain.DRAIN_STARTED_ANNOTATION: "yesterday"}},
             "status": {},
         },
-        {"sessions": -3, "queue": {}, "drained": "yes"},  # type: ignore[typeddict-item]
+        cast(kubetypes.RelayStatus, {"sessions": -3, "queue": {}, "drained": "yes"}),
     )
     assert state.phase == "Pending" and not state.ready
     assert state.drain_started == 0.0  # unreadable: treated as long ago, so it times out, never forgotten
@@ -539,16 +539,16 @@ def run(cluster: Cluster, schedule: list[tuple[int, int]], now: float, stats: di
             cluster.tick += 1
             if cluster.tick % 23 == 0:
                 # a relay container restarts: it forgets it was draining; the annotation stays
-                for p in cluster.pods.values():
-                    p.relay_draining = False
-            states = [p.state() for p in cluster.pods.values()]
-            p = drain.plan(desired, cluster.replicas, states, now, TIMEOUT, False)
-            stats["resume"] += len(p.resume)
-            stats["start"] += len(p.start_drain)
-            stats["timeout"] += sum(o == drain.OUTCOME_TIMEOUT for _, o in p.completed)
-            stats["drained"] += sum(o == drain.OUTCOME_DRAINED for _, o in p.completed)
-            stats["redrain"] += len(p.redrain)
-            cluster.apply(p, now)
+                for sim in cluster.pods.values():
+                    sim.relay_draining = False
+            states = [sim.state() for sim in cluster.pods.values()]
+            step = drain.plan(desired, cluster.replicas, states, now, TIMEOUT, False)
+            stats["resume"] += len(step.resume)
+            stats["start"] += len(step.start_drain)
+            stats["timeout"] += sum(o == drain.OUTCOME_TIMEOUT for _, o in step.completed)
+            stats["drained"] += sum(o == drain.OUTCOME_DRAINED for _, o in step.completed)
+            stats["redrain"] += len(step.redrain)
+            cluster.apply(step, now)
     return now
 
 
