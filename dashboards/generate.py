@@ -21,8 +21,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from grafana_foundation_sdk.builders import dashboard, prometheus, timeseries
+from grafana_foundation_sdk.builders import common, dashboard, prometheus, timeseries
 from grafana_foundation_sdk.cog import encoder
+from grafana_foundation_sdk.models import common as common_models
 from grafana_foundation_sdk.models import dashboard as dashboard_models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,6 +87,13 @@ def _panel(spec: PanelSpec, panel_id: int, width: int = 12) -> timeseries.Panel:
         .height(8)
         .span(width)
         .fill_opacity(10)
+        .legend(
+            common.VizLegendOptions()
+            .display_mode(common_models.LegendDisplayMode.LIST)
+            .placement(common_models.LegendPlacement.BOTTOM)
+            .show_legend(True)
+        )
+        .tooltip(common.VizTooltipOptions().mode(common_models.TooltipDisplayMode.MULTI))
     )
     for index, query in enumerate(spec.queries):
         panel = panel.with_target(

@@ -35,6 +35,8 @@ def test_chart_carries_the_same_dashboards() -> None:
 def test_stable_uids_and_datasource_variable() -> None:
     boards = promql.dashboards()
     assert set(boards) == EXPECTED_UIDS
+    ids = [p["id"] for b in boards.values() for p in b["panels"]]  # type: ignore[attr-defined]
+    assert len(ids) == len({(uid, p["id"]) for uid, b in boards.items() for p in b["panels"]})  # type: ignore[attr-defined]
     for uid, board in boards.items():
         assert board["uid"] == uid
         variables = {v["name"]: v for v in board["templating"]["list"]}  # type: ignore[index]
@@ -45,6 +47,8 @@ def test_stable_uids_and_datasource_variable() -> None:
                 continue
             assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
             assert panel["targets"], f"panel {panel['title']!r} has no query"
+            assert panel["type"] == "timeseries" and panel["options"]["legend"]["showLegend"], panel["title"]
+            assert panel["id"] > 0 and panel["description"], panel["title"]
             for target in panel["targets"]:
                 assert target["datasource"]["uid"] == "${datasource}"
 
