@@ -225,7 +225,10 @@ class SmtpSender:
         try:
             await smtp.connect()
             if smtp.is_ehlo_or_helo_needed:
-                await smtp.ehlo()
+                try:
+                    await smtp.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    await smtp.helo()  # an upstream without ESMTP
         except aiosmtplib.SMTPResponseException as exc:
             smtp.close()
             raise UpstreamUnavailable(f"upstream refused the session: {exc.code} {exc.message}") from exc
@@ -407,7 +410,8 @@ class Delivery:
         self._inflight = 0
         self._conn_failures = 0
         self._gate_until = 0.0
-        self._wake_workers: asyncio.Event | None = None
+        # Idle workers wait on one future each; a new message wakes exactly one of them.
+        self._idle_workers: collections.deque[asyncio.Future[None]] = collections.deque()
         self._wake_timer: asyncio.Event | None = None
         self._gate_open: asyncio.Event | None = None
         self._empty: asyncio.Event | None = None
@@ -428,8 +432,7 @@ class Delivery:
         self._ready.append(item)
         if self._empty is not None:
             self._empty.clear()
-        if self._wake_workers is not None:
-            self._wake_workers.set()
+        self._wake_workers(1)
         self._publish()
 
     def stats(self) -> QueueStats:
@@ -442,14 +445,11 @@ class Delivery:
 
     async def start(self) -> None:
         self._stopping = False
-        self._wake_workers = asyncio.Event()
         self._wake_timer = asyncio.Event()
         self._gate_open = asyncio.Event()
         self._empty = asyncio.Event()
         if not self._items:
             self._empty.set()
-        if self._ready:
-            self._wake_workers.set()
         self._tasks = [asyncio.create_task(self._worker(), name=f"delivery-{n}")
                        for n in range(self._concurrency)]
         self._tasks.append(asyncio.create_task(self._timer(), name="delivery-timer"))
@@ -497,7 +497,7 @@ class Delivery:
     # -- workers ----------------------------------------------------------------------------------
 
     async def _worker(self) -> None:
-        assert self._wake_workers is not None and self._gate_open is not None
+        assert self._gate_open is not None
         loop = asyncio.get_running_loop()
         while not self._stopping:
             gate = self._gate_until - loop.time()
@@ -519,22 +519,32 @@ class Delivery:
                 finally:
                     self._inflight -= 1
                 continue
-            self._wake_workers.clear()
-            await self._wake_workers.wait()
+            waiter = loop.create_future()
+            self._idle_workers.append(waiter)
+            await waiter
+
+    def _wake_workers(self, n: int | None) -> None:
+        """Wake `n` idle workers (None: all of them)."""
+        while self._idle_workers and (n is None or n > 0):
+            waiter = self._idle_workers.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                if n is not None:
+                    n -= 1
 
     async def _timer(self) -> None:
         """Move deferred messages whose time has come to the ready queue; publish the queue gauges."""
-        assert self._wake_timer is not None and self._wake_workers is not None
+        assert self._wake_timer is not None
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
-            moved = False
+            moved = 0
             while self._deferred and self._deferred[0][0] <= now:
                 _, _, item = heapq.heappop(self._deferred)
                 self._ready.append(item)
-                moved = True
+                moved += 1
             if moved:
-                self._wake_workers.set()
+                self._wake_workers(moved)
             self._publish_all()
             timeout = 1.0
             if self._deferred:
@@ -623,8 +633,7 @@ class Delivery:
         self._gate_until = 0.0
         if self._gate_open is not None:
             self._gate_open.set()
-        if self._wake_workers is not None:
-            self._wake_workers.set()
+        self._wake_workers(None)
 
     def _upstream_ok(self) -> None:
         self._conn_failures = 0

@@ -446,3 +446,18 @@ def test_upstream_mail_options(
     options: tuple[str, ...], extensions: dict[str, str], expected: list[str]
 ) -> None:
     assert delivery.upstream_mail_options(options, extensions) == expected
+
+
+async def test_upstream_without_esmtp_gets_helo(store: spool.Spool, upstream: sinkmod.Sink) -> None:
+    upstream.fail("ehlo", 502, text="5.5.2 EHLO not implemented")
+    d = make(store, upstream, connections=1)
+    await d.start()
+    try:
+        env = spool.Envelope("a@example.org", ("b@example.org",), ("BODY=8BITMIME",))
+        d.submit(await store.store(env, content(0), time.time()))
+        assert await d.wait_empty(WAIT)
+    finally:
+        await d.stop()
+    (got,) = upstream.messages
+    assert got.mail_options == ()  # no ESMTP, so no MAIL parameters
+    assert store.dead_letter_count() == 0
