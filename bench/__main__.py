@@ -1,5 +1,8 @@
 """`python -m bench [part ...]`: run the chosen parts (all by default) and print every comparison.
 
+Parts: throughput, sessions (idle memory, 421 latency at the cap), overload, profile, and the hooks
+scale-in and operator (not yet measured). `--quick` shrinks every size to check the harness only.
+
 What it must not do: leave servers running (every part stops what it started, and a dead run's leftovers
 are swept at start).
 """
@@ -7,33 +10,14 @@ are swept at start).
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
-import platform
 import sys
 import time
 from collections.abc import Sequence
 
-from bench import overload, report, sessions, throughput, workdir
+from bench import environment, overload, pending, profile, report, sessions, throughput, workdir
 
 PARTS = ("throughput", "sessions", "overload", "profile", "scale-in", "operator")
-
-
-def machine() -> dict[str, str]:
-    model = "unknown"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "nproc": str(os.cpu_count()),
-        "cpu": model,
-        "kernel": platform.release(),
-        "python": sys.version.split()[0],
-    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     parts = args.parts or list(PARTS)
     out = report.Report()
-    info = machine()
+    info = environment.machine()
     out.line(f"mailrelay-operator bench: {info['nproc']} CPUs ({info['cpu']}), kernel {info['kernel']}")
     out.record("machine", info)
     for cleaned in workdir.sweep():
@@ -55,15 +39,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_dir = workdir.RunDir()
     started = time.monotonic()
     try:
+        snap = environment.snapshot(run_dir.path)
+        out.line(f"at start: {environment.line(snap)}")
+        out.record("environment_start", snap)
         if "throughput" in parts:
             throughput.run(run_dir, out, throughput.QUICK if args.quick else throughput.FULL)
         if "sessions" in parts:
             sessions.run(run_dir, out, sessions.QUICK if args.quick else sessions.FULL)
         if "overload" in parts:
             overload.run(run_dir, out, overload.QUICK if args.quick else overload.FULL)
+        if "profile" in parts:
+            profile.run(run_dir, out, messages=300 if args.quick else 3000)
+        if "scale-in" in parts:
+            pending.scale_in(out)
+        if "operator" in parts:
+            pending.operator(out)
+        snap = environment.snapshot(run_dir.path)
+        out.line("")
+        out.line(f"at end: {environment.line(snap)}")
+        out.record("environment_end", snap)
     finally:
         run_dir.remove()
-    out.line("")
     out.line(f"bench done in {time.monotonic() - started:.0f}s")
     out.save(args.json)
     return 0

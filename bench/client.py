@@ -46,14 +46,24 @@ class Outcome:
     detail: str = ""
 
 
-async def send_one(port: int, payload: bytes, limit: float = 30.0) -> Outcome:
-    """Connect, send one message, QUIT. Never raises for network trouble: it becomes an `error` outcome."""
+PHASES = ("connect+greeting", "EHLO", "MAIL", "RCPT", "DATA", "end of data -> 250", "QUIT")
+
+
+async def send_one(
+    port: int, payload: bytes, limit: float = 30.0, marks: list[float] | None = None
+) -> Outcome:
+    """Connect, send one message, QUIT. Never raises for network trouble: it becomes an `error` outcome.
+
+    With `marks`, the seconds each of PHASES took are appended (only for a fully accepted session).
+    """
     started = time.monotonic()
+    stamps = [started]
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(limit):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             code, text = await read_reply(reader)
+            stamps.append(time.monotonic())
             if code != 220:
                 return Outcome("refused", time.monotonic() - started, code, text)
             for command, expect in ((b"EHLO bench.example.com\r\n", 250),
@@ -62,16 +72,21 @@ async def send_one(port: int, payload: bytes, limit: float = 30.0) -> Outcome:
                                     (b"DATA\r\n", 354)):  # fmt: skip
                 writer.write(command)
                 code, text = await read_reply(reader)
+                stamps.append(time.monotonic())
                 if code != expect:
                     return Outcome("rejected", time.monotonic() - started, code, text)
             writer.write(payload)
             code, text = await read_reply(reader)
+            stamps.append(time.monotonic())
             if code != 250:
                 return Outcome("rejected", time.monotonic() - started, code, text)
             accepted = time.monotonic() - started
             writer.write(b"QUIT\r\n")
             with contextlib.suppress(OSError, TimeoutError):
                 await read_reply(reader)
+            stamps.append(time.monotonic())
+            if marks is not None:
+                marks.extend(b - a for a, b in itertools.pairwise(stamps))
             return Outcome("accepted", accepted, 250)
     except (OSError, TimeoutError, ValueError) as error:
         return Outcome("error", time.monotonic() - started, 0, type(error).__name__)
