@@ -365,14 +365,16 @@ def test_starttls_injection_pipelined_commands_are_discarded(
 # resource exhaustion
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_connection_flood_beyond_the_cap_gets_421_and_the_relay_recovers(
-    tmp_path: pathlib.Path, sink: h.RecordingSink
+    tmp_path: pathlib.Path, sink: h.RecordingSink, workers: int
 ) -> None:
-    """With --max-sessions 5, five sessions are served; every further connection gets `421 4.3.2` at the
-    greeting and is closed (not refused, not left hanging). /healthz answers throughout, and once the
-    flood is gone a new client sends mail normally."""
+    """With --max-sessions 5 (per pod, across workers), five sessions are served; every further
+    connection gets `421 4.3.2` at the greeting and is closed (not refused, not left hanging). /healthz
+    answers throughout, and once the flood is gone a new client sends mail normally."""
     cap = 5
-    with h.relay(tmp_path, sink.address, extra=["--max-sessions", str(cap)]) as relay:
+    extra = ["--max-sessions", str(cap), "--workers", str(workers)]
+    with h.relay(tmp_path, sink.address, extra=extra) as relay:
         held = []
         for _ in range(cap):
             c = h.RawClient(relay.host, relay.port)
