@@ -43,7 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.line(f"at start: {environment.line(snap)}")
         out.record("environment_start", snap)
         if "throughput" in parts:
-            throughput.run(run_dir, out, throughput.QUICK if args.quick else throughput.FULL)
+            if args.quick:
+                throughput.run(run_dir, out, throughput.QUICK, warmup=20)
+            else:
+                throughput.run(run_dir, out, throughput.FULL)
         if "sessions" in parts:
             sessions.run(run_dir, out, sessions.QUICK if args.quick else sessions.FULL)
         if "overload" in parts:

@@ -50,7 +50,7 @@ FULL = (
     Scenario(size=102400, sessions=20, messages=1500, repeats=1),
     Scenario(size=102400, sessions=200, messages=1500, repeats=1),
 )
-QUICK = (Scenario(size=2048, sessions=20, messages=200, repeats=1),)
+QUICK = (Scenario(size=2048, sessions=10, messages=100, repeats=1),)
 
 
 def measure(target: server.Server, upstream: sink.Sink, scenario: Scenario, warmup: int) -> Sample:
