@@ -40,6 +40,7 @@ MAX_REPLICAS_LIMIT = 1000
 MAX_DRAIN_TIMEOUT_SECONDS = 86400
 MAX_STABILIZATION_SECONDS = 3600
 MAX_INTERVAL_SECONDS = 300
+MAX_ACCEPT_FROM = 64
 
 _QUANTITY = re.compile(r"^([0-9]+)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
 _QUANTITY_FACTORS = {
@@ -230,6 +231,8 @@ def parse(raw_spec: kubetypes.MailRelaySpec | Mapping[str, Any]) -> MailRelaySpe
     host = _str(up, "host", "spec.upstream")
     if host is None:
         raise SpecError("spec.upstream.host: required")
+    if len(host) > 253:
+        raise SpecError("spec.upstream.host: longer than 253 characters")
     tls = up.get("tls", DEFAULT_UPSTREAM_TLS)
     if tls not in TLS_MODES:
         raise SpecError(f"spec.upstream.tls: must be one of {', '.join(TLS_MODES)}, got {tls!r}")
@@ -246,9 +249,13 @@ def parse(raw_spec: kubetypes.MailRelaySpec | Mapping[str, Any]) -> MailRelaySpe
     accept_raw = raw.get("acceptFrom")
     if not isinstance(accept_raw, list) or not accept_raw:
         raise SpecError("spec.acceptFrom: required, a non-empty list of CIDRs allowed to relay")
+    if len(accept_raw) > MAX_ACCEPT_FROM:
+        raise SpecError(f"spec.acceptFrom: at most {MAX_ACCEPT_FROM} networks")
+    if len({repr(c) for c in accept_raw}) != len(accept_raw):
+        raise SpecError("spec.acceptFrom: duplicate entries")
     accept: list[str] = []
     for i, cidr in enumerate(accept_raw):
-        if not isinstance(cidr, str) or "/" not in cidr:
+        if not isinstance(cidr, str) or "/" not in cidr or len(cidr) > 49:
             raise SpecError(f"spec.acceptFrom[{i}]: expected a CIDR string, got {cidr!r}")
         try:
             accept.append(str(ipaddress.ip_network(cidr, strict=False)))
@@ -314,6 +321,10 @@ def parse(raw_spec: kubetypes.MailRelaySpec | Mapping[str, Any]) -> MailRelaySpe
     if size_limit is not None:
         parse_quantity(size_limit, "spec.spool.sizeLimit")
 
+    image = _str(raw, "image", "spec")
+    if image is not None and len(image) > 512:
+        raise SpecError("spec.image: longer than 512 characters")
+
     return MailRelaySpec(
         upstream=upstream,
         accept_from=tuple(accept),
@@ -322,7 +333,7 @@ def parse(raw_spec: kubetypes.MailRelaySpec | Mapping[str, Any]) -> MailRelaySpe
         scaling=scaling,
         drain_timeout_seconds=drain_timeout,
         maintenance=maintenance,
-        image=_str(raw, "image", "spec"),
+        image=image,
         resources=_resources(raw),
         spool_size_limit=size_limit,
     )
