@@ -361,6 +361,33 @@ def test_starttls_injection_pipelined_commands_are_discarded(
         assert relay.alive() and relay.healthy()
 
 
+def test_starttls_handshake_garbage_or_silence_ends_the_session(
+    tmp_path: pathlib.Path, sink: h.RecordingSink, certificate: tuple[pathlib.Path, pathlib.Path]
+) -> None:
+    """After `220 Ready to start TLS`, bytes that are not a TLS handshake end the session at once, and
+    silence ends it within the handshake deadline (min(60 s, --command-timeout)); the session slot is
+    freed and the relay keeps serving."""
+    cert, key = certificate
+    extra = ["--tls-cert", str(cert), "--tls-key", str(key), "--command-timeout", "2"]
+    with h.relay(tmp_path, sink.address, extra=extra) as relay:
+        with h.RawClient(relay.host, relay.port, timeout=10) as c:
+            c.reply()
+            c.cmd("EHLO client.test")
+            assert h.first_code(c.cmd("STARTTLS")) == 220
+            c.send(b"\x00" * 4096 + b"MAIL FROM:<injected@evil.test>\r\n" * 50)
+            assert c.wait_closed(10), "garbage instead of a TLS handshake did not end the session"
+        with h.RawClient(relay.host, relay.port, timeout=10) as c:
+            c.reply()
+            c.cmd("EHLO client.test")
+            assert h.first_code(c.cmd("STARTTLS")) == 220
+            assert c.wait_closed(20), "a silent TLS handshake was never cut off"
+        assert h.wait_until(lambda: relay.status()["sessions"] == 0, 10)
+        ok = h.send_one(relay.host, relay.port, "after-tls-abuse")
+        assert h.first_code(ok) == 250, h.text(ok)
+        lines, _ = sink.snapshot()
+        assert not any(b"injected" in line for line in lines)
+
+
 # ------------------------------------------------------------------------------------------------
 # resource exhaustion
 
