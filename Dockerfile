@@ -51,8 +51,9 @@ USER 10001:10001
 VOLUME ["/var/spool/mailrelay"]
 EXPOSE 2525 8025
 STOPSIGNAL SIGTERM
-# tini -g forwards SIGTERM to the relay's whole process group (the SO_REUSEPORT workers, too).
-ENTRYPOINT ["/usr/bin/tini", "-g", "--", "mailrelay-relay"]
+# tini forwards SIGTERM to the relay's supervisor only (no -g): it drains, then stops its SO_REUSEPORT
+# workers itself; a worker that got SIGTERM directly would stop at once and cut its sessions.
+ENTRYPOINT ["/usr/bin/tini", "--", "mailrelay-relay"]
 CMD []
 
 # ---- operator: the Kopf operator ----------------------------------------------------------------
