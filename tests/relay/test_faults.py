@@ -494,3 +494,39 @@ def test_supervisor_sigkilled_alone_its_workers_exit(tmp_path: pathlib.Path) -> 
                 with contextlib.suppress(OSError):
                     os.kill(p, signal.SIGKILL)
             relay.kill()
+
+
+# ------------------------------------------------------------------------------------------------
+# the upstream hangs up
+
+
+@pytest.mark.parametrize("verb", ["MAIL", "RCPT", "DATA", "DOT"])
+def test_upstream_hangs_up_without_a_reply_the_message_is_retried(tmp_path: pathlib.Path, verb: str) -> None:
+    """The upstream drops the connection without any reply (at MAIL, RCPT, DATA, or after the content,
+    where the relay cannot know whether it was taken): the message is retried, never dead-lettered, and
+    arrives once the upstream behaves (at least once: after a hang-up at the end of DATA a duplicate is
+    allowed, a loss is not)."""
+    behaviour = h.SinkBehaviour(drop={verb})
+    with h.RecordingSink(behaviour) as sink, h.relay(tmp_path, sink.address) as relay:
+        assert send_many(relay, ["hangup-1"]) == ["hangup-1"]
+        assert h.wait_until(lambda: failed_attempts(relay) >= 1, 30)
+        assert relay.status()["dead_letter"]["messages"] == 0
+        behaviour.drop.clear()
+        assert h.wait_until(lambda: queue_len(relay) == 0, 60)
+        assert markers_at(sink, ["hangup-1"])["hangup-1"] >= 1
+        assert relay.status()["dead_letter"]["messages"] == 0
+
+
+def test_upstream_closing_pooled_connections_loses_nothing(tmp_path: pathlib.Path) -> None:
+    """An upstream that hangs up after every message (an idle-timeout or one-message-per-connection
+    smarthost) makes the relay's pooled connection stale each time: every message still arrives exactly
+    once (nothing was handed on when the stale connection fails at MAIL), and none is dead-lettered."""
+    with (h.RecordingSink(h.SinkBehaviour(close_after_message=True)) as sink,
+          h.relay(tmp_path, sink.address, extra=["--upstream-connections", "1"]) as relay):
+        markers = [f"stale-{i}" for i in range(8)]
+        for mk in markers:
+            assert send_many(relay, [mk]) == [mk]
+            time.sleep(0.1)
+        assert h.wait_until(lambda: queue_len(relay) == 0, 60)
+        assert markers_at(sink, markers) == dict.fromkeys(markers, 1)
+        assert relay.status()["dead_letter"]["messages"] == 0

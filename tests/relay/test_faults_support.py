@@ -205,6 +205,8 @@ class SinkBehaviour:
     fail: dict[str, bytes] = dataclasses.field(default_factory=dict)
     delay: float = 0.0              # seconds before every reply
     advertise_starttls: bool = False  # advertise STARTTLS but answer it 454 (a broken TLS upstream)
+    drop: set[str] = dataclasses.field(default_factory=set)  # verbs (or DOT) at which to hang up, no reply
+    close_after_message: bool = False  # hang up right after answering 250 to a message (idle close)
 
 
 class RecordingSink:
@@ -308,6 +310,8 @@ class RecordingSink:
                 with self._lock:
                     self.lines.append(line)
                 verb = line.split(b" ", 1)[0].split(b":", 1)[0].upper().decode("latin-1")
+                if verb in self.behaviour.drop:
+                    return
                 if verb in fail and verb not in ("DOT",):
                     await self._reply(writer, fail[verb])
                     if fail[verb].startswith(b"421"):
@@ -342,6 +346,8 @@ class RecordingSink:
                         if d == b".\r\n":
                             break
                         chunks.append(d[1:] if d.startswith(b".") else d)
+                    if "DOT" in self.behaviour.drop:
+                        return
                     if "DOT" in fail:
                         await self._reply(writer, fail["DOT"])
                         if fail["DOT"].startswith(b"421"):
@@ -350,6 +356,8 @@ class RecordingSink:
                         with self._lock:
                             self.messages.append(SinkMessage(mail_from, rcpts, b"".join(chunks), session))
                         await self._reply(writer, b"250 2.0.0 Ok: stored")
+                        if self.behaviour.close_after_message:
+                            return
                     mail_from, rcpts = b"", []
                 elif verb in ("RSET", "NOOP"):
                     mail_from, rcpts = b"", []
