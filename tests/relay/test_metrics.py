@@ -124,3 +124,16 @@ def test_multiprocess_mode_aggregates_workers(tmp_path: Path) -> None:
     assert families["mailrelay_relay_messages_accepted"].samples[0].value == 7
     sessions = families["mailrelay_relay_sessions"].samples
     assert sum(s.value for s in sessions) == 0
+
+
+def test_promtool_lints_the_exposition_clean() -> None:
+    """Prometheus's own linter (naming, units, _total, help) finds nothing to complain about."""
+    from tests.conftest import require_tool
+
+    promtool = require_tool("promtool")
+    metrics.reply("250")
+    metrics.DELIVERY_DURATION.observe(0.2)
+    out = subprocess.run([promtool, "check", "metrics"], input=metrics.render(), capture_output=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.strip() == b"" and out.stderr.strip() == b""
