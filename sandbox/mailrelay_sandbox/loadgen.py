@@ -156,6 +156,8 @@ class LoadGenerator:
         self._stopping = False
         self._workers: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
+        self._producer: asyncio.Task[None] | None = None
+        self.worker_states: dict[int, str] = {}   # what each client is doing now (for debugging)
 
     # -- public --------------------------------------------------------------------------------
     @property
@@ -175,11 +177,10 @@ class LoadGenerator:
     async def run(self, schedule: Schedule, *, settle_seconds: float = 30.0) -> None:
         """Follow the schedule to its end, then let the clients empty their backlog (bounded)."""
         start = time.monotonic()
-        generator = asyncio.create_task(self._generate(schedule, start))
-        try:
-            await generator
-        finally:
-            generator.cancel()
+        while (elapsed := time.monotonic() - start) < schedule.duration:
+            step = schedule.at(elapsed)
+            self.set_load(step.rate, step.concurrency)
+            await asyncio.sleep(0.05)
         await self.finish(settle_seconds)
 
     async def finish(self, within: float) -> None:
@@ -195,6 +196,11 @@ class LoadGenerator:
     async def close(self) -> None:
         self._stopping = True
         self._wake.set()
+        if self._producer is not None:
+            self._producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._producer
+            self._producer = None
         for task in self._workers:
             task.cancel()
         for task in self._workers:
@@ -203,8 +209,12 @@ class LoadGenerator:
         self._workers.clear()
 
     def set_load(self, rate: float, concurrency: int) -> None:
+        """Offer `rate` new messages per second over at most `concurrency` sessions, from now on."""
         self._rate = rate
-        self._set_concurrency(concurrency)
+        if self._producer is None and rate > 0:
+            self._producer = asyncio.create_task(self._produce())
+        if concurrency != self._concurrency:
+            self._set_concurrency(concurrency)
 
     def summary(self, delivered_ids: Iterable[str]) -> Summary:
         delivered = {i for i in delivered_ids if i in self._attempted}
@@ -230,25 +240,19 @@ class LoadGenerator:
             self._workers.append(asyncio.create_task(self._worker(index)))
         self._wake.set()
 
-    async def _generate(self, schedule: Schedule, start: float) -> None:
+    async def _produce(self) -> None:
+        """Offer mail at the current rate: new messages enter the backlog every 50 ms."""
         owed = 0.0
-        last = start
-        while True:
+        last = time.monotonic()
+        while not self._stopping:
+            await asyncio.sleep(0.05)
             now = time.monotonic()
-            elapsed = now - start
-            if elapsed >= schedule.duration:
-                return
-            step = schedule.at(elapsed)
-            if step.concurrency != self._concurrency:
-                self._set_concurrency(step.concurrency)
-            self._rate = step.rate
-            owed += step.rate * (now - last)
+            owed += self._rate * (now - last)
             last = now
             whole = int(owed)
             if whole:
                 owed -= whole
                 self.enqueue(whole)
-            await asyncio.sleep(0.05)
 
     def _backoff(self, failures: int) -> float:
         ceiling = min(self.config.backoff_cap, self.config.backoff_base * (2 ** min(failures, 10)))
@@ -390,6 +394,9 @@ class LoadGenerator:
     async def _command(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: bytes, expected: int
     ) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.worker_states[id(task)] = f"{line[:10].decode(errors='replace')} {time.monotonic():.1f}"
         writer.write(line + b"\r\n")
         await writer.drain()
         await self._expect(reader, expected)

@@ -1,0 +1,417 @@
+"""`make demo`: the real operator scaling real relays under real SMTP load, with no cluster.
+
+`python -m mailrelay_sandbox.demo` starts the emulated API server (kubeemu), the simulated control plane
+(ReplicaSet + kubelet running `mailrelay-relay` processes on 127.A.B.x), the upstream sink, the real
+`mailrelay-operator` as a subprocess with the sandbox's kubeconfig, and the MTA-like load generator. It
+plays a scripted scenario of about 2.5 minutes: ramp-up (scale-up), overload beyond max (421 shedding,
+Overloaded), ramp-down (drain, then scale-in), maintenance on and off. Each second it redraws one line;
+at the end it prints `sent / accepted / delivered / lost / sessions reset` and writes a PNG chart.
+
+`--compare-naive` plays the same load again with drain turned off, as plain HPA scaling does it: no
+operator; an HPA-like scaler runs the operator's own pure policy on the same metrics and sets the
+Deployment's replicas directly; the ReplicaSet picks victims by its own rule; the kubelet sends SIGTERM to
+relays started with `--drain-timeout 0` (so SIGTERM stops them at once), and a removed pod's spool (an
+emptyDir) goes with it. Its resets and losses are printed beside ours.
+
+This module is the demo's shell only: the decisions it shows are the operator's and the relays'. It must
+not be imported by `relay/` or `operator/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mailrelay_sandbox import controlplane, kubeemu, loadgen, scenario, timeline
+
+NAMESPACE = "mail"
+NAME = "outbound"
+DEPLOYMENTS = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments"
+
+
+@dataclasses.dataclass(frozen=True)
+class Action:
+    at: float
+    sessions: int | None = None      # MTA sessions at most (load generator concurrency)
+    rate: float | None = None        # offered msg/s
+    maintenance: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Script:
+    phases: tuple[timeline.Phase, ...]
+    actions: tuple[Action, ...]
+    end: float
+    relay: dict[str, Any]            # keyword arguments of scenario.mailrelay()
+
+
+FULL = Script(
+    phases=(
+        timeline.Phase(0, 12, "steady"),
+        timeline.Phase(12, 42, "ramp-up"),
+        timeline.Phase(42, 72, "overload"),
+        timeline.Phase(72, 112, "ramp-down"),
+        timeline.Phase(112, 132, "maintenance"),
+        timeline.Phase(132, 148, "steady"),
+    ),
+    actions=(
+        Action(0, sessions=3, rate=12),
+        Action(12, sessions=8, rate=32),
+        Action(22, sessions=14, rate=56),
+        Action(32, sessions=20, rate=80),
+        Action(42, sessions=60, rate=120),
+        Action(72, sessions=12, rate=48),
+        Action(86, sessions=4, rate=16),
+        Action(112, maintenance=True),
+        Action(126, maintenance=False),
+    ),
+    end=148,
+    relay={"min_replicas": 1, "max_replicas": 4, "interval": 2, "sessions_per_pod": 5,
+           "max_sessions_per_pod": 10, "scale_down_stabilization": 8, "scale_down_step": 1,
+           "drain_timeout": 60},
+)
+
+QUICK = Script(
+    phases=(
+        timeline.Phase(0, 5, "steady"),
+        timeline.Phase(5, 20, "ramp-up"),
+        timeline.Phase(20, 32, "overload"),
+        timeline.Phase(32, 55, "ramp-down"),
+        timeline.Phase(55, 65, "maintenance"),
+        timeline.Phase(65, 70, "steady"),
+    ),
+    actions=(
+        Action(0, sessions=3, rate=12),
+        Action(5, sessions=12, rate=48),
+        Action(20, sessions=40, rate=100),
+        Action(32, sessions=3, rate=12),
+        Action(55, maintenance=True),
+        Action(62, maintenance=False),
+    ),
+    end=70,
+    relay={"min_replicas": 1, "max_replicas": 3, "interval": 1, "sessions_per_pod": 5,
+           "max_sessions_per_pod": 10, "scale_down_stabilization": 4, "scale_down_step": 1,
+           "drain_timeout": 30},
+)
+
+
+@dataclasses.dataclass
+class RunResult:
+    mode: str
+    summary: loadgen.Summary
+    samples: list[timeline.Sample]
+    terminations: list[controlplane.Termination]
+    png: Path | None = None
+    killed: int = 0
+    stranded: int = 0
+
+
+class NaiveScaler:
+    """An HPA stand-in: the operator's pure policy on the relays' load, replicas set directly, no drain."""
+
+    def __init__(self, plane: controlplane.ControlPlane, relay: dict[str, Any]) -> None:
+        from mailrelay_operator import spec as specmod
+
+        self.plane = plane
+        self.spec = specmod.parse(relay["spec"])
+        self.desired = self.spec.replicas.min
+        self.overloaded = False
+        self._history: tuple[Any, ...] = ()
+
+    async def run(self) -> None:
+        from mailrelay_operator import policy
+
+        while True:
+            await asyncio.sleep(self.spec.scaling.interval_seconds)
+            deployment = next(iter(self.plane.deployments), None)
+            if deployment is None:
+                continue
+            current = int(deployment["spec"].get("replicas", 1))
+            loads = []
+            for runtime in self.plane.runtimes.values():
+                if runtime.ready and not runtime.terminating and runtime.last_status:
+                    status = runtime.last_status
+                    loads.append(policy.PodLoad(runtime.name, int(status.get("sessions", 0)),
+                                                int(status.get("queue", {}).get("messages", 0))))
+            decision = policy.decide(current, loads, self.spec, time.time(), self._history)
+            self._history = decision.history
+            self.desired, self.overloaded = decision.desired, decision.overloaded
+            if decision.desired != current:
+                with contextlib.suppress(controlplane.ApiError):
+                    await self.plane.api.patch(f"{DEPLOYMENTS}/{NAME}",
+                                               {"spec": {"replicas": decision.desired}})
+
+
+class Demo:
+    def __init__(self, mode: str, script: Script, workdir: Path, *, live: bool, out: Path) -> None:
+        self.mode = mode
+        self.script = script
+        self.workdir = workdir
+        self.live = live
+        self.out = out
+        self.samples: list[timeline.Sample] = []
+        self.maintenance = False
+        self.phase = ""
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _print(self, text: str, *, keep: bool) -> None:
+        if self.live:
+            sys.stdout.write("\r\x1b[K" + text + ("\n" if keep else ""))
+        elif keep:
+            sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+    async def _mailrelay(self, plane: controlplane.ControlPlane) -> dict[str, Any]:
+        try:
+            return await plane.api.request("GET", scenario.mailrelay_path(NAMESPACE, NAME))
+        except controlplane.ApiError:
+            return {}
+
+    def _phase_at(self, t: float) -> str:
+        for phase in self.script.phases:
+            if phase.start <= t < phase.end:
+                return phase.label
+        return "settle"
+
+    async def _sample(self, plane: controlplane.ControlPlane, gen: loadgen.LoadGenerator,
+                      naive: NaiveScaler | None, t: float, before: loadgen.Counters,
+                      elapsed: float) -> tuple[timeline.Sample, loadgen.Counters]:
+        now = gen.counters.snapshot()
+        runtimes = [r for r in plane.runtimes.values() if r.process and r.process.returncode is None]
+        sessions = sum(int((r.last_status or {}).get("sessions", 0)) for r in runtimes)
+        queue = sum(int((r.last_status or {}).get("queue", {}).get("messages", 0)) for r in runtimes)
+        if naive is not None:
+            desired, overloaded = naive.desired, naive.overloaded
+            draining = sum(1 for r in plane.runtimes.values() if r.terminating)
+        else:
+            relay = await self._mailrelay(plane)
+            status = relay.get("status") or {}
+            deployment = next(iter(plane.deployments), {})
+            desired = int(status.get("desiredReplicas", deployment.get("spec", {}).get("replicas", 0)))
+            overloaded = any(c.get("type") == "Overloaded" and c.get("status") == "True"
+                             for c in status.get("conditions") or [])
+            draining = sum(1 for p in plane.pods
+                           if controlplane.DRAIN_STARTED in (p["metadata"].get("annotations") or {})
+                           or p["metadata"].get("deletionTimestamp"))
+        span = max(elapsed, 1e-3)
+        sample = timeline.Sample(
+            t=t, desired=desired, ready=len(plane.endpoints()), draining=draining, sessions=sessions,
+            queue=queue, msg_per_s=(now.accepted - before.accepted) / span,
+            refused_per_s=(now.refused_421 - before.refused_421) / span, resets=now.sessions_reset,
+            overloaded=overloaded, maintenance=self.maintenance, phase=self._phase_at(t))
+        return sample, now
+
+    # -- the run -------------------------------------------------------------------------------
+    async def run(self) -> RunResult:
+        relay = scenario.mailrelay(NAME, NAMESPACE, **self.script.relay)
+        kubeconfig = self.workdir / "kubeconfig"
+        async with (kubeemu.serve(namespaces=[NAMESPACE], graceful_pod_deletion=True,
+                                  kubeconfig=kubeconfig) as emu,
+                    scenario.upstream_sink() as upstream):
+            extra_env = {"MAILRELAY_LOG_LEVEL": "warning"}
+            if self.mode == "naive":
+                extra_env["MAILRELAY_DRAIN_TIMEOUT"] = "0"
+            async with controlplane.ControlPlane(emu.url, NAMESPACE, self.workdir / "pods", upstream.address,
+                                                 extra_env=extra_env) as plane:
+                operator: scenario.OperatorProcess | None = None
+                naive: NaiveScaler | None = None
+                background: list[asyncio.Task[None]] = []
+                try:
+                    if self.mode == "naive":
+                        naive = NaiveScaler(plane, relay)
+                        await self._create_naive_objects(plane, relay, naive)
+                        background.append(asyncio.create_task(naive.run()))
+                    else:
+                        await plane.api.request("POST", scenario.mailrelay_path(NAMESPACE), relay)
+                        operator = scenario.OperatorProcess(
+                            kubeconfig, NAMESPACE, self.workdir / "operator.log",
+                            "--liveness", "", "--metrics-port", "0")
+                        await operator.start()
+                    await self._wait_ready(plane, operator)
+                    return await self._play(plane, upstream, naive)
+                finally:
+                    for task in background:
+                        task.cancel()
+                    if operator is not None:
+                        await operator.stop()
+
+    async def _create_naive_objects(self, plane: controlplane.ControlPlane, relay: dict[str, Any],
+                                    naive: NaiveScaler) -> None:
+        from mailrelay_operator import manifests
+
+        token = "naive-demo-token"
+        secret = manifests.admin_secret(NAME, NAMESPACE, token)
+        await plane.api.request("POST", f"/api/v1/namespaces/{NAMESPACE}/secrets", dict(secret))
+        deployment = manifests.deployment(NAME, NAMESPACE, naive.spec, image="mailrelay-relay:sandbox",
+                                          replicas=naive.spec.replicas.min,
+                                          token_secret=manifests.admin_secret_name(NAME))
+        await plane.api.request("POST", DEPLOYMENTS, dict(deployment))
+
+    async def _wait_ready(self, plane: controlplane.ControlPlane,
+                          operator: scenario.OperatorProcess | None) -> None:
+        deadline = time.monotonic() + 120
+        while not plane.endpoints():
+            if operator is not None and not operator.running:
+                raise RuntimeError(f"mailrelay-operator exited:\n{operator.log_tail()}")
+            if time.monotonic() > deadline:
+                tail = operator.log_tail() if operator else ""
+                raise RuntimeError(f"no relay became ready within 120 s\n{tail}")
+            await asyncio.sleep(0.2)
+
+    async def _play(self, plane: controlplane.ControlPlane, upstream: scenario.Upstream,
+                    naive: NaiveScaler | None) -> RunResult:
+        gen = loadgen.LoadGenerator(plane.endpoints)
+        start = time.monotonic()
+        actions = list(self.script.actions)
+        before = gen.counters.snapshot()
+        last = start
+        next_tick = start
+        while True:
+            t = time.monotonic() - start
+            while actions and actions[0].at <= t:
+                await self._apply(actions.pop(0), plane, gen)
+            if t >= self.script.end:
+                break
+            next_tick += 1.0
+            await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
+            now = time.monotonic()
+            sample, before = await self._sample(plane, gen, naive, now - start, before, now - last)
+            last = now
+            self.samples.append(sample)
+            keep = sample.phase != self.phase
+            if keep and self.phase and self.live:
+                self._print(timeline.line(self.samples[-2]), keep=True)
+            self.phase = sample.phase
+            self._print(timeline.line(sample), keep=not self.live)
+        # Stop offering new mail; let the clients send their backlog and the relays flush their queues.
+        gen.set_load(0, max(gen.counters.sessions_open, 4))
+        settle_until = time.monotonic() + 90
+        while time.monotonic() < settle_until:
+            now = time.monotonic()
+            sample, before = await self._sample(plane, gen, naive, now - start, before, now - last)
+            last = now
+            self.samples.append(sample)
+            self._print(timeline.line(sample), keep=not self.live)
+            queued = sum(int((r.last_status or {}).get("queue", {}).get("messages", 0))
+                         for r in plane.runtimes.values())
+            terminating = any(r.terminating for r in plane.runtimes.values())
+            if gen.backlog == 0 and gen.counters.sessions_open == 0 and queued == 0 and not terminating:
+                break
+            await asyncio.sleep(1.0)
+        await gen.close()
+        await asyncio.sleep(2.0)   # last deliveries in flight
+        if self.live:
+            sys.stdout.write("\n")
+        summary = gen.summary(upstream.delivered_ids())
+        terminations = list(plane.terminations)
+        return RunResult(mode=self.mode, summary=summary, samples=self.samples, terminations=terminations,
+                         killed=sum(1 for x in terminations if x.killed),
+                         stranded=sum(x.spool_left for x in terminations))
+
+    async def _apply(self, action: Action, plane: controlplane.ControlPlane,
+                     gen: loadgen.LoadGenerator) -> None:
+        if action.sessions is not None or action.rate is not None:
+            gen.set_load(action.rate if action.rate is not None else 0.0,
+                         action.sessions if action.sessions is not None else 0)
+        if action.maintenance is not None:
+            self.maintenance = action.maintenance
+            if self.mode == "operator":
+                await plane.api.patch(scenario.mailrelay_path(NAMESPACE, NAME),
+                                      {"spec": {"maintenance": action.maintenance}})
+
+
+def summary_line(summary: loadgen.Summary) -> str:
+    return (f"sent {summary.sent:,} / accepted {summary.accepted:,} / delivered {summary.delivered:,} / "
+            f"lost {summary.lost:,} / sessions reset {summary.sessions_reset:,}")
+
+
+def comparison(ours: RunResult, naive: RunResult) -> str:
+    rows = [
+        ("sent", ours.summary.sent, naive.summary.sent),
+        ("accepted (250)", ours.summary.accepted, naive.summary.accepted),
+        ("delivered", ours.summary.delivered, naive.summary.delivered),
+        ("lost (250, never delivered)", ours.summary.lost, naive.summary.lost),
+        ("sessions reset", ours.summary.sessions_reset, naive.summary.sessions_reset),
+        ("relays SIGKILLed", ours.killed, naive.killed),
+        ("spool files left on removed pods", ours.stranded, naive.stranded),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':<{width}}  {'drain-first (operator)':>24}  {'naive (no drain)':>18}"]
+    lines += [f"{label:<{width}}  {a:>24,}  {b:>18,}" for label, a, b in rows]
+    return "\n".join(lines)
+
+
+def render(result: RunResult, script: Script, out: Path, stamp: str) -> Path:
+    title = ("mailrelay-operator demo: drain-first scaling" if result.mode == "operator"
+             else "same load, naive scaling: no drain (HPA-style SIGTERM)")
+    path = out / f"mailrelay-demo-{result.mode}-{stamp}.png"
+    return timeline.render_png(result.samples, script.phases, path, title,
+                               footer=summary_line(result.summary))
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    script = QUICK if args.quick else FULL
+    out = Path(args.out)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    live = sys.stdout.isatty() and not args.no_live
+    modes = ["operator"] + (["naive"] if args.compare_naive else [])
+    results: dict[str, RunResult] = {}
+    for mode in modes:
+        workdir = Path(tempfile.mkdtemp(prefix=f"mailrelay-demo-{mode}-"))
+        heading = ("drain-first: the real operator scales the relays" if mode == "operator"
+                   else "naive: HPA-style scaling, relays stopped by SIGTERM without drain")
+        print(f"== {heading} ({script.end:.0f} s of load, then the queues settle)")
+        try:
+            result = await Demo(mode, script, workdir, live=live, out=out).run()
+        except RuntimeError as error:
+            print(f"demo failed: {error}", file=sys.stderr)
+            print(f"(logs kept in {workdir})", file=sys.stderr)
+            return 1
+        result.png = render(result, script, out, stamp)
+        results[mode] = result
+        print(summary_line(result.summary))
+        print(f"chart: {result.png}")
+        if args.keep:
+            print(f"(sandbox files kept in {workdir})")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if "naive" in results:
+        print()
+        print(comparison(results["operator"], results["naive"]))
+    ours = results["operator"].summary
+    return 0 if ours.lost == 0 else 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mailrelay_sandbox.demo",
+                                     description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--compare-naive", action="store_true",
+                        help="run the same load again with drain turned off and compare")
+    parser.add_argument("--quick", action="store_true", help="a shorter scenario (about 70 s)")
+    parser.add_argument("--out", default=os.environ.get("MAILRELAY_DEMO_OUT", "build/demo"),
+                        help="folder for the PNG charts (default: build/demo)")
+    parser.add_argument("--keep", action="store_true", help="keep the sandbox's files (logs, spools)")
+    parser.add_argument("--no-live", action="store_true", help="print one line per second, no redraw")
+    args = parser.parse_args(argv)
+    args.out = os.path.abspath(args.out)
+    logging.basicConfig(level=logging.ERROR)
+    try:
+        return asyncio.run(main_async(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
