@@ -266,8 +266,16 @@ class Volume(TypedDict, total=False):
     emptyDir: EmptyDirVolumeSource
 
 
+class TopologySpreadConstraint(TypedDict, total=False):
+    maxSkew: int
+    topologyKey: str
+    whenUnsatisfiable: str
+    labelSelector: LabelSelector
+
+
 class PodSpec(TypedDict, total=False):
     containers: list[Container]
+    topologySpreadConstraints: list[TopologySpreadConstraint]
     volumes: list[Volume]
     terminationGracePeriodSeconds: int
     securityContext: PodSecurityContext

@@ -238,6 +238,16 @@ def deployment(
                         "fsGroup": RUN_AS,
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
+                    # Spread relays over nodes and zones where possible, so one node loss takes few.
+                    "topologySpreadConstraints": [
+                        {
+                            "maxSkew": 1,
+                            "topologyKey": key,
+                            "whenUnsatisfiable": "ScheduleAnyway",
+                            "labelSelector": {"matchLabels": selector_labels(name)},
+                        }
+                        for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")
+                    ],
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
                 },

@@ -136,6 +136,12 @@ def test_relay_container_shape() -> None:
     assert mounts[manifests.ADMIN_TOKEN_DIR] == "admin-token"
     assert volumes["upstream-credentials"]["secret"]["secretName"] == "upstream-auth"
     assert pod_spec["automountServiceAccountToken"] is False
+    spread = {c["topologyKey"]: c for c in pod_spec["topologySpreadConstraints"]}
+    assert set(spread) == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    assert all(
+        c["labelSelector"]["matchLabels"] == manifests.selector_labels("outbound") for c in spread.values()
+    )
+    assert all(c["whenUnsatisfiable"] == "ScheduleAnyway" for c in spread.values())  # never blocks scale-up
 
 
 def test_default_spool_is_an_unbounded_empty_dir() -> None:
