@@ -385,3 +385,28 @@ def test_operator_args_parse_with_the_real_cli() -> None:
         ]
     )
     assert everywhere.namespaces == ()
+
+
+def test_relay_pod_monitor_selects_the_pods_the_operator_builds() -> None:
+    """The relays' PodMonitor matches the operator's real pod template and scrapes a port it declares."""
+    from mailrelay_operator import manifests, spec
+
+    example = yaml.safe_load((promql.CHART / "examples" / "basic.yaml").read_text())
+    deployment = manifests.deployment(
+        "outbound",
+        "mail",
+        spec.parse(example["spec"]),
+        image="mailrelay-relay:0.1.0",
+        replicas=2,
+        token_secret="outbound-admin",
+    )
+    template = deployment["spec"]["template"]
+    pod_labels = template["metadata"]["labels"]
+    docs = helmutil.template(api_versions=MONITORING)
+    (relay_monitor,) = [
+        d for d in helmutil.by_kind(docs, "PodMonitor") if d["metadata"]["name"].endswith("-relays")
+    ]
+    assert relay_monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pod_labels["app.kubernetes.io/instance"] == "outbound"  # copied into the `mailrelay` label
+    ports = {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+    assert relay_monitor["spec"]["podMetricsEndpoints"][0]["port"] in ports
