@@ -203,6 +203,22 @@ def choose_victims(pods: Sequence[PodState], count: int) -> tuple[str, ...]:
     return tuple(p.name for p in sorted(candidates, key=_victim_key)[:count])
 
 
+def serving_replicas(deployment_replicas: int, pods: Sequence[PodState], maintenance: bool) -> int:
+    """The `current` to give policy.decide: the Deployment's replicas minus the relays being drained.
+
+    In maintenance, and right after it (every relay still carries a drain annotation, so nothing would
+    be serving), it is the Deployment's replicas: maintenance drains are not scale-in, and the pool
+    must come back at its size instead of shrinking to the minimum before the load is measured again.
+    """
+    if deployment_replicas < 0:
+        raise ValueError("replica counts must not be negative")
+    draining = sum(1 for p in pods if p.draining and not p.deleting)
+    serving = deployment_replicas - draining
+    if maintenance or serving <= 0:
+        return deployment_replicas
+    return serving
+
+
 def all_finished(pods: Sequence[PodState], now: float, drain_timeout: float) -> bool:
     """For the finalizer: every live running pod is draining and its drain is over (drained or timed out)."""
     for pod in pods:

@@ -209,6 +209,23 @@ def test_maintenance_off_resumes() -> None:
     assert set(p.resume) == {"a", "b"}
 
 
+@pytest.mark.parametrize(
+    ("replicas", "pods", "maintenance", "expected"),
+    [
+        (3, [pod("a"), pod("b"), pod("c")], False, 3),
+        (3, [pod("a"), draining("b"), pod("c")], False, 2),
+        (3, [pod("a"), draining("b"), pod("c", deleting=True, drain_started=NOW)], False, 2),
+        (5, [pod("a"), pod("b")], False, 5),  # pods not created yet still count
+        (2, [draining("a"), draining("b")], False, 2),  # right after maintenance: all come back
+        (2, [draining("a"), pod("b")], True, 2),  # in maintenance: the pool keeps its size
+    ],
+)
+def test_serving_replicas(
+    replicas: int, pods: list[drain.PodState], maintenance: bool, expected: int
+) -> None:
+    assert drain.serving_replicas(replicas, pods, maintenance) == expected
+
+
 def test_finalizer_waits_for_every_drain() -> None:
     pods = [draining("a", sessions=0, drained=True), draining("b", sessions=1), pod("c", phase="Pending")]
     assert not drain.all_finished(pods, NOW, TIMEOUT)

@@ -59,13 +59,12 @@ class Loop:
         self.decisions: list[policy.Decision] = []
         self.plans: list[drain.Plan] = []
 
-    def tick(self) -> tuple[policy.Decision, drain.Plan]:
+    def tick(self, maintenance: bool = False) -> tuple[policy.Decision, drain.Plan]:
         self.now += INTERVAL
         self.cluster.reconcile_rs(self.now)
         self.cluster.traffic()
         states = [p.state() for p in self.cluster.pods.values()]
-        draining = [s for s in states if s.draining and not s.deleting]
-        current = max(0, self.cluster.replicas - len(draining))
+        current = drain.serving_replicas(self.cluster.replicas, states, maintenance)
         loads = [
             policy.PodLoad(s.name, s.sessions, s.queue_messages)
             for s in states
@@ -73,9 +72,7 @@ class Loop:
         ]
         decision = policy.decide(current, loads, SPEC, self.now, self.history)
         self.history = decision.history
-        step = drain.plan(
-            decision.desired, self.cluster.replicas, states, self.now, TIMEOUT, SPEC.maintenance
-        )
+        step = drain.plan(decision.desired, self.cluster.replicas, states, self.now, TIMEOUT, maintenance)
         self.cluster.apply(step, self.now)
         self.decisions.append(decision)
         self.plans.append(step)
@@ -150,6 +147,23 @@ def test_load_rise_mid_drain_resumes_the_relay() -> None:
     _, step = loop.tick()
     assert step.resume == (victim,)
     assert loop.cluster.pods[victim].drain_started is None
+
+
+def test_maintenance_drains_all_and_the_pool_comes_back_at_its_size() -> None:
+    loop = Loop()
+    loop.cluster.demand = 600
+    loop.run(6)
+    assert loop.serving() == 6
+    for _ in range(40):
+        _, step = loop.tick(maintenance=True)
+        assert step.completed == () and step.delete_pods == ()
+        assert loop.cluster.replicas == 6
+    assert all(p.relay_draining and p.sessions == 0 for p in loop.cluster.pods.values())
+    _, step = loop.tick()  # maintenance off
+    assert len(step.resume) == 6 and step.completed == ()
+    loop.run(3)
+    assert loop.serving() == loop.cluster.replicas == 6  # no shrink to the minimum on the way back
+    assert loop.cluster.lost == []
 
 
 @settings(max_examples=25, deadline=None)
