@@ -288,7 +288,7 @@ class SmtpSender:
         encoding = "utf-8" if utf8 else "ascii"
         options = upstream_mail_options(envelope.mail_options, smtp.esmtp_extensions)
         try:
-            await smtp.mail(envelope.mail_from, options=options, encoding=encoding)
+            await _command(smtp, b"MAIL FROM:", envelope.mail_from, options, encoding, (250,))
         except aiosmtplib.SMTPServerDisconnected as exc:
             raise _DiedAtMail(str(exc)) from exc
         except aiosmtplib.SMTPResponseException as exc:
@@ -301,7 +301,7 @@ class SmtpSender:
         accepted: list[str] = []
         for rcpt in envelope.rcpt_tos:
             try:
-                await smtp.rcpt(rcpt, encoding=encoding)
+                await _command(smtp, b"RCPT TO:", rcpt, [], encoding, (250, 251))
             except aiosmtplib.SMTPResponseException as exc:
                 if not smtp.is_connected:
                     # 421 (or a reply and a hang-up): the upstream closed the session mid-transaction.
@@ -335,6 +335,22 @@ class SmtpSender:
                 pass
             finally:
                 conn.smtp.close()
+
+
+async def _command(
+    smtp: aiosmtplib.SMTP, verb: bytes, address: str, options: list[str], encoding: str,
+    ok: tuple[int, ...],
+) -> None:
+    """MAIL FROM:<address> / RCPT TO:<address> with the address exactly as the relay accepted it.
+
+    aiosmtplib's mail()/rcpt() re-parse addresses with email.utils.parseaddr, which costs time per
+    message and can rewrite unusual (but valid) local parts; execute_command still refuses CR, LF and
+    NUL in any argument (the CR/LF injection fix) and closes the connection on a 421.
+    """
+    arg = verb + b"<" + address.encode(encoding) + b">"
+    response = await smtp.execute_command(arg, *(o.encode("ascii") for o in options))
+    if response.code not in ok:
+        raise aiosmtplib.SMTPResponseException(response.code, response.message)
 
 
 async def _reset(smtp: aiosmtplib.SMTP) -> None:

@@ -461,3 +461,41 @@ async def test_upstream_without_esmtp_gets_helo(store: spool.Spool, upstream: si
     (got,) = upstream.messages
     assert got.mail_options == ()  # no ESMTP, so no MAIL parameters
     assert store.dead_letter_count() == 0
+
+
+async def test_addresses_pass_through_exactly(store: spool.Spool, upstream: sinkmod.Sink) -> None:
+    """Quoted local parts and plus-addresses reach the upstream as the relay accepted them."""
+    rcpts = ('"john doe"@example.org', "list+tag@example.org", "UPPER@Example.ORG")
+    d = make(store, upstream, connections=1)
+    await d.start()
+    try:
+        env = spool.Envelope('"odd sender"@example.org', rcpts)
+        d.submit(await store.store(env, content(0), time.time()))
+        assert await d.wait_empty(WAIT)
+    finally:
+        await d.stop()
+    (got,) = upstream.messages
+    assert got.mail_from == '"odd sender"@example.org'
+    assert got.rcpt_tos == rcpts
+
+
+async def test_command_injection_in_an_address_is_refused_not_sent(
+    store: spool.Spool, upstream: sinkmod.Sink
+) -> None:
+    """Defence in depth: smtp.py never spools such an address, but if one appeared, CR/LF must not
+    reach the upstream as a second command; that recipient is dead-lettered, the others delivered."""
+    c = Counters()
+    d = make(store, upstream, connections=1)
+    await d.start()
+    try:
+        smuggled = "x@example.org>\r\nRCPT TO:<evil@example.org"
+        env = spool.Envelope("a@example.org", ("ok@example.org", smuggled))
+        d.submit(await store.store(env, content(0), time.time()))
+        assert await d.wait_empty(WAIT)
+    finally:
+        await d.stop()
+    (got,) = upstream.messages
+    assert got.rcpt_tos == ("ok@example.org",)
+    (reason,) = reasons(store)
+    assert "553" in reason and "delivered to 1 of 2" in reason
+    assert c["dl_permanent"] == 1
