@@ -12,8 +12,15 @@ after the upstream's 250, or through `spool.dead_letter` with a reason, and each
 two counters moves.
 
 What it must not do: decide SMTP replies to clients, write spool files itself (spool.py owns the
-format), read message content into logs, or block the event loop per message (small spool files are read
-inline, which the page cache makes cheap; large ones in a thread).
+format), read message content into logs, or block the event loop per message: small spool files are read
+inline (the page cache makes that cheap; large ones in a thread), and delivered files are unlinked in
+batches in a thread (unlink contends with the spool's group-commit renames for the queue directory's
+lock). A crash between the upstream's 250 and the unlink means one duplicate delivery after the restart,
+never a loss.
+
+Throughput: connections are pooled and reused (one EHLO/STARTTLS/AUTH per connection, not per message),
+`concurrency` workers each run one transaction at a time, a new message wakes exactly one idle worker,
+and MAIL/RCPT are sent with the addresses exactly as accepted (no re-parsing per message).
 
 Partial recipient failures (the choice made here): the message is sent to the recipients the upstream
 accepted. Recipients refused with 4xx stay queued, and only they are retried (the spool file keeps the
