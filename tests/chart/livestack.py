@@ -9,9 +9,11 @@ tests read:
 - the real `mailrelay-operator`, started with the args the chart renders for its Deployment (ports moved
   to free ones), with its own token, so the API requests it makes can be told apart from the control
   plane's;
-- the Debian `prometheus` on loopback with a temporary config and storage, scraping the relays (job
-  `mailrelay-relay`, with the `namespace`/`mailrelay`/`pod` labels the chart's PodMonitor sets) and the
-  operator (job `mailrelay-operator`, honor_labels as in the PodMonitor), and loading the alert rules;
+- the Debian `prometheus` on loopback with a temporary config and storage, loading the alert rules and
+  scraping with the jobs and relabeling rules of docs/observability.md (jobs `mailrelay-relay` and
+  `mailrelay-operator`, labels `namespace`/`mailrelay`/`pod`, as the chart's PodMonitors set them). That
+  Prometheus build has no Kubernetes discovery, so file discovery hands it the same targets with the
+  pod meta labels Kubernetes discovery would give, including ports the relabeling must drop;
 - SMTP load through smtplib: enough sessions to overload a MailRelay capped at 2 relays (so it scales
   up, sheds with 421 and reports Overloaded), a message with too many recipients (452), a message to the
   rejected recipient (dead-letter); then quiet, so the operator drains a relay and scales down; then the
@@ -78,6 +80,7 @@ class Stack:
     events: list[str] = field(default_factory=list)  # what the scenario saw happen, for failure messages
     error: BaseException | None = None
     prometheus_process: subprocess.Popen[bytes] | None = None
+    targets: dict[str, Any] = field(default_factory=dict)  # /api/v1/targets right after the load
     workdir: Path | None = None
 
     def note(self, text: str) -> None:
@@ -109,27 +112,47 @@ class Stack:
         return list(body["data"])
 
 
-def _prometheus_config(workdir: Path, operator_port: int) -> Path:
+def _prometheus_config(workdir: Path) -> Path:
+    """The scrape jobs of docs/observability.md, with Kubernetes discovery replaced by files whose targets
+    carry the pod meta labels Kubernetes discovery would give (see `_pod_target`)."""
+    jobs = []
+    for job in promql.docs_prometheus_config()["scrape_configs"]:
+        job = dict(job)
+        job.pop("kubernetes_sd_configs")
+        job["file_sd_configs"] = [
+            {"files": [str(workdir / f"{job['job_name']}.json")], "refresh_interval": "1s"}
+        ]
+        jobs.append(job)
     config = {
         "global": {"scrape_interval": SCRAPE, "evaluation_interval": SCRAPE, "scrape_timeout": SCRAPE},
         "rule_files": [str(promql.ALERTS_FILE)],
-        "scrape_configs": [
-            {
-                "job_name": "mailrelay-relay",
-                "file_sd_configs": [{"files": [str(workdir / "relays.json")], "refresh_interval": "1s"}],
-            },
-            {
-                "job_name": "mailrelay-operator",
-                "honor_labels": True,
-                "static_configs": [
-                    {"targets": [f"127.0.0.1:{operator_port}"], "labels": {"namespace": "mailrelay-system"}}
-                ],
-            },
-        ],
+        "scrape_configs": jobs,
     }
     path = workdir / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def _pod_target(
+    address: str, *, namespace: str, pod: str, labels: dict[str, str], port_name: str
+) -> dict[str, Any]:
+    """A target as Kubernetes pod discovery describes one container port."""
+    meta = {
+        "__meta_kubernetes_namespace": namespace,
+        "__meta_kubernetes_pod_name": pod,
+        "__meta_kubernetes_pod_container_port_name": port_name,
+    }
+    for key, value in labels.items():
+        meta["__meta_kubernetes_pod_label_" + key.replace(".", "_").replace("/", "_").replace("-", "_")] = (
+            value
+        )
+    return {"targets": [address], "labels": meta}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
 
 
 def _chart_operator_args(health_port: int, metrics_port: int) -> list[str]:
@@ -189,18 +212,25 @@ async def _load(plane: Any, stack: Stack, seconds: float, sessions: int, hold: f
 
 
 async def _publish_targets(plane: Any, path: Path, stop: asyncio.Event) -> None:
-    """Keep Prometheus' file_sd targets equal to the running relay pods (as the PodMonitor would)."""
+    """Keep the relay targets equal to the running relay pods: each pod's admin port, and its smtp port as
+    a decoy that the scrape config's relabeling must drop."""
+    from mailrelay_operator import manifests
+
     while not stop.is_set():
-        targets = [
-            {
-                "targets": [f"{runtime.ip}:{runtime.admin_port}"],
-                "labels": {"namespace": NAMESPACE, "mailrelay": NAME, "pod": name},
-            }
-            for name, runtime in list(plane.runtimes.items())
-        ]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(targets))
-        tmp.replace(path)
+        targets = []
+        for name, runtime in list(plane.runtimes.items()):
+            labels = manifests.labels(NAME)
+            for port, port_name in ((runtime.admin_port, "admin"), (runtime.smtp_port, "smtp")):
+                targets.append(
+                    _pod_target(
+                        f"{runtime.ip}:{port}",
+                        namespace=NAMESPACE,
+                        pod=name,
+                        labels=labels,
+                        port_name=port_name,
+                    )
+                )
+        _write_json(path, targets)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=0.5)
 
@@ -279,8 +309,22 @@ async def _scenario(stack: Stack, workdir: Path, prometheus: str) -> None:
     stack.prometheus_url = f"http://127.0.0.1:{prom_port}"
     prom_dir = workdir / "prometheus"
     prom_dir.mkdir()
-    (workdir / "relays.json").write_text("[]")
-    prom = _start_prometheus(prometheus, workdir, prom_dir, prom_port, metrics_port)
+    (workdir / "mailrelay-relay.json").write_text("[]")
+    operator_labels = {"app.kubernetes.io/name": "mailrelay-operator", "app.kubernetes.io/instance": "mr"}
+    _write_json(
+        workdir / "mailrelay-operator.json",
+        [
+            _pod_target(
+                f"127.0.0.1:{port}",
+                namespace="mailrelay-system",
+                pod="mr-operator",
+                labels=operator_labels,
+                port_name=port_name,
+            )
+            for port, port_name in ((metrics_port, "metrics"), (health_port, "health"))
+        ],
+    )
+    prom = _start_prometheus(prometheus, workdir, prom_dir, prom_port)
     stack.prometheus_process = prom  # stays up for the queries; `running` stops it
     await asyncio.to_thread(_wait_prometheus_ready, stack.prometheus_url)
     operator: asyncio.subprocess.Process | None = None
@@ -297,7 +341,9 @@ async def _scenario(stack: Stack, workdir: Path, prometheus: str) -> None:
                 upstream.address,
                 extra_env={"MAILRELAY_LOG_LEVEL": "warning"},
             ) as plane:
-                targets = asyncio.create_task(_publish_targets(plane, workdir / "relays.json", stop_targets))
+                targets = asyncio.create_task(
+                    _publish_targets(plane, workdir / "mailrelay-relay.json", stop_targets)
+                )
                 stack.operator_args = _chart_operator_args(health_port, metrics_port)
                 env = {**os.environ, "KUBECONFIG": str(kubeconfig), "POD_NAMESPACE": "mailrelay-system"}
                 with (workdir / "operator.log").open("wb") as log:
@@ -336,6 +382,7 @@ async def _scenario(stack: Stack, workdir: Path, prometheus: str) -> None:
                         _load(plane, stack, seconds=25, sessions=8, hold=1.0),
                         _crash_one_relay(plane, stack, after=10),
                     )
+                    stack.targets = await asyncio.to_thread(_targets, stack.prometheus_url)
                     await _wait(
                         lambda: (
                             _operator_metric(
@@ -397,13 +444,11 @@ async def _scenario(stack: Stack, workdir: Path, prometheus: str) -> None:
         stack.note("scenario over")
 
 
-def _start_prometheus(
-    prometheus: str, workdir: Path, storage: Path, port: int, operator_port: int
-) -> subprocess.Popen[bytes]:
+def _start_prometheus(prometheus: str, workdir: Path, storage: Path, port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             prometheus,
-            f"--config.file={_prometheus_config(workdir, operator_port)}",
+            f"--config.file={_prometheus_config(workdir)}",
             f"--storage.tsdb.path={storage}",
             f"--web.listen-address=127.0.0.1:{port}",
         ],
@@ -411,6 +456,11 @@ def _start_prometheus(
         stderr=(workdir / "prometheus.log").open("wb"),
         start_new_session=True,
     )
+
+
+def _targets(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{url}/api/v1/targets?state=any", timeout=10) as response:
+        return dict(json.loads(response.read())["data"])
 
 
 def _get_status(url: str) -> int | None:

@@ -13,6 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -83,3 +84,13 @@ def base_metric(name: str, known: dict[str, str]) -> str | None:
         if name.endswith(suffix) and known.get(name[: -len(suffix)]) == "histogram":
             return name[: -len(suffix)]
     return None
+
+
+def docs_prometheus_config() -> dict[str, Any]:
+    """The plain Prometheus configuration shown in docs/observability.md (for clusters without the
+    Prometheus Operator); the live stack scrapes with its relabeling rules."""
+    text = (ROOT / "docs" / "observability.md").read_text()
+    (block,) = [
+        b.split("```")[0] for b in text.split("```yaml\n")[1:] if "scrape_configs:" in b.split("```")[0]
+    ]
+    return dict(yaml.safe_load(block))

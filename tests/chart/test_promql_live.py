@@ -110,3 +110,21 @@ def test_scenario_provoked_what_the_panels_show(live: livestack.Stack) -> None:
 def test_operator_liveness_endpoint_answers(live: livestack.Stack) -> None:
     """The chart's livenessProbe (GET /healthz on the health port) reaches Kopf's endpoint."""
     assert live.liveness_status == 200
+
+
+def test_docs_scrape_config_keeps_the_metrics_ports_and_drops_the_others(live: livestack.Stack) -> None:
+    """The relabeling of docs/observability.md, fed pod targets as Kubernetes discovery gives them, keeps
+    each relay's `admin` port and the operator's `metrics` port, and drops every other container port."""
+    active = live.targets["activeTargets"]
+    dropped = live.targets["droppedTargets"]
+    kept = {
+        (t["labels"]["job"], t["discoveredLabels"]["__meta_kubernetes_pod_container_port_name"])
+        for t in active
+    }
+    assert kept == {("mailrelay-relay", "admin"), ("mailrelay-operator", "metrics")}
+    gone = {t["discoveredLabels"]["__meta_kubernetes_pod_container_port_name"] for t in dropped}
+    assert {"smtp", "health"} <= gone
+    relay = next(t for t in active if t["labels"]["job"] == "mailrelay-relay")
+    assert (
+        relay["labels"]["mailrelay"] == livestack.NAME and relay["labels"]["namespace"] == livestack.NAMESPACE
+    )
