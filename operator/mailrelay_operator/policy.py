@@ -139,6 +139,9 @@ def decide(
         raw = current
 
     window = max(up.stabilization_seconds, down.stabilization_seconds)
+    # Entries from the future (a clock that went back, a restored status) would hold the window open
+    # for as long as the jump; they are dropped.
+    history = [r for r in history if r.at <= now]
     kept = tuple(r for r in history if r.at > now - window)
     new_history = (*kept, Recommendation(at=now, replicas=raw))
 

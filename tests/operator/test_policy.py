@@ -218,6 +218,12 @@ def test_history_is_pruned_and_appended() -> None:
     assert decision.history == (policy.Recommendation(NOW - 250, 5), policy.Recommendation(NOW, 5))
 
 
+def test_recommendations_from_the_future_are_dropped() -> None:
+    decision = policy.decide(4, loads(0, 0, 0, 0), make_spec(), NOW, [policy.Recommendation(NOW + 3600, 9)])
+    assert decision.desired == 3
+    assert decision.history == (policy.Recommendation(NOW, 0),)
+
+
 def test_partial_metrics_do_not_enter_the_window_as_low_values() -> None:
     decision = policy.decide(4, loads(0, 0, None, None), make_spec(), NOW, [])
     assert decision.history[-1].replicas == 4
