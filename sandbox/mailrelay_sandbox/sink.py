@@ -15,6 +15,7 @@ API (all methods are thread-safe and synchronous unless marked async):
     sink.start(); sink.port              # listening; `sink.address` is "127.0.0.1:PORT"
     sink.count                           # messages accepted with 250 at the end of DATA
     sink.messages                        # list of Received(mail_from, rcpt_tos, mail_options, content, ...)
+    sink.messages_from(k)                # those after the first k (for polling long runs)
     sink.connections                     # sessions opened so far (shows connection reuse)
     sink.wait_for(n, timeout=30)         # block until count >= n (True) or timeout (False)
     await sink.wait_for_async(n, timeout=30)
@@ -351,6 +352,11 @@ class Sink:
     def messages(self) -> list[Received]:
         with self._lock:
             return list(self._messages)
+
+    def messages_from(self, start: int) -> list[Received]:
+        """The messages received after the first `start` ones (cheap polling for long runs)."""
+        with self._lock:
+            return self._messages[start:]
 
     @property
     def connections(self) -> int:

@@ -499,3 +499,25 @@ async def test_command_injection_in_an_address_is_refused_not_sent(
     (reason,) = reasons(store)
     assert "553" in reason and "delivered to 1 of 2" in reason
     assert c["dl_permanent"] == 1
+
+
+async def test_down_upstream_is_probed_not_hammered(store: spool.Spool, upstream: sinkmod.Sink) -> None:
+    """With the upstream down, 200 queued messages do not mean 200 connection attempts at once: after a
+    refused connection the workers pause (a short, growing gate) and probe. A slower machine only makes
+    fewer attempts, so the bound below cannot be missed by load."""
+    c = Counters()
+    upstream.stop()
+    d = make(store, upstream, connections=4, schedule=backoff.Schedule(base=0.05, factor=2.0, cap=5.0))
+    await d.start()
+    try:
+        await enqueue(store, d, 200)
+        await eventually(lambda: c["connection_error"] >= 4)
+        await asyncio.sleep(1.0)
+        assert c["connection_error"] < 60
+        assert d.stats().messages == 200
+        upstream.start()
+        d.retry_now()
+        assert await d.wait_empty(WAIT)
+    finally:
+        await d.stop()
+    assert upstream.count == 200

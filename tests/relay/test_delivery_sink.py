@@ -27,6 +27,7 @@ def test_counts_and_stores_exactly_what_arrives() -> None:
         assert first.content == b"Subject: x\r\n\r\n.dot\r\nend\r\n"
         assert second.mail_from == ""
         assert s.count == 2 and s.connections == 1
+        assert s.messages_from(1) == [second] and s.messages_from(2) == []
         assert s.received_bytes == len(first.content) + len(second.content)
 
 
