@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -248,8 +249,20 @@ def run(cfg: config.Config, *, token: str | None, upstream_password: str | None)
 
 # --- workers > 1 -------------------------------------------------------------------------------------------
 
+def _die_with_parent(parent_pid: int) -> None:
+    """A worker must not outlive its supervisor (e.g. SIGKILLed by the OOM killer): it would keep serving
+    SMTP on the shared port with no admin API, and a restarted relay would recover the spool files it
+    still delivers. Linux: PR_SET_PDEATHSIG; then re-check, in case the parent died before the prctl."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def _worker_entry(cfg: config.Config, worker: int, upstream_password: str | None, array: Any, lock: Any,
-                  paths: list[str]) -> None:
+                  paths: list[str], parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
     logs.setup(cfg.log_level, worker=worker)
     state = podstate.PodState(cfg.workers, array=array, lock=lock)
 
@@ -336,7 +349,8 @@ class Supervisor:
         array, lock = self.state.handles()
         for worker in range(self.cfg.workers):
             process = ctx.Process(target=_worker_entry, name=f"mailrelay-worker-{worker}",
-                                  args=(self.cfg, worker, self.password, array, lock, shares[worker]))
+                                  args=(self.cfg, worker, self.password, array, lock, shares[worker],
+                                        os.getpid()))
             process.start()
             self.processes.append(process)
         try:

@@ -35,7 +35,9 @@ log = logging.getLogger("mailrelay.smtp")
 
 READ_LIMIT = 64 * 1024  # longest line buffered before it is treated as over-long
 _HIGH_WATER = 256 * 1024
-_WRITE_HIGH_WATER = 256 * 1024
+_MAX_QUEUED_REPLIES = 64  # replies held back for batching before they are written regardless
+_RESERVATION_STEP = 64 * 1024  # growth step when DATA outgrows its reservation
+_YIELD_EVERY = 64  # lines read without waiting before the session yields to others
 _session_ids = itertools.count(1)
 _REPLY_CHILDREN: dict[int, object] = {}
 
@@ -140,6 +142,7 @@ class Session(asyncio.Protocol):
         self.write_paused = False
         self.write_waiter: asyncio.Future[None] | None = None
         self.out: list[bytes] = []
+        self.lines_served = 0
         self.timer: asyncio.TimerHandle | None = None
         self.idle_since: float | None = None
         self.task: asyncio.Task[None] | None = None
@@ -239,11 +242,18 @@ class Session(asyncio.Protocol):
         if self.closed or self.transport is None:
             return
         logs.event(log, "session.abort", session=self.id, reason=reason, code=reply.code)
-        self.reply_now(reply)
-        self.closed = True
         self.idle_since = None
-        self.transport.close()
+        if self.write_paused:  # the client does not read: drop what is queued for it
+            self.closed = True
+            self.out.clear()
+            self.transport.abort()
+        else:
+            self.reply_now(reply)
+            self.closed = True
+            self.transport.close()
         self._wake()
+        if self.write_waiter is not None and not self.write_waiter.done():
+            self.write_waiter.set_result(None)
 
     def reply(self, reply: policy.Reply) -> None:
         """Queue a reply; it is written when the session next waits for input (PIPELINING batches)."""
@@ -263,11 +273,23 @@ class Session(asyncio.Protocol):
             self.transport.write(b"".join(self.out))
         self.out.clear()
 
-    async def _wait(self, deadline: float) -> None:
+    async def _writable(self, deadline: float) -> None:
+        """Flush; if the client does not read its replies, wait for it, but only until `deadline`."""
         self.flush()
-        if self.write_paused and not self.closed:
-            self.write_waiter = self.loop.create_future()
+        if not self.write_paused or self.closed:
+            return
+        self.write_waiter = self.loop.create_future()
+        timer = self.loop.call_at(deadline, self._on_timeout)
+        try:
             await self.write_waiter
+        finally:
+            timer.cancel()
+            self.write_waiter = None
+        if self.closed:
+            raise ConnectionClosed
+
+    async def _wait(self, deadline: float) -> None:
+        await self._writable(deadline)
         if self.closed or self.eof:
             raise ConnectionClosed
         delay = deadline - self.loop.time()
@@ -292,6 +314,11 @@ class Session(asyncio.Protocol):
         while True:
             if self.closed:
                 raise ConnectionClosed
+            if self.write_paused or len(self.out) >= _MAX_QUEUED_REPLIES:
+                await self._writable(deadline)  # a pipelining client must read its replies
+            self.lines_served += 1
+            if self.lines_served % _YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # a long pipelined burst must not starve other sessions
             buffer = self.buffer
             index = buffer.find(b"\n", self.pos)
             if index >= 0:
@@ -360,6 +387,13 @@ class Session(asyncio.Protocol):
             self.server.state.add(podstate.INFLIGHT, -self.reservation)
             metrics.INFLIGHT_BYTES.dec(self.reservation)
             self.reservation = 0
+
+    def _grow_reservation(self, held: int) -> None:
+        """The bytes really held count towards --max-inflight-bytes, whatever SIZE declared."""
+        extra = max(held - self.reservation, _RESERVATION_STEP)
+        self.server.state.add(podstate.INFLIGHT, extra)
+        metrics.INFLIGHT_BYTES.inc(extra)
+        self.reservation += extra
 
     def _reset(self) -> None:
         self._release()
@@ -458,6 +492,8 @@ class Session(asyncio.Protocol):
         scan = policy.DataScan(self.cfg.max_message_size)
         while not scan.done:
             scan.feed(await self.readline(deadline))
+            if scan.size > self.reservation and scan.outcome is policy.DataOutcome.QUEUED:
+                self._grow_reservation(scan.size)
         outcome = scan.outcome
         queue_id = ""
         if outcome is policy.DataOutcome.QUEUED:
