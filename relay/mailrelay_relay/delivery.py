@@ -31,8 +31,8 @@ no recipient is left to retry, a message with any permanently refused recipient 
 were delivered), else it is removed as delivered. When the lifetime expires first, it is dead-lettered
 with reason `expired`.
 
-Upstream outages: besides the per-message backoff, a connection failure closes a short "gate" (its own
-backoff, capped at a few seconds) during which no worker starts a new attempt, so a down upstream is
+Upstream outages: besides the per-message backoff, a connection failure or a 421 closes a short "gate"
+(its own backoff, capped at a few seconds) during which no worker starts a new attempt, so a down upstream is
 probed rather than hammered with every queued message. `retry_now()` (drain) opens the gate and wakes
 every deferred message.
 """
@@ -615,7 +615,12 @@ class Delivery:
             self._finish(item)
         except TemporaryFailure as exc:
             metrics.attempt("temporary")
-            self._upstream_ok()
+            if exc.code == 421:
+                # "Service not available": the upstream as a whole, not this message; pause like for
+                # a refused connection rather than reconnecting for every queued message.
+                self._upstream_failed()
+            else:
+                self._upstream_ok()
             self._defer(item, f"{exc.code} {exc.text}")
         except (ConnectionError, TimeoutError, OSError) as exc:
             metrics.attempt("connection_error")

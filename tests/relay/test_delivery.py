@@ -501,21 +501,30 @@ async def test_command_injection_in_an_address_is_refused_not_sent(
     assert c["dl_permanent"] == 1
 
 
-async def test_down_upstream_is_probed_not_hammered(store: spool.Spool, upstream: sinkmod.Sink) -> None:
-    """With the upstream down, 200 queued messages do not mean 200 connection attempts at once: after a
-    refused connection the workers pause (a short, growing gate) and probe. A slower machine only makes
-    fewer attempts, so the bound below cannot be missed by load."""
+@pytest.mark.parametrize("outage", ["down", "421-at-mail"])
+async def test_unavailable_upstream_is_probed_not_hammered(
+    store: spool.Spool, upstream: sinkmod.Sink, outage: str
+) -> None:
+    """With the upstream down (or answering 421), 200 queued messages do not mean 200 attempts at once:
+    after a refused connection or a 421 the workers pause (a short, growing gate) and probe. A slower
+    machine only makes fewer attempts, so the bound below cannot be missed by load."""
     c = Counters()
-    upstream.stop()
+    if outage == "down":
+        upstream.stop()
+    else:
+        upstream.fail("mail", 421)
     d = make(store, upstream, connections=4, schedule=backoff.Schedule(base=0.05, factor=2.0, cap=5.0))
     await d.start()
     try:
         await enqueue(store, d, 200)
-        await eventually(lambda: c["connection_error"] >= 4)
+        await eventually(lambda: c["connection_error"] + c["temporary"] >= 4)
         await asyncio.sleep(1.0)
-        assert c["connection_error"] < 60
+        assert c["connection_error"] + c["temporary"] < 60
         assert d.stats().messages == 200
-        upstream.start()
+        if outage == "down":
+            upstream.start()
+        else:
+            upstream.clear_failures()
         d.retry_now()
         assert await d.wait_empty(WAIT)
     finally:
