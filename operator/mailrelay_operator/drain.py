@@ -55,7 +55,7 @@ class Plan:
     resume: tuple[str, ...]  # POST /resume + clear the annotations (resume_annotations)
     completed: tuple[tuple[str, str], ...]  # (pod, "drained" | "timeout"): delete these pods
     deployment_replicas: int | None  # new Deployment .spec.replicas after the deletions; None = keep
-    delete_pods: tuple[str, ...]  # pods that never served (pending, failed): delete without a drain
+    delete_pods: tuple[str, ...]  # pods that never served (not Running yet): delete without a drain
     redrain: tuple[str, ...] = ()  # annotated pods whose relay is not draining (it restarted): POST /drain
 
     @property
@@ -175,8 +175,6 @@ def outcome(pod: PodState, now: float, drain_timeout: float) -> str | None:
         return None
     if pod.drained is True:
         return OUTCOME_DRAINED
-    if pod.phase in ("Succeeded", "Failed"):
-        return OUTCOME_DRAINED  # nothing runs there any more
     if now - pod.drain_started >= drain_timeout:
         return OUTCOME_TIMEOUT
     return None
@@ -203,6 +201,16 @@ def choose_victims(pods: Sequence[PodState], count: int) -> tuple[str, ...]:
     return tuple(p.name for p in sorted(candidates, key=_victim_key)[:count])
 
 
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+
+def _replica_pods(pods: Sequence[PodState]) -> list[PodState]:
+    """The pods the ReplicaSet counts as replicas: not being deleted and not terminated. An evicted
+    (Failed) pod has already been replaced; counting it would make a lowered replica count remove a
+    relay the plan did not choose. Such pods are left to the pod garbage collector."""
+    return [p for p in pods if not p.deleting and p.phase not in TERMINAL_PHASES]
+
+
 def serving_replicas(deployment_replicas: int, pods: Sequence[PodState], maintenance: bool) -> int:
     """The `current` to give policy.decide: the Deployment's replicas minus the relays being drained.
 
@@ -212,7 +220,7 @@ def serving_replicas(deployment_replicas: int, pods: Sequence[PodState], mainten
     """
     if deployment_replicas < 0:
         raise ValueError("replica counts must not be negative")
-    draining = sum(1 for p in pods if p.draining and not p.deleting)
+    draining = sum(1 for p in _replica_pods(pods) if p.draining)
     serving = deployment_replicas - draining
     if maintenance or serving <= 0:
         return deployment_replicas
@@ -240,14 +248,15 @@ def plan(
     """The next drain step.
 
     `desired`: serving relays wanted (policy.Decision.desired). `deployment_replicas`: the Deployment's
-    .spec.replicas now, which counts the pods being drained. `pods`: every pod of the MailRelay.
+    .spec.replicas now, which counts the pods being drained. `pods`: every pod of the MailRelay; pods
+    being deleted and terminated (evicted) pods are not replicas and are ignored.
     The Deployment's replicas are only ever lowered by the pods this plan deletes (drained, timed out,
     or never served); draining pods keep counting until they are gone.
     With `maintenance`, every running relay drains and stays, drained, until maintenance ends.
     """
     if desired < 0 or deployment_replicas < 0:
         raise ValueError("replica counts must not be negative")
-    live = [p for p in pods if not p.deleting]
+    live = _replica_pods(pods)
     draining = sorted(
         (p for p in live if p.draining),
         key=lambda p: (-(p.drain_started or 0.0), p.name),

@@ -142,10 +142,13 @@ def test_demand_beyond_draining_relays_resumes_all_and_grows() -> None:
     assert p.deployment_replicas == 5
 
 
-def test_a_relay_that_stopped_running_is_not_resumed() -> None:
-    p = plan(3, 3, [pod("a"), draining("b", phase="Failed", sessions=None, drained=None), pod("c")])
-    assert p.resume == () and p.completed == (("b", "drained"),)
-    assert p.deployment_replicas is None  # b is deleted and the count stays: a fresh relay replaces it
+def test_terminated_pods_are_not_replicas() -> None:
+    # b was evicted while draining; the ReplicaSet has already replaced it with d
+    pods = [pod("a"), draining("b", phase="Failed", sessions=None, drained=None), pod("c"), pod("d")]
+    assert plan(3, 3, pods).empty  # neither resumed nor counted: lowering replicas for it would cut d
+    assert drain.serving_replicas(3, pods, False) == 3
+    p = plan(2, 3, [pod("a"), pod("b", phase="Failed", ready=False, sessions=None), pod("c"), pod("d")])
+    assert p.delete_pods == () and len(p.start_drain) == 1 and p.deployment_replicas is None
 
 
 def test_a_drained_relay_is_resumed_rather_than_replaced() -> None:
@@ -390,7 +393,7 @@ def test_plan_invariants(cluster: tuple[int, int, list[drain.PodState], bool]) -
     desired, replicas, pods, maintenance = cluster
     p = drain.plan(desired, replicas, pods, NOW, TIMEOUT, maintenance)
     by_name = {s.name: s for s in pods}
-    live = [s for s in pods if not s.deleting]
+    live = [s for s in pods if not s.deleting and s.phase not in drain.TERMINAL_PHASES]
     draining_names = {s.name for s in live if s.draining}
 
     # each action only touches pods in the right state, and no pod gets two actions
