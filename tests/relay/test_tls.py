@@ -1,0 +1,107 @@
+"""Inbound STARTTLS (--tls-cert/--tls-key) on a real relay, with a certificate made by openssl."""
+
+from __future__ import annotations
+
+import pathlib
+import smtplib
+import socket
+import ssl
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from mailrelay_sandbox import relayproc
+from mailrelay_sandbox import sink as sinkmod
+
+from tests.conftest import require_tool
+from tests.relay.relay_harness import HOSTNAME, Wire, message, start_relay, wait_until
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, pathlib.Path]:
+    openssl = require_tool("openssl")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", f"/CN={HOSTNAME}", "-addext",
+                    f"subjectAltName=DNS:{HOSTNAME}"], check=True, capture_output=True, timeout=120)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def sink() -> Iterator[sinkmod.Sink]:
+    with sinkmod.running() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory: pytest.TempPathFactory, sink: sinkmod.Sink,
+          certificate: tuple[pathlib.Path, pathlib.Path]) -> Iterator[relayproc.RelayProcess]:
+    cert, key = certificate
+    r = start_relay(tmp_path_factory.mktemp("tlsrelay"), sink.address,
+                    args=["--tls-cert", str(cert), "--tls-key", str(key)])
+    yield r
+    r.kill()
+
+
+def client_context(cert: pathlib.Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(cert))
+    return context
+
+
+def test_starttls_with_smtplib(relay: relayproc.RelayProcess, sink: sinkmod.Sink,
+                               certificate: tuple[pathlib.Path, pathlib.Path]) -> None:
+    host, port = relay.smtp_address
+    msg_id, content = message("tls")
+    with smtplib.SMTP(host, port) as client:
+        client._host = HOSTNAME  # verify the certificate against the relay's name, not the address
+        client.ehlo()
+        assert client.has_extn("starttls")
+        code, _ = client.starttls(context=client_context(certificate[0]))
+        assert code == 220
+        client.ehlo()
+        assert not client.has_extn("starttls")  # not offered twice
+        assert client.sock is not None and isinstance(client.sock, ssl.SSLSocket)
+        client.sendmail("a@client.test", ["b@dest.test"], content)
+    assert wait_until(lambda: any(msg_id.encode() in m.content for m in sink.messages))
+
+
+def test_starttls_discards_pipelined_plaintext(relay: relayproc.RelayProcess,
+                                               certificate: tuple[pathlib.Path, pathlib.Path]) -> None:
+    w = Wire(relay.smtp_address)
+    try:
+        w.ehlo()
+        w.send(b"STARTTLS\r\nMAIL FROM:<injected@attacker.test>\r\n")  # RFC 3207 command injection
+        assert w.reply() == (220, ["2.0.0 Ready to start TLS"])
+        tls = client_context(certificate[0]).wrap_socket(w.sock, server_hostname=HOSTNAME)
+        reader = tls.makefile("rb")
+        tls.sendall(b"MAIL FROM:<a@client.test>\r\n")
+        # had the injected MAIL been kept, this would be "503 nested MAIL" or its 250 would come first
+        assert reader.readline() == b"503 5.5.1 Error: send HELO/EHLO first\r\n"
+        tls.sendall(b"EHLO client.test\r\n")
+        lines = []
+        while True:
+            line = reader.readline()
+            lines.append(line)
+            if line[3:4] == b" ":
+                break
+        assert all(b"STARTTLS" not in line for line in lines)
+        tls.sendall(b"STARTTLS\r\n")
+        assert reader.readline() == b"503 5.5.1 Error: TLS already active\r\n"
+        tls.close()
+    finally:
+        w.close()
+
+
+def test_failed_handshake_closes_only_that_session(relay: relayproc.RelayProcess) -> None:
+    w = Wire(relay.smtp_address)
+    try:
+        w.ehlo()
+        assert w.cmd("STARTTLS")[0] == 220
+        w.send(b"this is not a TLS client hello\r\n" * 10)
+        assert w.closed()
+    finally:
+        w.close()
+    with socket.create_connection(relay.smtp_address, timeout=20) as sock:
+        assert sock.makefile("rb").readline().startswith(b"220 ")
+    assert relay.status()["sessions"] <= 1
