@@ -54,7 +54,7 @@ def test_starttls_with_smtplib(relay: relayproc.RelayProcess, sink: sinkmod.Sink
     host, port = relay.smtp_address
     msg_id, content = message("tls")
     with smtplib.SMTP(host, port) as client:
-        client._host = HOSTNAME  # verify the certificate against the relay's name, not the address
+        client._host = HOSTNAME  # type: ignore[attr-defined]  # verify against the name, not the address
         client.ehlo()
         assert client.has_extn("starttls")
         code, _ = client.starttls(context=client_context(certificate[0]))
