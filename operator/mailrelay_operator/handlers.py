@@ -63,7 +63,7 @@ def register(registry: kopf.OperatorRegistry, rt: reconcile.Runtime) -> None:
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry, field="spec")
-    async def owned(body: kopf.Body, memo: Any, **_: Any) -> dict[str, str]:
+    async def owned(body: kopf.Body, memo: Any, logger: Any, **_: Any) -> None:
         try:
             parsed = spec.parse(body.get("spec") or {})
         except spec.SpecError as exc:
@@ -76,7 +76,8 @@ def register(registry: kopf.OperatorRegistry, rt: reconcile.Runtime) -> None:
             metrics.RECONCILE_ERRORS.labels("owned").inc()
             raise kopf.TemporaryError(str(exc), delay=2) from exc
         memory.observed_generation = body.get("metadata", {}).get("generation")
-        return actions
+        # Not returned: Kopf would store a handler's result in .status, which the CRD's schema prunes.
+        logger.info("owned objects: %s", ", ".join(f"{kind} {action}" for kind, action in actions.items()))
 
     @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=10.0, initial_delay=0.5)
     async def scaling(body: kopf.Body, memo: Any, stopped: kopf.DaemonStopped, logger: Any, **_: Any) -> None:

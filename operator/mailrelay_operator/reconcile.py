@@ -225,7 +225,7 @@ async def tick(rt: Runtime, body: Mapping[str, Any], memory: Memory, now: float 
     ]
 
     if memory.history is None:
-        memory.history = _load_history(body)
+        memory.history = _load_history(body, now)
     decision = policy.decide(current, loads, parsed, now, memory.history)
     memory.history = decision.history
     plan = drain.plan(
@@ -256,14 +256,14 @@ async def tick(rt: Runtime, body: Mapping[str, Any], memory: Memory, now: float 
         "queueMessages": queue,
         "observedGeneration": generation,
         "mode": "Autoscale" if parsed.autoscaling else "Fixed",
-        "recommendations": [{"at": r.at, "replicas": r.replicas} for r in decision.history],
+        "recommendations": persisted_history(decision.history),
     }
     if new_replicas is not None:
         status["lastScaleTime"] = now_iso(now)
     wanted_serving = decision.desired
     if parsed.maintenance:
         ready_cond = ("False", "Maintenance", "spec.maintenance is true: every relay drains and answers 421")
-    elif len(serving_ready) >= wanted_serving and wanted_serving > 0:
+    elif len(serving_ready) >= wanted_serving:
         ready_cond = ("True", "ReplicasReady", f"{len(serving_ready)} of {wanted_serving} relays ready")
     else:
         ready_cond = ("False", "ReplicasNotReady", f"{len(serving_ready)} of {wanted_serving} relays ready")
@@ -311,15 +311,37 @@ async def tick(rt: Runtime, body: Mapping[str, Any], memory: Memory, now: float 
     return TickReport(decision, plan, new_replicas)
 
 
-def _load_history(body: Mapping[str, Any]) -> tuple[policy.Recommendation, ...]:
+HISTORY_GRID_SECONDS = 30.0
+
+
+def persisted_history(history: Sequence[policy.Recommendation]) -> list[JSON]:
+    """The stabilization window as kept in status.recommendations, compact and slow-changing.
+
+    Only the latest time of each recommended count matters to the window's min/max, so one entry per
+    count is kept, its time rounded up to a 30 s grid: the status changes about twice a minute in a
+    steady state instead of every tick, and a restarted operator holds a scale-down at most 30 s longer
+    (never shorter). `_load_history` caps the times at the present, so no entry blocks a scale-up.
+    """
+    latest: dict[int, float] = {}
+    for rec in history:
+        latest[rec.replicas] = max(latest.get(rec.replicas, rec.at), rec.at)
+    grid = HISTORY_GRID_SECONDS
+    return [
+        {"at": -(-at // grid) * grid, "replicas": replicas}
+        for replicas, at in sorted(latest.items(), key=lambda item: (item[1], item[0]))
+    ]
+
+
+def _load_history(body: Mapping[str, Any], now: float) -> tuple[policy.Recommendation, ...]:
     raw = (body.get("status") or {}).get("recommendations") or []
     history: list[policy.Recommendation] = []
     for item in raw:
         try:
-            history.append(policy.Recommendation(at=float(item["at"]), replicas=int(item["replicas"])))
+            at = min(float(item["at"]), now)
+            history.append(policy.Recommendation(at=at, replicas=int(item["replicas"])))
         except (KeyError, TypeError, ValueError):
             continue
-    return tuple(history)
+    return tuple(sorted(history, key=lambda rec: rec.at))
 
 
 async def _patch_status(

@@ -153,3 +153,22 @@ async def test_create_makes_owned_objects_and_ready_relays(
     )
     output, _ = await process.communicate(exposition.encode())
     assert process.returncode == 0, output.decode()
+
+
+async def test_invalid_spec_is_reported_and_creates_nothing(
+    api: kubeemu.Running, operator: OperatorHarness, client: controlplane.Api
+) -> None:
+    # The emulated API server does not apply the CRD's CEL rules, so the operator's own check shows.
+    await client.request(
+        "POST", scenario.mailrelay_path(NAMESPACE), relay_object(min_replicas=3, max_replicas=2)
+    )
+    await eventually(
+        lambda: condition(mailrelay(api), "Ready").get("reason") == "InvalidSpec",
+        within=30,
+        what="InvalidSpec condition",
+    )
+    assert "min (3) must not exceed max (2)" in condition(mailrelay(api), "Ready")["message"]
+    assert api.emulator.peek(kubeemu.DEPLOYMENTS, NAMESPACE, NAME) is None
+    # Fixing the spec lets the operator go on.
+    await client.patch(scenario.mailrelay_path(NAMESPACE, NAME), {"spec": {"replicas": {"min": 1}}})
+    await eventually(lambda: deployment_replicas(api) == 1, within=30, what="Deployment after the fix")

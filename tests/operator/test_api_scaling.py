@@ -130,6 +130,15 @@ async def relay_status(cluster: controlplane.ControlPlane, pod: str) -> dict[str
         return result
 
 
+async def relay_draining(cluster: controlplane.ControlPlane, pod: str, expected: bool) -> None:
+    """Wait until the relay itself reports `draining == expected` (the operator records, then calls)."""
+
+    async def check() -> bool:
+        return bool((await relay_status(cluster, pod))["draining"] is expected)
+
+    await eventually(check, within=15, what=f"{pod} draining={expected}")
+
+
 async def start(
     api: kubeemu.Running, client: controlplane.Api, cluster: controlplane.ControlPlane, **knobs: Any
 ) -> None:
@@ -190,14 +199,22 @@ async def test_load_scales_up_sets_overloaded_and_load_gone_drains_one_then_lowe
     )
     assert condition(api, "Overloaded")["reason"] == "DemandAboveMaximum"
     assert replicas(api) == 2  # never above max
+    await eventually(
+        lambda: ((mailrelay(api) or {}).get("status") or {}).get("sessions") == 20,
+        within=30,
+        what="all 20 sessions scraped",
+    )
     status = (mailrelay(api) or {})["status"]
-    assert status["sessions"] == 20 and status["desiredReplicas"] == 2
+    assert status["desiredReplicas"] == 2 and condition(api, "Overloaded")["status"] == "True"
 
     # Load gone: one relay drains first, then the count goes down.
     await sessions.release()
     await eventually(lambda: replicas(api) == 1, within=60, what="scale-in to 1")
     await eventually(
         lambda: condition(api, "Overloaded").get("status") == "False", within=30, what="not Overloaded"
+    )
+    await eventually(
+        lambda: "ScaledDown" in [reason for reason, _ in events(api)], within=10, what="ScaledDown event"
     )
     reasons = [reason for reason, _ in events(api)]
     assert "DrainStarted" in reasons and "DrainCompleted" in reasons and "ScaledDown" in reasons
@@ -246,12 +263,12 @@ async def test_demand_rising_mid_drain_resumes_the_relay(
     await sessions.hold(cluster, b, 2)
     await eventually(lambda: draining(api) == {a}, within=30, what="drain of the idlest relay")
     await eventually(lambda: condition(api, "Draining").get("status") == "True", within=30, what="Draining")
-    assert (await relay_status(cluster, a))["draining"] is True
+    await relay_draining(cluster, a, True)
     assert replicas(api) == 2  # the count is not lowered while the relay still holds a session
 
     await sessions.hold(cluster, b, 8)  # demand rises: b alone has 10 sessions, 2 relays wanted
     await eventually(lambda: not draining(api), within=30, what="resume")
-    assert (await relay_status(cluster, a))["draining"] is False
+    await relay_draining(cluster, a, False)
     await eventually(
         lambda: "DrainCancelled" in [reason for reason, _ in events(api)],
         within=10,
@@ -315,7 +332,7 @@ async def test_maintenance_drains_every_relay_and_resumes(
     await client.patch(MR_PATH, {"spec": {"maintenance": True}})
     await eventually(lambda: draining(api) == pods, within=30, what="every relay draining")
     for pod in pods:
-        assert (await relay_status(cluster, pod))["draining"] is True
+        await relay_draining(cluster, pod, True)
     await eventually(
         lambda: condition(api, "Ready").get("reason") == "Maintenance", within=30, what="Ready=False"
     )
@@ -325,7 +342,7 @@ async def test_maintenance_drains_every_relay_and_resumes(
     await client.patch(MR_PATH, {"spec": {"maintenance": False}})
     await eventually(lambda: not draining(api), within=30, what="every relay resumed")
     for pod in pods:
-        assert (await relay_status(cluster, pod))["draining"] is False
+        await relay_draining(cluster, pod, False)
     await eventually(lambda: condition(api, "Ready").get("status") == "True", within=60, what="Ready again")
 
 
@@ -341,7 +358,7 @@ async def test_delete_drains_every_relay_through_the_finalizer(
     await sessions.hold(cluster, a, 1)
     await client.request("DELETE", MR_PATH)
     await eventually(lambda: draining(api) == {a, b}, within=30, what="every relay draining")
-    assert (await relay_status(cluster, b))["draining"] is True
+    await relay_draining(cluster, b, True)
     await asyncio.sleep(2)
     obj = mailrelay(api)
     assert obj is not None and obj["metadata"].get("deletionTimestamp"), "held by the finalizer"
