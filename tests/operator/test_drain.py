@@ -492,23 +492,33 @@ class Cluster:
         self.lost: list[str] = []  # relays removed while they still held mail, before their drain ended
         self.rs_choices = 0
 
+    def active(self) -> list[SimPod]:
+        """The pods the ReplicaSet counts: evicted (Failed) pods are replaced, not counted."""
+        return [p for p in self.pods.values() if p.phase != "Failed"]
+
     def reconcile_rs(self, now: float) -> None:
         for p in self.pods.values():
             if p.phase == "Pending":
                 p.phase = "Running"
-        while len(self.pods) < self.replicas:
+        while len(self.active()) < self.replicas:
             self.serial += 1
             name = f"relay-{self.serial}"
             self.pods[name] = SimPod(name, created=now, stuck=self.rng.random() < self.stuck_ratio)
-        while len(self.pods) > self.replicas:
+        while len(self.active()) > self.replicas:
             self.rs_choices += 1
 
             def rank(p: SimPod) -> tuple[bool, bool, int]:
                 ready = p.phase == "Running" and not p.relay_draining
                 return (p.phase == "Running", ready, -1000 if p.drain_started is not None else 0)
 
-            victim = min(self.pods.values(), key=rank)
+            victim = min(self.active(), key=rank)
             self.remove(victim.name, now, by_rs=True)
+
+    def evict_one(self) -> None:
+        """A node drain evicts a relay: it drains itself on SIGTERM and ends as a Failed pod."""
+        running = sorted(p.name for p in self.pods.values() if p.phase == "Running")
+        if running:
+            self.pods[self.rng.choice(running)].phase = "Failed"
 
     def remove(self, name: str, now: float, by_rs: bool = False) -> None:
         p = self.pods.pop(name)
@@ -561,6 +571,8 @@ def run(cluster: Cluster, schedule: list[tuple[int, int]], now: float, stats: di
                 # a relay container restarts: it forgets it was draining; the annotation stays
                 for sim in cluster.pods.values():
                     sim.relay_draining = False
+            if cluster.tick % 31 == 0:
+                cluster.evict_one()
             states = [sim.state() for sim in cluster.pods.values()]
             step = drain.plan(desired, cluster.replicas, states, now, TIMEOUT, False)
             stats["resume"] += len(step.resume)
@@ -577,9 +589,9 @@ SETTLE_TICKS = int(TIMEOUT // 20) + 10  # longer than a drain timeout
 
 def assert_settled(cluster: Cluster, desired: int) -> None:
     assert cluster.lost == []
-    serving = [p for p in cluster.pods.values() if p.drain_started is None]
+    serving = [p for p in cluster.active() if p.drain_started is None]
     assert len(serving) == desired
-    assert cluster.replicas == len(cluster.pods) == desired
+    assert cluster.replicas == len(cluster.active()) == desired
     assert cluster.rs_choices == 0, "the ReplicaSet never had to pick a victim itself"
 
 
@@ -598,6 +610,7 @@ def test_simulated_scenario_covers_cancel_timeout_and_redrain() -> None:
     assert stats["resume"] > 0 and stats["timeout"] > 0 and stats["drained"] > 0 and stats["redrain"] > 0, (
         stats
     )
+    assert any(p.phase == "Failed" for p in cluster.pods.values()), "evictions happened"
 
 
 @settings(max_examples=40, deadline=None)

@@ -83,7 +83,7 @@ class Loop:
             self.tick()
 
     def serving(self) -> int:
-        return sum(1 for p in self.cluster.pods.values() if p.drain_started is None)
+        return sum(1 for p in self.cluster.active() if p.drain_started is None)
 
 
 def test_load_step_is_answered_in_the_same_tick_and_overload_is_flagged() -> None:
