@@ -9,7 +9,8 @@ plane rely on and that plain kmock 0.8 lacks. Each extension below is deliberate
    so two nameless Events would otherwise collide with a 409).
 2. `resourceVersion`: a global counter, bumped on every write and carried in watch events. A merge patch
    that names `metadata.resourceVersion` different from the stored one is answered 409 Conflict, as the
-   real API server does (optimistic concurrency). `metadata.generation` grows when a write changes `spec`.
+   real API server does (optimistic concurrency); a JSON patch whose `test` of `/metadata/resourceVersion`
+   fails is answered 422, as there. `metadata.generation` grows when a write changes `spec`.
 3. Label selectors (`?labelSelector=`) on list and watch: equality (`=`, `==`, `!=`), set-based (`in`,
    `notin`), existence (`key`, `!key`). kmock ignores them. A watch filters events by the object's labels
    at the time of the event (the real server would also send a synthetic DELETED when an object stops
@@ -348,8 +349,9 @@ class Emulator(kmock.KubernetesEmulator):
                 if (isinstance(op, dict) and op.get("op") == "test"
                         and op.get("path") == "/metadata/resourceVersion"
                         and str(op.get("value")) != str(meta.get("resourceVersion"))):
-                    raise kmock.KubernetesError(status=409, reason="Conflict",
-                                                message="resourceVersion mismatch")
+                    # As the real API server: a failed JSON-patch `test` is 422 (Kopf relies on it).
+                    raise kmock.KubernetesError(status=422, reason="Invalid",
+                                                message="testing value /metadata/resourceVersion failed")
             touches_spec = any(isinstance(op, dict) and str(op.get("path", "")).startswith("/spec")
                                for op in data)
             data.append({"op": "add", "path": "/metadata/resourceVersion", "value": rv})
