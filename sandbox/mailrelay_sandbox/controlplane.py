@@ -159,6 +159,7 @@ class Termination:
     spool_left: int               # spool files still there when the pod's emptyDir went away
     was_drained: bool | None      # the relay's last /status said drained before SIGTERM
     last_status: Obj | None
+    served: bool = False          # the pod was Ready at some point (it took traffic)
 
 
 @dataclasses.dataclass
@@ -174,6 +175,7 @@ class PodRuntime:
     ready: bool = False
     terminating: bool = False
     restarts: int = 0
+    served: bool = False
     started_at: float = 0.0
     last_status: Obj | None = None
     task: asyncio.Task[None] | None = None
@@ -503,6 +505,7 @@ class ControlPlane:
             ready = await self._probe(runtime)
             if not runtime.terminating:
                 runtime.ready = ready
+                runtime.served = runtime.served or ready
             state = (ready, runtime.restarts)
             if state != reported and not runtime.terminating:
                 with contextlib.suppress(ApiError, aiohttp.ClientError):
@@ -558,6 +561,7 @@ class ControlPlane:
         termination = await self._stop_process(runtime, grace)
         termination.was_drained = bool(last.get("drained")) if last else None
         termination.last_status = last
+        termination.served = runtime.served
         self.terminations.append(termination)
         log.info("pod %s ended: %s", runtime.name, termination)
         shutil.rmtree(runtime.workdir, ignore_errors=True)  # the emptyDir goes with the pod
