@@ -25,14 +25,15 @@ from bench import client, postfix, procs, relay, report, server, sink, stats, wo
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    idle_sessions: int = 200
+    idle_sessions: int = 1000  # relay
+    idle_postfix: int = 200  # one smtpd process each
     cap: int = 50
     probes: int = 300
     workers: tuple[int, ...] = (2, 1)
 
 
 FULL = Config()
-QUICK = Config(idle_sessions=20, cap=10, probes=20, workers=(1,))
+QUICK = Config(idle_sessions=20, idle_postfix=10, cap=10, probes=20, workers=(1,))
 
 
 async def idle_memory(target: server.Server, count: int) -> dict[str, float]:
@@ -84,7 +85,10 @@ def run(run_dir: workdir.RunDir, out: report.Report, config: Config = FULL) -> d
     results: dict[str, object] = {}
     up = sink.Sink(run_dir).start()
     try:
-        out.section(f"Memory per idle session ({config.idle_sessions} sessions after EHLO)")
+        out.section(
+            f"Memory per idle session (after EHLO; relay {config.idle_sessions} sessions, "
+            f"Postfix {config.idle_postfix})"
+        )
         rows = []
         memory: dict[str, dict[str, float]] = {}
         candidates: list[tuple[str, postfix.Postfix | relay.Relay]] = [
@@ -93,12 +97,13 @@ def run(run_dir: workdir.RunDir, out: report.Report, config: Config = FULL) -> d
             for w in config.workers
         ]  # fmt: skip
         candidates.append(
-            ("postfix", postfix.Postfix(run_dir, up.port, config.idle_sessions + 10, label="postfix-idle"))
+            ("postfix", postfix.Postfix(run_dir, up.port, config.idle_postfix + 10, label="postfix-idle"))
         )
         for name, target in candidates:
             try:
                 with target:
-                    memory[name] = asyncio.run(idle_memory(target, config.idle_sessions))
+                    count = config.idle_postfix if name == "postfix" else config.idle_sessions
+                    memory[name] = asyncio.run(idle_memory(target, count))
             except (RuntimeError, TimeoutError) as error:
                 out.line(f"{name}: could not run ({error})")
                 continue

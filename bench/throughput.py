@@ -45,10 +45,10 @@ class Sample:
 
 
 FULL = (
-    Scenario(size=2048, sessions=20, messages=4000, repeats=3),
-    Scenario(size=2048, sessions=200, messages=4000, repeats=1),
-    Scenario(size=102400, sessions=20, messages=1500, repeats=1),
-    Scenario(size=102400, sessions=200, messages=1500, repeats=1),
+    Scenario(size=2048, sessions=20, messages=2000, repeats=3),
+    Scenario(size=2048, sessions=200, messages=2000, repeats=1),
+    Scenario(size=102400, sessions=20, messages=500, repeats=1),
+    Scenario(size=102400, sessions=200, messages=500, repeats=1),
 )
 QUICK = (Scenario(size=2048, sessions=10, messages=100, repeats=1),)
 
@@ -90,7 +90,7 @@ def run(
     out: report.Report,
     scenarios: Sequence[Scenario] = FULL,
     workers: Sequence[int] = (2, 1),
-    warmup: int = 200,
+    warmup: int = 100,
 ) -> list[Sample]:
     out.section("Throughput: smtp-source -> server -> smtp-sink, end to end")
     out.line(

@@ -58,6 +58,11 @@ def _read_identities(path: pathlib.Path) -> list[tuple[int, int | None]]:
     return out
 
 
+def owner_pid(run: pathlib.Path) -> int | None:
+    owners = _read_identities(run / "owner")
+    return owners[0][0] if owners else None
+
+
 def owner_alive(run: pathlib.Path) -> bool:
     owners = _read_identities(run / "owner")
     return bool(owners) and all(procs.start_time(pid) == started for pid, started in owners)
