@@ -178,8 +178,7 @@ def test_upstream_down_then_back_mail_queues_and_is_delivered(tmp_path: pathlib.
     with h.relay(tmp_path, f"127.0.0.1:{port}") as relay:
         markers = [f"down-{i}" for i in range(3)]
         assert send_many(relay, markers) == markers
-        assert h.wait_until(lambda: metric(relay, ATTEMPTS, 'result="connection_error"') >= 1, 20)
-        time.sleep(2)
+        assert h.wait_until(lambda: metric(relay, ATTEMPTS, 'result="connection_error"') >= 2, 20)
         status = relay.status()
         assert status["queue"]["messages"] == 3 and status["dead_letter"]["messages"] == 0
         try:
@@ -380,7 +379,7 @@ def test_drain_that_never_finishes_times_out_and_leftovers_survive(tmp_path: pat
         assert send_many(relay, markers) == markers
         code, _ = relay.http("POST", "/drain", token=relay.token)
         assert code == 200
-        time.sleep(2)
+        time.sleep(1)
         status = relay.status()
         assert status["draining"] is True and status["drained"] is False
         assert status["queue"]["messages"] == 3
@@ -468,13 +467,6 @@ def test_a_worker_sigkilled_takes_the_pod_down_and_nothing_is_lost(tmp_path: pat
         sink.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: with --workers N, SIGKILL of the supervisor alone (e.g. the OOM killer picking it) leaves "
-    "the forked workers running: they keep accepting SMTP on the SO_REUSEPORT port with no admin API, "
-    "and a restarted relay recovers the same spool files they still deliver (duplicates); workers "
-    "should exit when their parent dies (PR_SET_PDEATHSIG or watching getppid())",
-)
 def test_supervisor_sigkilled_alone_its_workers_exit(tmp_path: pathlib.Path) -> None:
     """Only the supervisor is SIGKILLed: its workers must not live on as orphans serving SMTP."""
     with h.RecordingSink() as sink:
@@ -486,7 +478,7 @@ def test_supervisor_sigkilled_alone_its_workers_exit(tmp_path: pathlib.Path) -> 
             os.kill(relay.proc.pid, signal.SIGKILL)
             relay.proc.wait(10)
 
-            orphans_gone = h.wait_until(lambda: not any(_alive(p) for p in workers), 10)
+            orphans_gone = h.wait_until(lambda: not any(_alive(p) for p in workers), 5)
             assert orphans_gone, "orphaned workers still running"
             assert not relay.smtp_ready(), "orphaned workers still accept SMTP"
         finally:
