@@ -24,6 +24,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("parts", nargs="*", metavar="PART", help=f"any of {', '.join(PARTS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness only")
+    parser.add_argument(
+        "--profile-size", type=int, default=2048, help="message bytes for the profile part (default 2048)"
+    )
     parser.add_argument("--json", type=pathlib.Path, default=pathlib.Path("out/bench/results.json"))
     args = parser.parse_args(argv)
     unknown = sorted(set(args.parts) - set(PARTS))
@@ -52,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "overload" in parts:
             overload.run(run_dir, out, overload.QUICK if args.quick else overload.FULL)
         if "profile" in parts:
-            profile.run(run_dir, out, messages=300 if args.quick else 3000)
+            messages = 300 if args.quick else max(300, 3000 * 2048 // max(args.profile_size, 2048))
+            profile.run(run_dir, out, messages=messages, size=args.profile_size)
         if "scale-in" in parts:
             pending.scale_in(out)
         if "operator" in parts:

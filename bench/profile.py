@@ -1,10 +1,11 @@
-"""Where the relay's time goes under the throughput load (2 KiB, 20 sessions, --workers 2).
+"""Where the relay's time goes under the throughput load (2 KiB by default, 20 sessions, --workers 2).
 
 py-spy samples every relay process (`record --subprocesses --threads --nonblocking`, so the relay is never
-paused) while smtp-source sends; the raw collapsed stacks are kept in out/bench/profile-relay.txt (load
-them into speedscope or flamegraph.pl). Alongside: each process's CPU use over the window (busy or
-waiting?) and the relay's own histograms from /metrics (fsync time per group commit, messages per commit,
-time from 250 to the upstream's 250).
+paused) while smtp-source sends; the raw collapsed stacks are kept in out/bench/profile-relay-<size>k.txt
+(load them into speedscope or flamegraph.pl). Alongside: each process's CPU use over the window (busy or
+waiting?), the relay's own histograms from /metrics (fsync time per group commit, messages per commit,
+time from 250 to the upstream's 250), and the anatomy of a session (median time of each SMTP phase,
+relay against Postfix, from a client that timestamps every reply).
 
 What it must not do: change the relay (it profiles the process as a user runs it).
 """
@@ -157,9 +158,15 @@ async def _phases(target: server.Server, seconds: float) -> dict[str, float]:
 
 
 def run(
-    run_dir: workdir.RunDir, out: report.Report, messages: int = 3000, workers: int = 2
+    run_dir: workdir.RunDir,
+    out: report.Report,
+    messages: int = 3000,
+    workers: int = 2,
+    size: int = 2048,
+    with_anatomy: bool = True,
 ) -> dict[str, object]:
-    out.section(f"Profile: relay --workers {workers} under 2 KiB x 20 sessions, {messages} messages (py-spy)")
+    kib = size // 1024
+    out.section(f"Profile: relay --workers {workers}, {kib} KiB x 20 sessions, {messages} messages (py-spy)")
     spy = spy_path()
     if spy is None:
         out.line("not measured: py-spy is not installed (pip install py-spy)")
@@ -169,7 +176,7 @@ def run(
     target = relay.Relay(run_dir, up.port, workers=workers, label="relay profiled")
     try:
         target.start()
-        source.run(target.port, 300, 20, 2048, timeout=120)
+        source.run(target.port, 300, 20, size, timeout=120)
         up.wait_quiet(0.3, 10)
         before = scrape(target.admin_port)
         raw = run_dir.path / "profile-relay.txt"
@@ -185,7 +192,7 @@ def run(
         cpu_before = {pid: procs.cpu_seconds([pid]) for pid in pids}
         base = up.count
         started = time.monotonic()
-        source.run(target.port, messages, 20, 2048, timeout=600)
+        source.run(target.port, messages, 20, size, timeout=600)
         arrived = up.wait_for(base + messages, timeout=120)
         wall = (arrived or time.monotonic()) - started
         cpu = {pid: procs.cpu_seconds([pid]) - cpu_before.get(pid, 0.0) for pid in pids}
@@ -226,7 +233,7 @@ def run(
     if not raw.exists():
         out.line(f"py-spy wrote no profile: {spy_out.strip()[-300:]}")
         return result
-    keep = pathlib.Path("out/bench/profile-relay.txt")
+    keep = pathlib.Path(f"out/bench/profile-relay-{kib}k.txt")
     keep.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(raw, keep)
     total, leaf, inclusive, threads = parse(raw)
@@ -248,8 +255,9 @@ def run(
             shown += 1
             if shown == 12:
                 break
-    result.update(anatomy(run_dir, out))
+    if with_anatomy:
+        result.update(anatomy(run_dir, out))
     result["categories"] = {k: v / max(total, 1) for k, v in categorise(leaf).items()}
     result["top_leaf"] = [(f, c / max(total, 1)) for f, c in leaf.most_common(20)]
-    out.record("profile", result)
+    out.record(f"profile_{kib}k", result)
     return result
