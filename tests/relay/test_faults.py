@@ -522,3 +522,69 @@ def test_upstream_closing_pooled_connections_loses_nothing(tmp_path: pathlib.Pat
         assert h.wait_until(lambda: queue_len(relay) == 0, 60)
         assert markers_at(sink, markers) == dict.fromkeys(markers, 1)
         assert relay.status()["dead_letter"]["messages"] == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# spool I/O errors and damaged spool files
+
+
+@pytest.mark.parametrize("fault", ["write-eio", "fsync-eio"])
+def test_spool_io_error_answers_451_and_the_message_is_never_delivered(
+    tmp_path: pathlib.Path, fault: str
+) -> None:
+    """A spool write or fsync that fails with EIO (injected through MAILRELAY_SPOOL_FAULT_FILE) gets
+    `451 4.3.0`: the client keeps the message and retries, so the relay must never deliver it itself (that
+    would be a duplicate). Once the fault clears, mail is accepted and delivered again."""
+    fault_file = tmp_path / "faults"
+    fault_file.write_text(fault)
+    with (h.RecordingSink() as sink,
+          h.relay(tmp_path, sink.address, env={"MAILRELAY_SPOOL_FAULT_FILE": str(fault_file)}) as relay):
+        r = h.send_one(relay.host, relay.port, "io-error")
+        assert r is not None and r[0].startswith(b"451 4.3.0"), h.text(r)
+        assert relay.alive() and relay.healthy()
+        fault_file.write_text("")
+        assert send_many(relay, ["io-after"]) == ["io-after"]
+        assert h.wait_until(lambda: markers_at(sink, ["io-after"])["io-after"] == 1, 30)
+        time.sleep(0.5)
+        assert markers_at(sink, ["io-error"]) == {"io-error": 0}, "a message answered 451 was delivered"
+        assert h.spool_problems(relay.spool) == []
+        assert list((relay.spool / "tmp").iterdir()) == []
+
+
+def test_damaged_spool_files_are_dead_lettered_at_recovery_not_delivered(tmp_path: pathlib.Path) -> None:
+    """Spool files damaged while the relay was down (truncated, a flipped byte, garbage) are never
+    delivered as if whole: recovery moves them to dead-letter with a "corrupt" reason, the intact ones
+    are delivered, and the relay starts normally."""
+    from mailrelay_relay import spool
+
+    port = h.free_port()
+    sink = h.RecordingSink()
+    relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}").start()
+    try:
+        markers = ["damaged-ok", "damaged-truncated", "damaged-flipped"]
+        assert send_many(relay, markers) == markers
+        relay.kill()
+        files = {}
+        for path in (relay.spool / "queue").glob("*" + spool.SUFFIX):
+            for mk in markers:
+                if mk.encode() in path.read_bytes():
+                    files[mk] = path
+        data = files["damaged-truncated"].read_bytes()
+        files["damaged-truncated"].write_bytes(data[: len(data) - 7])
+        data = bytearray(files["damaged-flipped"].read_bytes())
+        data[-3] ^= 0x01
+        files["damaged-flipped"].write_bytes(bytes(data))
+        (relay.spool / "queue" / ("0" * 25 + spool.SUFFIX)).write_bytes(b"\x00garbage\n" * 10)
+        sink.start(port)
+        relay.start()
+        assert h.wait_until(lambda: queue_len(relay) == 0, 30)
+        assert h.wait_until(lambda: markers_at(sink, ["damaged-ok"])["damaged-ok"] == 1, 30)
+        time.sleep(0.5)
+        assert markers_at(sink, markers[1:]) == {"damaged-truncated": 0, "damaged-flipped": 0}
+        dead = h.dead_letters(relay.spool)
+        assert len(dead) == 3, dead
+        assert all("corrupt" in reason for _, reason, _ in dead), [r for _, r, _ in dead]
+        assert h.spool_problems(relay.spool) == []
+    finally:
+        relay.kill()
+        sink.stop()
