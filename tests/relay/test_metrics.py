@@ -7,7 +7,9 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mailrelay_relay import metrics
@@ -78,6 +80,7 @@ def test_bounded_labels_are_enforced() -> None:
 
 WORKER = """
 import sys
+import time
 from mailrelay_relay import metrics
 metrics.MESSAGES_ACCEPTED.inc(int(sys.argv[1]))
 metrics.SESSIONS.set(int(sys.argv[1]))
@@ -87,6 +90,7 @@ metrics.attempt("success")
 
 RENDER = """
 import sys
+import time
 from mailrelay_relay import metrics
 for pid in sys.argv[1:]:
     metrics.mark_process_dead(int(pid))
@@ -137,3 +141,57 @@ def test_promtool_lints_the_exposition_clean() -> None:
                          timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip() == b"" and out.stderr.strip() == b""
+
+
+def family_value(families: dict[str, Any], name: str, **labels: str) -> float:
+    """A counter's/gauge's value (or a histogram's count), summed over samples matching `labels`."""
+    return float(sum(s.value for s in families[name].samples
+                     if s.name in (name, name + "_total", name + "_count")
+                     and all(s.labels.get(k) == v for k, v in labels.items())))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_real_relay_exposes_one_coherent_view(tmp_path: Path, workers: int) -> None:
+    """A real `mailrelay-relay` (1 or 2 workers): after N messages through it to the sink, /metrics
+    shows every contract name, and the counters summed over the workers equal N exactly."""
+    import smtplib
+
+    from mailrelay_sandbox import relayproc
+    from mailrelay_sandbox import sink as sinkmod
+
+    from tests.conftest import require_tool
+
+    n = 12
+    with sinkmod.running() as upstream, relayproc.RelayProcess(
+        upstream=(upstream.host, upstream.port), spool=tmp_path / "spool", token="t0ken", workers=workers
+    ) as relay:
+        for i in range(n):  # one session per message, so SO_REUSEPORT spreads them over the workers
+            with smtplib.SMTP(*relay.smtp_address, timeout=60) as client:
+                client.sendmail("a@example.org", ["b@example.org"], f"Subject: {i}\r\n\r\nx\r\n".encode())
+        assert upstream.wait_for(n, 60)
+        deadline = time.monotonic() + 60
+        while True:
+            text = relay.metrics()
+            families = {f.name: f for f in parser.text_string_to_metric_families(text)}
+
+
+            # The queue gauge drops when the spool file is unlinked, a moment after the upstream's 250.
+            settled = family_value(families, "mailrelay_relay_messages_delivered") == n and \
+                family_value(families, "mailrelay_relay_queue_messages") == 0
+            if settled or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        for name in EXPECTED:
+            assert name in families, name
+        assert family_value(families, "mailrelay_relay_messages_accepted") == n
+        assert family_value(families, "mailrelay_relay_messages_delivered") == n
+        assert family_value(families, "mailrelay_relay_delivery_attempts", result="success") == n
+        assert family_value(families, "mailrelay_relay_delivery_duration_seconds") == n
+        assert family_value(families, "mailrelay_relay_message_size_bytes") == n
+        assert family_value(families, "mailrelay_relay_queue_messages") == 0
+        assert family_value(families, "mailrelay_relay_max_sessions") == relay.status()["max_sessions"]
+        assert len(families["mailrelay_relay_build_info"].samples) == 1
+        promtool = require_tool("promtool")
+        lint = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True,
+                              timeout=60)
+        assert lint.returncode == 0, lint.stdout + lint.stderr
