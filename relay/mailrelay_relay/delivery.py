@@ -481,7 +481,8 @@ class Delivery:
     async def stop(self) -> None:
         """Stop taking messages, let attempts in flight finish (bounded), then close the sender.
 
-        Whatever is still queued stays in the spool for the next start.
+        Whatever is still queued stays in the spool for the next process start (recover + submit).
+        This is final for this Delivery: its sender is closed, so build a new one rather than start again.
         """
         self._stopping = True
         self._open_gate()
