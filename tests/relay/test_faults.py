@@ -314,17 +314,16 @@ def small_filesystem(path: pathlib.Path, size: str) -> Iterator[pathlib.Path]:
 
 
 def fill(path: pathlib.Path) -> pathlib.Path:
+    """Fill the file system at `path` to the last byte (unbuffered writes until ENOSPC)."""
     filler = path / "filler"
-    with filler.open("wb") as f:
-        chunk = b"\0" * 65536
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(chunk)
-                f.flush()
-    with contextlib.suppress(OSError), filler.open("ab") as f:
-        while True:
-            f.write(b"\0" * 512)
-            f.flush()
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (65536, 4096, 512, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
     return filler
 
 
@@ -588,3 +587,35 @@ def test_damaged_spool_files_are_dead_lettered_at_recovery_not_delivered(tmp_pat
     finally:
         relay.kill()
         sink.stop()
+
+
+def test_disk_full_when_a_5xx_must_dead_letter_keeps_the_message(tmp_path: pathlib.Path) -> None:
+    """The upstream refuses a queued message with 550 while the spool's disk is full, so its dead-letter
+    reason cannot be written: the message stays in the queue (never dropped, never half-moved), and once
+    there is space again (here: after a restart) it is dead-lettered with its reason."""
+    port = h.free_port()
+    sink = h.RecordingSink(h.SinkBehaviour(fail={"RCPT": b"550 5.1.1 no such user"}))
+    with small_filesystem(tmp_path / "fs", "4m") as fs:
+        relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}", spool=fs / "spool").start()
+        try:
+            assert send_many(relay, ["full-5xx"]) == ["full-5xx"]
+            filler = fill(fs)
+            sink.start(port)
+            assert h.wait_until(lambda: metric(relay, ATTEMPTS, 'result="permanent"') >= 1, 30)
+            time.sleep(0.5)
+            assert relay.alive() and relay.healthy()
+            entries = h.queue_entries(relay.spool)
+            dead_done = [d for d in h.dead_letters(relay.spool) if b"full-5xx" in d[2] and d[1]]
+            assert len(entries) + len(dead_done) == 1, "the refused message vanished"
+            assert h.spool_problems(relay.spool) == []
+            filler.unlink()
+            relay.kill()
+            relay.start()
+            assert h.wait_until(lambda: relay.status()["dead_letter"]["messages"] == 1, 30)
+            (_, reason, content), = h.dead_letters(relay.spool)
+            assert "550" in reason and b"<full-5xx@test>" in content
+            assert queue_len(relay) == 0
+            assert h.spool_problems(relay.spool) == []
+        finally:
+            relay.kill()
+            sink.stop()

@@ -135,12 +135,15 @@ def test_open_relay_default_accepts_only_loopback(tmp_path: pathlib.Path, sink: 
 # admin API
 
 
-def test_admin_api_needs_the_bearer_token(tmp_path: pathlib.Path, sink: h.RecordingSink) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_admin_api_needs_the_bearer_token(
+    tmp_path: pathlib.Path, sink: h.RecordingSink, workers: int
+) -> None:
     """/status, /drain and /resume answer 401 without a token, with a wrong one, or with another
     scheme; a refused POST /drain changes nothing. /healthz, /readyz and /metrics stay open, and the
     token never appears in /metrics or the log."""
     token = "correct-horse-battery-staple"
-    with h.relay(tmp_path, sink.address, token=token) as relay:
+    with h.relay(tmp_path, sink.address, token=token, extra=["--workers", str(workers)]) as relay:
         base = f"http://{relay.host}:{relay.admin_port}"
         import urllib.error
         import urllib.request
