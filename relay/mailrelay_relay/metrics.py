@@ -10,8 +10,9 @@ values taken from user input (codes are clamped to three digits, reasons and res
 Multiprocess mode (`--workers N` with N > 1)
 --------------------------------------------
 prometheus_client chooses between in-process values and mmap-backed per-process files *when the
-package is first imported*, by looking at the environment variable PROMETHEUS_MULTIPROC_DIR. So app.py
-(the process model's owner) must, when it runs more than one worker:
+package is first imported*, by looking at the environment variable PROMETHEUS_MULTIPROC_DIR. So the
+process model's owner (cli.py sets the variable, app.py forks and reaps the workers) must, when it runs
+more than one worker:
 
 1. create an empty private directory (e.g. `tempfile.mkdtemp(prefix="mailrelay-metrics-")`, or a
    directory it wipes at start: stale files from an earlier run would be summed in);
