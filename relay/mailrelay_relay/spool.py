@@ -44,7 +44,6 @@ from mailrelay_relay import metrics
 MAGIC = b"MAILRELAY-SPOOL 1\n"
 SUFFIX = ".msg"
 REASON_SUFFIX = ".reason"
-_LARGE_WRITE = 256 * 1024  # larger contents are written off the event loop
 FAULT_ENV = "MAILRELAY_SPOOL_FAULT_FILE"
 
 
@@ -123,12 +122,12 @@ def decode_record(data: bytes) -> tuple[str, Envelope, bytes, float]:
 
 @dataclasses.dataclass
 class _Pending:
-    fd: int
+    data: bytes
     tmp: pathlib.Path
     final: pathlib.Path
+    faults: tuple[str, ...]
     future: asyncio.Future[None]
     error: BaseException | None = None
-    renamed: bool = False
 
 
 class Spool:
@@ -167,47 +166,21 @@ class Spool:
 
     # -- store (group commit) -------------------------------------------------------------------------
     async def store(self, envelope: Envelope, content: bytes, received_at: float) -> QueuedMessage:
-        """Write, fsync, rename, fsync the directory; return only then. SpoolFullError / SpoolError."""
+        """Write, fsync, rename, fsync the directory; return only then. SpoolFullError / SpoolError.
+
+        All file work happens in the commit thread (creating a file can block on the file system's
+        journal): the event loop only encodes the record and waits for its batch.
+        """
         msg_id = self.new_id(received_at)
         data = encode_record(msg_id, envelope, content, received_at)
-        tmp = self.tmp_dir / (msg_id + ".tmp")
-        final = self.queue_dir / (msg_id + SUFFIX)
-        faults = self._faults()
         loop = asyncio.get_running_loop()
-        if len(data) > _LARGE_WRITE:
-            fd = await loop.run_in_executor(None, self._write_tmp, tmp, data, faults)
-        else:
-            fd = self._write_tmp(tmp, data, faults)
-        pending = _Pending(fd, tmp, final, loop.create_future())
+        pending = _Pending(data, self.tmp_dir / (msg_id + ".tmp"), self.queue_dir / (msg_id + SUFFIX),
+                           tuple(self._faults()), loop.create_future())
         self._pending.append(pending)
         if self._committer is None:
             self._committer = loop.create_task(self._commit_loop())
         await pending.future
-        return QueuedMessage(msg_id, envelope, len(content), received_at, final)
-
-    @staticmethod
-    def _write_tmp(tmp: pathlib.Path, data: bytes, faults: list[str]) -> int:
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as error:
-            raise _spool_error(error) from error
-        try:
-            if "write-enospc" in faults:
-                raise OSError(errno.ENOSPC, "injected fault: no space left on device")
-            if "write-eio" in faults:
-                raise OSError(errno.EIO, "injected fault: input/output error")
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-        except OSError as error:
-            os.close(fd)
-            _unlink_quietly(tmp)
-            raise _spool_error(error) from error
-        if "fsync-eio" in faults:
-            # Marks the descriptor so the commit fails it: the fault is decided at write time.
-            _FSYNC_FAULTS.add(fd)
-        return fd
+        return QueuedMessage(msg_id, envelope, len(content), received_at, pending.final)
 
     async def _commit_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -223,7 +196,7 @@ class Spool:
                             item.error = error
                 self.last_commit_seconds = time.perf_counter() - started
                 self.commits += 1
-                _observe_fsync(self.last_commit_seconds)
+                metrics.SPOOL_FSYNC_DURATION.observe(self.last_commit_seconds)
                 for item in batch:
                     if item.future.done():
                         continue
@@ -234,28 +207,42 @@ class Spool:
         finally:
             self._committer = None
 
+    @staticmethod
+    def _write_one(item: _Pending) -> None:
+        """tmp file: create, write, fdatasync, close; then rename into the queue (not yet durable)."""
+        fd = os.open(item.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            if "write-enospc" in item.faults:
+                raise OSError(errno.ENOSPC, "injected fault: no space left on device")
+            if "write-eio" in item.faults:
+                raise OSError(errno.EIO, "injected fault: input/output error")
+            view = memoryview(item.data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if "fsync-eio" in item.faults:
+                raise OSError(errno.EIO, "injected fault: fsync failed")
+            os.fdatasync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(item.tmp)
+            raise
+        os.close(fd)
+        try:
+            os.rename(item.tmp, item.final)
+        except BaseException:
+            _unlink_quietly(item.tmp)
+            raise
+
     def _commit_batch(self, batch: list[_Pending]) -> None:
         renamed: list[_Pending] = []
         for item in batch:
             try:
-                if item.fd in _FSYNC_FAULTS:
-                    _FSYNC_FAULTS.discard(item.fd)
-                    raise OSError(errno.EIO, "injected fault: fsync failed")
-                os.fdatasync(item.fd)
+                self._write_one(item)
             except OSError as error:
                 item.error = error
-            finally:
-                os.close(item.fd)
-            if item.error is not None:
-                _unlink_quietly(item.tmp)
-                continue
-            try:
-                os.rename(item.tmp, item.final)
-                item.renamed = True
+            else:
                 renamed.append(item)
-            except OSError as error:
-                item.error = error
-                _unlink_quietly(item.tmp)
         if renamed:
             try:
                 _fsync_dir(self.queue_dir)
@@ -330,13 +317,6 @@ class Spool:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
-
-
-_FSYNC_FAULTS: set[int] = set()
-
-
-def _observe_fsync(seconds: float) -> None:
-    metrics.SPOOL_FSYNC_DURATION.observe(seconds)
 
 
 def _spool_error(error: BaseException) -> SpoolError:

@@ -26,7 +26,7 @@ API (everything is synchronous; wrap in `asyncio.to_thread` from async code)::
         log_path=None,                      # default: <spool>/../relay-<port>.log
         startup_timeout=30.0,
     )
-    relay.start()                           # returns once /healthz answers 200 and every worker listens
+    relay.start()                           # returns once /readyz answers 200 (every worker listens)
     relay.smtp_address                      # ("127.0.0.5", 40123)
     relay.admin_address                     # ("127.0.0.5", 40124)
     relay.admin_url                         # "http://127.0.0.5:40124"
@@ -115,6 +115,7 @@ class RelayProcess:
         self._token_dir: tempfile.TemporaryDirectory[str] | None = None
         self._token_file: pathlib.Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
 
     # -- addresses --------------------------------------------------------------------------------------
     @property
@@ -184,16 +185,15 @@ class RelayProcess:
                     f"mailrelay-relay exited with {self.process.returncode} during start-up:\n"
                     + self.log_text()[-4000:])
             with contextlib.suppress(OSError):
-                code, _ = self.get("/healthz", timeout=1.0)
-                if code == 200 and self._started_workers() >= self.workers:
+                # /readyz is 200 only once SMTP listens (with --workers N: once every worker listens);
+                # a fresh process is never draining. Works at any --log-level.
+                code, _ = self.get("/readyz", timeout=1.0)
+                if code == 200:
                     return
             time.sleep(0.05)
         self.kill()
         raise TimeoutError(f"mailrelay-relay not ready after {self.startup_timeout}s:\n"
                            + self.log_text()[-4000:])
-
-    def _started_workers(self) -> int:
-        return sum(1 for event in self.log_events(since_start=True) if event.get("event") == "relay.started")
 
     def stop(self, timeout: float | None = None) -> int:
         """SIGTERM (the relay drains, then exits), wait; SIGKILL after `timeout`. Returns the exit code."""
@@ -291,7 +291,7 @@ class RelayProcess:
         try:
             with open(self.log_path, "rb") as handle:
                 if since_start:
-                    handle.seek(getattr(self, "_log_offset", 0))
+                    handle.seek(self._log_offset)
                 data = handle.read().decode("utf-8", "replace")
         except FileNotFoundError:
             return []

@@ -300,3 +300,24 @@ def test_data_scan_matches_reference(tokens: list[bytes], split_every: int) -> N
         return  # chunked over-long lines are judged by the reader's limit, not by this reference
     assert expected is not None and scan.done
     assert (scan.outcome, scan.content()) == expected
+
+
+@given(st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"x" * 7, b"\x00", b"y" * 500]),
+                max_size=60),
+       st.integers(min_value=100, max_value=5000))
+@settings(max_examples=500)
+def test_scan_block_matches_reference(tokens: list[bytes], max_size: int) -> None:
+    """The one-block fast path for small messages decides exactly as the line-by-line rules do."""
+    stream = b"".join(tokens) + b"\r\n.\r\n"
+    framed = b"\r\n" + stream
+    end = framed.find(b"\r\n.\r\n")
+    block = framed[2:end + 2]
+    expected = reference_scan(stream)
+    assert expected is not None
+    outcome, content = policy.scan_block(block, max_size)
+    if expected[0] is policy.DataOutcome.QUEUED and len(expected[1]) > max_size:
+        expected = (policy.DataOutcome.TOO_BIG, b"")
+    assert (outcome, content) == expected
+    lines = framed[2:end + 5].split(b"\n")
+    scan = policy.scan_data([line + b"\n" for line in lines[:-1]], max_size)
+    assert (scan.outcome, scan.content()) == expected
