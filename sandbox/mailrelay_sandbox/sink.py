@@ -14,7 +14,9 @@ API (all methods are thread-safe and synchronous unless marked async):
     sink = Sink()                        # host="127.0.0.1", port=0 (a free port, kept across restarts)
     sink.start(); sink.port              # listening; `sink.address` is "127.0.0.1:PORT"
     sink.count                           # messages accepted with 250 at the end of DATA
-    sink.messages                        # list of Received(mail_from, rcpt_tos, mail_options, content, ...)
+    sink.messages                        # list of Received(mail_from, rcpt_tos, mail_options, content,
+                                         #   received_at, session); the null sender <> is mail_from ""
+    sink.received_bytes, sink.open_sessions, sink.reset()   # content bytes, live sessions, forget counts
     sink.messages_from(k)                # those after the first k (for polling long runs)
     sink.connections                     # sessions opened so far (shows connection reuse)
     sink.wait_for(n, timeout=30)         # block until count >= n (True) or timeout (False)
@@ -25,7 +27,7 @@ API (all methods are thread-safe and synchronous unless marked async):
     sink.fail("connect", 421)            # 421 greeting, then close (also "ehlo", "mail", "noop")
     sink.clear_failures()
     sink.stop(); sink.start()            # upstream down, then back on the same port
-    with Sink() as sink: ...             # start/stop
+    with Sink() as sink: ...             # start/stop; also `with sink.running(**kwargs) as s:`
 
 Commands that can fail: connect (the greeting), ehlo, mail, rcpt, data (the reply after the content),
 noop, rset. A 421 reply is followed by closing the connection, as RFC 5321 requires. `Sink(tls=
