@@ -27,7 +27,7 @@ API (all methods are thread-safe and synchronous unless marked async):
     sink.fail("connect", 421)            # 421 greeting, then close (also "ehlo", "mail", "noop")
     sink.clear_failures()
     sink.stop(); sink.start()            # upstream down, then back on the same port
-    with Sink() as sink: ...             # start/stop; also `with sink.running(**kwargs) as s:`
+    with Sink() as sink: ...             # start/stop; or module-level `with running(**kwargs) as sink:`
 
 Commands that can fail: connect (the greeting), ehlo, mail, rcpt, data (the reply after the content),
 noop, rset. A 421 reply is followed by closing the connection, as RFC 5321 requires. `Sink(tls=
