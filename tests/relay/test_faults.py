@@ -619,3 +619,39 @@ def test_disk_full_when_a_5xx_must_dead_letter_keeps_the_message(tmp_path: pathl
         finally:
             relay.kill()
             sink.stop()
+
+
+@pytest.mark.parametrize("mode", ["starttls", "tls"])
+def test_upstream_certificate_not_trusted_defers_and_sends_nothing(tmp_path: pathlib.Path, mode: str) -> None:
+    """The upstream speaks TLS with a certificate the relay cannot verify (self-signed): the relay
+    refuses the session (no MAIL, no AUTH, no content over an unverified channel), keeps the message
+    queued rather than dead-lettering it, and delivers it once it can reach an acceptable upstream."""
+    from mailrelay_sandbox import sink as sandbox_sink
+
+    from tests.conftest import require_tool
+
+    openssl = require_tool("openssl")
+    cert, key = tmp_path / "up-cert.pem", tmp_path / "up-key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    tls_sink = sandbox_sink.Sink(tls=mode, certfile=str(cert), keyfile=str(key))
+    tls_sink.start()
+    port = tls_sink.port
+    relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}", extra=["--upstream-tls", mode]).start()
+    plain = h.RecordingSink()
+    try:
+        assert send_many(relay, ["untrusted-1"]) == ["untrusted-1"]
+        assert h.wait_until(lambda: failed_attempts(relay) >= 2, 30)
+        status = relay.status()
+        assert status["queue"]["messages"] == 1 and status["dead_letter"]["messages"] == 0
+        assert tls_sink.count == 0 and tls_sink.messages == []
+        tls_sink.stop()
+        relay.kill()
+        plain.start(port)
+        relay.extra = []
+        relay.start()
+        assert h.wait_until(lambda: markers_at(plain, ["untrusted-1"])["untrusted-1"] == 1, 30)
+    finally:
+        relay.kill()
+        tls_sink.stop()
+        plain.stop()
