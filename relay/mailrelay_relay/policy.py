@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 # A MAIL without SIZE reserves this much of --max-inflight-bytes (capped at --max-message-size).
 DEFAULT_RESERVATION = 1024 * 1024
@@ -201,8 +202,10 @@ def parse_params(text: str) -> tuple[tuple[str, str | None], ...] | None:
     return tuple(params)
 
 
-def may_relay(peer_ip: str | None, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
-    """True when the client's address is inside one of the --accept-from networks."""
+@functools.lru_cache(maxsize=4096)
+def may_relay(peer_ip: str | None,
+              networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    """True when the client's address is inside one of the --accept-from networks (memoised: pure)."""
     if not peer_ip:
         return False
     try:

@@ -41,6 +41,7 @@ _BULK_LIMIT = 128 * 1024  # a DATA that ends within this many bytes is checked a
 _YIELD_EVERY = 64  # lines read without waiting before the session yields to others
 _session_ids = itertools.count(1)
 _REPLY_CHILDREN: dict[int, object] = {}
+_CONNECTION_CHILDREN = {result: metrics.CONNECTIONS.labels(result=result.value) for result in policy.Greeting}
 
 
 class ConnectionClosed(Exception):
@@ -174,7 +175,7 @@ class Session(asyncio.Protocol):
             return result, reply
 
         result, reply = state.atomic(take_slot)
-        metrics.CONNECTIONS.labels(result=result.value).inc()
+        _CONNECTION_CHILDREN[result].inc()
         if result is not policy.Greeting.ACCEPTED:
             _count_reply(reply.code)
             self.transport.write(reply.wire())

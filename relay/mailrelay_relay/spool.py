@@ -45,6 +45,7 @@ MAGIC = b"MAILRELAY-SPOOL 1\n"
 SUFFIX = ".msg"
 REASON_SUFFIX = ".reason"
 FAULT_ENV = "MAILRELAY_SPOOL_FAULT_FILE"
+CACHE_BYTES = 64 * 1024 * 1024  # contents kept in memory for delivery, per process
 
 
 class SpoolError(Exception):
@@ -145,6 +146,10 @@ class Spool:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool-commit")
         self._counter = itertools.count()
         self._pid = os.getpid()
+        # Contents of messages stored by this process and not yet removed, so that delivery does not
+        # read back from disk what it was just handed (bounded; a miss reads the file).
+        self._cache: dict[str, bytes] = {}
+        self._cache_bytes = 0
         self._fault_file = os.environ.get(FAULT_ENV) or None
         # Filled by each commit, read by whoever publishes the fsync histogram (smtp.py / app.py).
         self.last_commit_seconds = 0.0
@@ -180,6 +185,9 @@ class Spool:
         if self._committer is None:
             self._committer = loop.create_task(self._commit_loop())
         await pending.future
+        if self._cache_bytes + len(content) <= CACHE_BYTES:
+            self._cache[msg_id] = content
+            self._cache_bytes += len(content)
         return QueuedMessage(msg_id, envelope, len(content), received_at, pending.final)
 
     async def _commit_loop(self) -> None:
@@ -277,16 +285,26 @@ class Spool:
         return messages
 
     def read_content(self, msg: QueuedMessage) -> bytes:
+        cached = self._cache.get(msg.id)
+        if cached is not None:
+            return cached
         _, _, content, _ = decode_record(msg.path.read_bytes())
         return content
 
     def remove(self, msg: QueuedMessage) -> None:
         """After the upstream's 250. A message removed twice is not an error."""
+        self._forget(msg.id)
         _unlink_quietly(msg.path)
 
     def dead_letter(self, msg: QueuedMessage, reason: str) -> None:
         """Move the message to deadletter/ and write its reason next to it (durably)."""
+        self._forget(msg.id)
         self._move_to_deadletter(msg.path, msg.id, reason)
+
+    def _forget(self, msg_id: str) -> None:
+        content = self._cache.pop(msg_id, None)
+        if content is not None:
+            self._cache_bytes -= len(content)
 
     def _move_to_deadletter(self, path: pathlib.Path, msg_id: str, reason: str) -> None:
         target = self.deadletter_dir / (msg_id + SUFFIX)

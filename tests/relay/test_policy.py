@@ -211,7 +211,7 @@ def test_data_scan(lines: list[bytes], outcome: policy.DataOutcome, content: byt
      ("10.0.0.1", False), ("192.168.1.1", False), (None, False), ("garbage", False)],
 )
 def test_may_relay_defaults(ip: str | None, allowed: bool) -> None:
-    networks = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
+    networks = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
     assert policy.may_relay(ip, networks) is allowed
 
 
