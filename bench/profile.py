@@ -23,13 +23,14 @@ import sys
 import time
 import urllib.request
 
-from bench import client, postfix, procs, relay, report, server, sink, source, stats, workdir
+from bench import client, commit, postfix, procs, relay, report, server, sink, source, stats, workdir
 
 # Leaf-frame categories, first match wins (function name and file as py-spy prints them).
 CATEGORIES = (
-    ("spool: fdatasync/fsync of message files and directory", r"_commit_batch|_fsync_dir"),
-    ("spool: unlink after delivery", r"_unlink_quietly|Spool\.remove"),
-    ("spool: write of the tmp file", r"_write_tmp|Spool\.store|encode_record"),
+    ("spool commit: create, write, fdatasync, rename each file", r"_commit_batch|_write_one|_write_tmp"),
+    ("spool commit: fsync of the queue directory", r"_fsync_dir"),
+    ("spool: unlink after delivery", r"_unlink_quietly|Spool\.remove|_remove_batch"),
+    ("spool: encode the record, hand to the commit thread", r"Spool\.store|encode_record"),
     ("delivery: aiosmtplib client", r"aiosmtplib/"),
     ("metrics: prometheus_client (multiprocess mmap)", r"prometheus_client/"),
     ("logging", r"logging/|mailrelay_relay/logs\.py"),
@@ -59,16 +60,19 @@ def parse(
             continue
         count = int(count_text)
         frames = [f for f in stack.split(";") if not f.startswith("process ")]
-        thread = next((f for f in frames if f.startswith("thread ")), "")
         frames = [f for f in frames if not f.startswith("thread ")]
         if not frames:
             continue
         total += count
-        kind = "event loop" if "Runner.run" in stack or "run_until_complete" in stack else "other threads"
-        if "spool-commit" in thread or "_commit_batch" in stack:
-            kind = "spool commit thread"
+        kind = "event loop"
+        if "Thread._bootstrap" in stack:
+            kind = "other threads"
+            if "_commit_batch" in stack:
+                kind = "spool commit thread"
+            elif "_remove_batch" in stack or "_unlink_quietly" in stack:
+                kind = "spool unlink thread"
         threads[kind] += count
-        leaf[frames[-1]] += count
+        leaf[f"[{kind}] {frames[-1]}"] += count
         for frame in set(frames):
             inclusive[frame] += count
     return total, leaf, inclusive, dict(threads)
@@ -257,6 +261,7 @@ def run(
                 break
     if with_anatomy:
         result.update(anatomy(run_dir, out))
+        commit.run(run_dir.path, out)
     result["categories"] = {k: v / max(total, 1) for k, v in categorise(leaf).items()}
     result["top_leaf"] = [(f, c / max(total, 1)) for f, c in leaf.most_common(20)]
     out.record(f"profile_{kib}k", result)
