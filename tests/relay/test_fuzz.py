@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -27,6 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import require_tool
 from tests.relay import test_faults_support as h
 
 EXAMPLES = int(os.environ.get("MAILRELAY_FUZZ_EXAMPLES", "150"))
@@ -58,11 +60,18 @@ class Target:
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     tmp = tmp_path_factory.mktemp("fuzz")
+    # STARTTLS is offered, so that streams which say STARTTLS and then send anything but a handshake
+    # are fuzzed too; two workers, so that the pod-wide counters and the supervisor are under test.
+    openssl = require_tool("openssl")
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=relay.test"], check=True, capture_output=True)
     with h.RecordingSink() as sink:
         relay = h.RelayProcess(
             tmp, sink.address,
             extra=["--max-message-size", str(MAX_MESSAGE), "--max-recipients", "5", "--command-timeout", "5",
-                   "--data-timeout", "10", "--max-sessions", "50"],
+                   "--data-timeout", "10", "--max-sessions", "50", "--workers", "2",
+                   "--tls-cert", str(cert), "--tls-key", str(key)],
         ).start()
         try:
             yield Target(relay, sink)
