@@ -56,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             overload.run(run_dir, out, overload.QUICK if args.quick else overload.FULL)
         if "profile" in parts:
             messages = 300 if args.quick else max(300, 3000 * 2048 // max(args.profile_size, 2048))
-            profile.run(run_dir, out, messages=messages, size=args.profile_size)
+            size = args.profile_size
+            profile.run(run_dir, out, messages=messages, size=size, with_anatomy=size == 2048)
         if "scale-in" in parts:
             pending.scale_in(out)
         if "operator" in parts:
