@@ -42,7 +42,7 @@ ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
@@ -103,7 +103,7 @@ class RawClient:
     """A blocking SMTP client that sends exact bytes and reads replies line by line."""
 
     def __init__(self, host: str, port: int, *, source: str | None = None, timeout: float = 30.0) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         if source is not None:
             self.sock.bind((source, 0))
@@ -391,10 +391,12 @@ class RelayProcess:
         token: str | None = "s3cret-token",
         extra: Sequence[str] = (),
         env: dict[str, str] | None = None,
+        smtp_host: str | None = None,
     ) -> None:
         self.tmp = tmp
-        self.host = host
-        self.port = free_port(host)
+        self.host = host  # admin API (and SMTP unless smtp_host is given)
+        self.smtp_host = smtp_host or host
+        self.port = free_port(self.smtp_host)
         self.admin_port = free_port(host)
         self.spool = spool or (tmp / "spool")
         self.token = token
@@ -406,9 +408,10 @@ class RelayProcess:
         self.starts = 0
 
     def argv(self) -> list[str]:
+        listen_host = f"[{self.smtp_host}]" if ":" in self.smtp_host else self.smtp_host
         args = [
             str(RELAY_BIN),
-            "--listen", f"{self.host}:{self.port}",
+            "--listen", f"{listen_host}:{self.port}",
             "--admin-listen", f"{self.host}:{self.admin_port}",
             "--upstream", self.upstream,
             "--spool", str(self.spool),
@@ -437,7 +440,7 @@ class RelayProcess:
 
     def smtp_ready(self) -> bool:
         try:
-            with socket.create_connection((self.host, self.port), timeout=2):
+            with socket.create_connection((self.smtp_host, self.port), timeout=2):
                 return True
         except OSError:
             return False

@@ -131,6 +131,35 @@ def test_open_relay_default_accepts_only_loopback(tmp_path: pathlib.Path, sink: 
         assert h.first_code(ok) == 250, h.text(ok)
 
 
+def _ipv6_loopback() -> bool:
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        return True
+    return False
+
+
+def test_open_relay_ipv6_client_is_checked_against_accept_from(
+    tmp_path: pathlib.Path, sink: h.RecordingSink
+) -> None:
+    """An IPv6 client is held to --accept-from like an IPv4 one: a relay on [::1] that accepts only
+    127.0.0.0/8 refuses ::1 with 554 5.7.1; with ::1/128 added it relays."""
+    if not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback on this machine")
+    for accept, expected in (("127.0.0.0/8", b"554 5.7.1"), ("127.0.0.0/8,::1/128", b"250")):
+        r = h.RelayProcess(tmp_path / accept.replace("/", "_").replace(",", "+").replace(":", "c"),
+                           sink.address, smtp_host="::1", extra=["--accept-from", accept])
+        try:
+            r.start()
+            with h.RawClient("::1", r.port) as c:
+                c.reply()
+                c.cmd("EHLO v6.test")
+                c.cmd("MAIL FROM:<a@example.org>")
+                reply = c.cmd("RCPT TO:<victim@example.net>")
+                assert reply is not None and reply[0].startswith(expected), (accept, h.text(reply))
+        finally:
+            r.kill()
+
+
 # ------------------------------------------------------------------------------------------------
 # admin API
 
