@@ -570,9 +570,9 @@ def test_damaged_spool_files_are_dead_lettered_at_recovery_not_delivered(tmp_pat
                     files[mk] = path
         data = files["damaged-truncated"].read_bytes()
         files["damaged-truncated"].write_bytes(data[: len(data) - 7])
-        data = bytearray(files["damaged-flipped"].read_bytes())
-        data[-3] ^= 0x01
-        files["damaged-flipped"].write_bytes(bytes(data))
+        flipped = bytearray(files["damaged-flipped"].read_bytes())
+        flipped[-3] ^= 0x01
+        files["damaged-flipped"].write_bytes(bytes(flipped))
         (relay.spool / "queue" / ("0" * 25 + spool.SUFFIX)).write_bytes(b"\x00garbage\n" * 10)
         sink.start(port)
         relay.start()
