@@ -36,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = report.Report()
     info = environment.machine()
     out.line(f"mailrelay-operator bench: {info['nproc']} CPUs ({info['cpu']}), kernel {info['kernel']}")
+    info["revision"] = environment.relay_revision()
+    out.line(f"checkout: {info['revision']}")
     out.record("machine", info)
     for cleaned in workdir.sweep():
         out.line(f"swept leftovers of a dead run: {cleaned}")

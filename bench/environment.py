@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pathlib
 import platform
+import subprocess
 import sys
 import time
 
@@ -31,6 +32,18 @@ def machine() -> dict[str, str]:
         "kernel": platform.release(),
         "python": sys.version.split()[0],
     }
+
+
+def relay_revision() -> str:
+    """The checkout's commit, and whether relay/ has changes not committed (the relay runs from it)."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    try:
+        git = ["git", "-C", str(root)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "relay"], capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return head.stdout.strip() + (" (relay/ has uncommitted changes)" if dirty.stdout.strip() else "")
 
 
 def pressure(kind: str) -> str:
