@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -33,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     parts = args.parts or list(PARTS)
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so every server is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = report.Report()
     info = environment.machine()
     out.line(f"mailrelay-operator bench: {info['nproc']} CPUs ({info['cpu']}), kernel {info['kernel']}")
