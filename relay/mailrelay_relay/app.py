@@ -209,6 +209,7 @@ class Node:
             self._on_drain_flag()
             self.server.kick_idle(loop.time())
             self._publish_queue()
+            smtp.publish_reply_counts()
             await asyncio.sleep(POLL_INTERVAL)
 
     async def _shutdown(self, runner: Any) -> None:
@@ -216,6 +217,7 @@ class Node:
         self.server.close_all(policy.shutting_down(self.cfg.hostname), "shutdown")
         await self.delivery.stop()
         self._publish_queue()
+        smtp.publish_reply_counts()
         left = self.spool.queue_count() if self.serve_admin else self.delivery.stats().messages
         if left:
             logs.event(log, "relay.stopped_with_queue", level=logging.WARNING, queued=left,

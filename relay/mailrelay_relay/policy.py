@@ -56,18 +56,21 @@ def greeting(*, draining: bool, sessions: int, max_sessions: int, hostname: str)
     if draining:
         return Greeting.REFUSED_DRAINING, shutting_down(hostname)
     if sessions >= max_sessions:
-        return Greeting.REFUSED_BUSY, Reply(421, "4.3.2", f"{hostname} Too busy, try again later", close=True)
-    return Greeting.ACCEPTED, Reply(220, "", f"{hostname} ESMTP mailrelay")
+        return Greeting.REFUSED_BUSY, _busy_reply(hostname)
+    return Greeting.ACCEPTED, _greeting_reply(hostname)
 
 
+@functools.lru_cache(maxsize=64)
 def shutting_down(hostname: str) -> Reply:
     return Reply(421, "4.3.2", f"{hostname} Service shutting down, try again later", close=True)
 
 
+@functools.lru_cache(maxsize=64)
 def timeout(hostname: str) -> Reply:
     return Reply(421, "4.4.2", f"{hostname} Error: timeout exceeded", close=True)
 
 
+@functools.lru_cache(maxsize=64)
 def too_many_errors(hostname: str) -> Reply:
     return Reply(421, "4.7.0", f"{hostname} Error: too many errors", close=True)
 
@@ -79,6 +82,16 @@ def drain_gate(*, draining: bool, in_transaction: bool, verb: str, hostname: str
     return None
 
 
+@functools.lru_cache(maxsize=64)
+def _greeting_reply(hostname: str) -> Reply:
+    return Reply(220, "", f"{hostname} ESMTP mailrelay")
+
+
+@functools.lru_cache(maxsize=64)
+def _busy_reply(hostname: str) -> Reply:
+    return Reply(421, "4.3.2", f"{hostname} Too busy, try again later", close=True)
+
+
 def ehlo(hostname: str, *, max_message_size: int, starttls: bool) -> list[str]:
     """The EHLO reply lines (without CRLF)."""
     features = [hostname, "PIPELINING", f"SIZE {max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
@@ -87,11 +100,14 @@ def ehlo(hostname: str, *, max_message_size: int, starttls: bool) -> list[str]:
     return [f"250-{item}" for item in features[:-1]] + [f"250 {features[-1]}"]
 
 
+@functools.lru_cache(maxsize=64)
 def helo(hostname: str) -> Reply:
     return Reply(250, "", hostname)
 
 
 OK = Reply(250, "2.0.0", "Ok")
+MAIL_OK = Reply(250, "2.1.0", "Ok")
+RCPT_OK = Reply(250, "2.1.5", "Ok")
 BYE = Reply(221, "2.0.0", "Bye", close=True)
 NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
 BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
@@ -278,7 +294,7 @@ def decide_mail(arg: str | None, ctx: MailContext) -> MailDecision:
     if ctx.inflight_bytes > 0 and ctx.inflight_bytes + reservation > ctx.max_inflight_bytes:
         return MailDecision(Reply(455, "4.3.2", "Error: too much mail in flight, try again later"))
     return MailDecision(
-        Reply(250, "2.1.0", "Ok"), accepted=True, mail_from=path.address, options=tuple(options),
+        MAIL_OK, accepted=True, mail_from=path.address, options=tuple(options),
         reservation=reservation,
     )
 
@@ -318,7 +334,7 @@ def decide_rcpt(arg: str | None, ctx: RcptContext) -> RcptDecision:
         return RcptDecision(Reply(554, "5.7.1", "Relay access denied"))
     if ctx.recipients >= ctx.max_recipients:
         return RcptDecision(Reply(452, "4.5.3", "Error: too many recipients"))
-    return RcptDecision(Reply(250, "2.1.5", "Ok"), accepted=True, address=path.address)
+    return RcptDecision(RCPT_OK, accepted=True, address=path.address)
 
 
 # --- DATA -----------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ content.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
@@ -48,12 +49,22 @@ class ConnectionClosed(Exception):
     pass
 
 
+_REPLY_COUNTS: collections.Counter[int] = collections.Counter()
+
+
 def _count_reply(code: int) -> None:
-    child = _REPLY_CHILDREN.get(code)
-    if child is None:
-        child = metrics.REPLIES.labels(code=str(code))
-        _REPLY_CHILDREN[code] = child
-    child.inc()  # type: ignore[attr-defined]
+    _REPLY_COUNTS[code] += 1  # published by publish_reply_counts(), on app.py's 0.1 s timer
+
+
+def publish_reply_counts() -> None:
+    """Move the reply counts gathered since the last call into mailrelay_relay_replies_total."""
+    for code, count in _REPLY_COUNTS.items():
+        child = _REPLY_CHILDREN.get(code)
+        if child is None:
+            child = metrics.REPLIES.labels(code=str(code))
+            _REPLY_CHILDREN[code] = child
+        child.inc(count)  # type: ignore[attr-defined]
+    _REPLY_COUNTS.clear()
 
 
 class Server:
@@ -523,8 +534,8 @@ class Session(asyncio.Protocol):
                 metrics.MESSAGES_ACCEPTED.inc()
                 metrics.MESSAGE_SIZE.observe(msg.size)
                 self.server.on_queued(msg)
-                logs.event(log, "message.queued", session=self.id, queue_id=msg.id, size=msg.size,
-                           rcpts=len(envelope.rcpt_tos))
+                logs.event(log, "message.queued", level=logging.DEBUG, session=self.id, queue_id=msg.id,
+                           size=msg.size, rcpts=len(envelope.rcpt_tos))
         else:
             logs.event(log, "message.rejected", session=self.id, reason=outcome.value, size=size)
         self._reset()

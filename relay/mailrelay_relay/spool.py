@@ -45,6 +45,7 @@ MAGIC = b"MAILRELAY-SPOOL 1\n"
 SUFFIX = ".msg"
 REASON_SUFFIX = ".reason"
 FAULT_ENV = "MAILRELAY_SPOOL_FAULT_FILE"
+FREE_MAX_AGE = 0.1  # seconds a free-space reading is reused (MAILs reserve what they declare meanwhile)
 CACHE_BYTES = 64 * 1024 * 1024  # contents kept in memory for delivery, per process
 
 
@@ -150,6 +151,8 @@ class Spool:
         # read back from disk what it was just handed (bounded; a miss reads the file).
         self._cache: dict[str, bytes] = {}
         self._cache_bytes = 0
+        self._free = 0
+        self._free_at = -1e9
         self._fault_file = os.environ.get(FAULT_ENV) or None
         # Filled by each commit, read by whoever publishes the fsync histogram (smtp.py / app.py).
         self.last_commit_seconds = 0.0
@@ -327,11 +330,16 @@ class Spool:
         return sum(1 for entry in os.scandir(self.queue_dir) if entry.name.endswith(SUFFIX))
 
     def free_bytes(self) -> int:
+        """Free bytes on the spool's file system (statvfs, at most FREE_MAX_AGE seconds old)."""
         for word in self._faults():
             if word.startswith("free="):
                 return int(word[5:])
-        stat = os.statvfs(self.root)
-        return stat.f_bavail * stat.f_frsize
+        now = time.monotonic()
+        if now - self._free_at > FREE_MAX_AGE:
+            stat = os.statvfs(self.root)
+            self._free = stat.f_bavail * stat.f_frsize
+            self._free_at = now
+        return self._free
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -17,7 +17,7 @@ from mailrelay_sandbox import sink as sinkmod
 from tests.relay.relay_harness import HOSTNAME, Wire, message, start_relay, wait_until
 
 ARGS = ["--max-message-size", "200000", "--data-timeout", "2", "--command-timeout", "30",
-        "--max-sessions", "50"]
+        "--max-sessions", "50", "--log-level", "debug"]
 
 
 @pytest.fixture(scope="module")
