@@ -213,6 +213,7 @@ class Node:
             await asyncio.sleep(POLL_INTERVAL)
 
     async def _shutdown(self, runner: Any) -> None:
+        self.server.close_all(policy.shutting_down(self.cfg.hostname), "shutdown")
         await self.server.stop_listening()
         self.server.close_all(policy.shutting_down(self.cfg.hostname), "shutdown")
         await self.delivery.stop()

@@ -52,6 +52,14 @@ def gather(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, co
     return values
 
 
+def default_hostname() -> str:
+    """The host's FQDN, or its plain name when the FQDN lookup only finds localhost (e.g. in a pod)."""
+    name = socket.getfqdn()
+    if not name or name.startswith("localhost"):
+        name = socket.gethostname() or "localhost"
+    return name
+
+
 def read_secret(flag: str, path: pathlib.Path | None) -> str | None:
     if path is None:
         return None
@@ -75,7 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        cfg = config.from_values(gather(args, os.environ), default_hostname=socket.getfqdn())
+        values = gather(args, os.environ)
+        fallback = "" if values["hostname"] else default_hostname()
+        cfg = config.from_values(values, default_hostname=fallback)
         token = read_secret("--admin-token-file", cfg.admin_token_file)
         password = read_secret("--upstream-password-file", cfg.upstream_password_file)
         check_readable("--tls-cert", cfg.tls_cert)
