@@ -36,6 +36,7 @@ import itertools
 import json
 import os
 import pathlib
+import threading
 import time
 import zlib
 from typing import Any
@@ -154,6 +155,7 @@ class Spool:
         # read back from disk what it was just handed (bounded; a miss reads the file).
         self._cache: dict[str, bytes] = {}
         self._cache_bytes = 0
+        self._cache_lock = threading.Lock()  # remove() may run in a thread (delivery batches removals)
         self._free = 0
         self._free_at = -1e9
         self._fault_file = os.environ.get(FAULT_ENV) or None
@@ -191,9 +193,10 @@ class Spool:
         if self._committer is None:
             self._committer = loop.create_task(self._commit_loop())
         await pending.future
-        if self._cache_bytes + len(content) <= CACHE_BYTES:
-            self._cache[msg_id] = content
-            self._cache_bytes += len(content)
+        with self._cache_lock:
+            if self._cache_bytes + len(content) <= CACHE_BYTES:
+                self._cache[msg_id] = content
+                self._cache_bytes += len(content)
         return QueuedMessage(msg_id, envelope, len(content), received_at, pending.final)
 
     async def _commit_loop(self) -> None:
@@ -314,9 +317,10 @@ class Spool:
         self._move_to_deadletter(msg.path, msg.id, reason)
 
     def _forget(self, msg_id: str) -> None:
-        content = self._cache.pop(msg_id, None)
-        if content is not None:
-            self._cache_bytes -= len(content)
+        with self._cache_lock:
+            content = self._cache.pop(msg_id, None)
+            if content is not None:
+                self._cache_bytes -= len(content)
 
     def _move_to_deadletter(self, path: pathlib.Path, msg_id: str, reason: str) -> None:
         target = self.deadletter_dir / (msg_id + SUFFIX)
