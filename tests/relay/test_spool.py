@@ -126,3 +126,21 @@ def test_free_bytes_fault_and_real(tmp_path: pathlib.Path, monkeypatch: pytest.M
     fault_file.write_text("free=123")
     assert sp.free_bytes() == 123
     sp.close()
+
+
+async def test_content_cache_is_bounded_and_released(tmp_path: pathlib.Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spool, "CACHE_BYTES", 1000)
+    sp = spool.Spool(tmp_path)
+    envelope = spool.Envelope("a@b.example", ("c@d.example",))
+    messages = await asyncio.gather(*(sp.store(envelope, b"x" * 300, float(n)) for n in range(10)))
+    assert sp._cache_bytes <= 1000 and len(sp._cache) == 3
+    # cached or not, the content is the same as on disk
+    assert all(sp.read_content(m) == b"x" * 300 for m in messages)
+    await asyncio.gather(*(asyncio.to_thread(sp.remove, m) for m in messages[:5]))
+    sp.dead_letter(messages[5], "550 no")
+    for m in messages[6:]:
+        sp.remove(m)
+    assert (sp._cache_bytes, sp._cache) == (0, {})
+    assert sp.recover() == []
+    sp.close()
