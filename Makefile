@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup venv tools test test-fast lint demo demo-compare bench dashboards clean e2e-kind
+.PHONY: setup venv tools test test-fast lint demo demo-compare bench dashboards crds clean e2e-kind
 
 setup: venv tools
 
@@ -44,6 +44,9 @@ bench: setup
 
 dashboards: venv
 	$(BIN)/python dashboards/generate.py
+
+crds:
+	cp crds/mailrelay.yaml charts/mailrelay-operator/crds/mailrelay.yaml
 
 e2e-kind: setup
 	bash tests/e2e/kind/run.sh

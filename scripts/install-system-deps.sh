@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests, the demo and the benchmark drive as real peers:
-# Postfix (smtp-source, smtp-sink, and Postfix itself for the benchmark), swaks, and Prometheus (promtool).
+# Postfix (smtp-source, smtp-sink, and Postfix itself for the benchmark), swaks, Prometheus (promtool),
+# and tini (the images' PID 1, run by tests/chart/test_pid1.py).
 # Idempotent: it does nothing when every tool is already on PATH.
 set -euo pipefail
 need=()
@@ -8,6 +9,7 @@ command -v smtp-sink >/dev/null 2>&1 || need+=(postfix)
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v unzip >/dev/null 2>&1 || need+=(unzip)
+command -v tini >/dev/null 2>&1 || need+=(tini)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
