@@ -26,8 +26,11 @@ import urllib.request
 from bench import client, commit, postfix, procs, relay, report, server, sink, source, stats, workdir
 
 # Leaf-frame categories, first match wins (function name and file as py-spy prints them).
+# Leaf frames of a pool thread waiting for work: idle, though py-spy samples them (they wait on a lock).
+IDLE = r"^\[[^]]*\] (_worker \(concurrent/futures/thread\.py|Condition\.wait \(threading\.py)"
+
 CATEGORIES = (
-    ("spool commit: create, write, fdatasync, rename each file", r"_commit_batch|_write_one|_write_tmp"),
+    ("spool commit: create, write, fdatasync, rename each file", r"_commit_batch|_write_one|_try_write"),
     ("spool commit: fsync of the queue directory", r"_fsync_dir"),
     ("spool: unlink after delivery", r"_unlink_quietly|Spool\.remove|_remove_batch"),
     ("spool: encode the record, hand to the commit thread", r"Spool\.store|encode_record"),
@@ -67,12 +70,17 @@ def parse(
         kind = "event loop"
         if "Thread._bootstrap" in stack:
             kind = "other threads"
-            if "_commit_batch" in stack:
-                kind = "spool commit thread"
+            if re.search(r"_commit_batch|_write_one|_try_write", stack):
+                kind = "spool commit threads"
             elif "_remove_batch" in stack or "_unlink_quietly" in stack:
                 kind = "spool unlink thread"
+        name = f"[{kind}] {frames[-1]}"
+        if re.search(IDLE, name):
+            kind = "idle pool threads"
         threads[kind] += count
-        leaf[f"[{kind}] {frames[-1]}"] += count
+        if kind == "idle pool threads":
+            continue
+        leaf[name] += count
         for frame in set(frames):
             inclusive[frame] += count
     return total, leaf, inclusive, dict(threads)
@@ -240,11 +248,15 @@ def run(
     keep = pathlib.Path(f"out/bench/profile-relay-{kib}k.txt")
     keep.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(raw, keep)
-    total, leaf, inclusive, threads = parse(raw)
-    out.line(f"{total} samples of running (non-idle) Python threads; raw stacks in {keep}")
+    every, leaf, inclusive, threads = parse(raw)
+    idle = threads.get("idle pool threads", 0)
+    total = max(every - idle, 1)
     out.line(
-        "by thread: " + ", ".join(f"{k} {100 * v / max(total, 1):.0f}%" for k, v in sorted(threads.items()))
+        f"{every} samples; {idle} of them are pool threads waiting for work (idle, left out below); "
+        f"raw stacks in {keep}"
     )
+    busy = sorted((k, v) for k, v in threads.items() if k != "idle pool threads")
+    out.line("by thread (busy samples): " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in busy))
     out.line("where the samples are (leaf frame, by category):")
     for name, count in categorise(leaf).most_common():
         out.line(f"  {100 * count / total:5.1f}%  {name}")
