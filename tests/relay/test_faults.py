@@ -338,6 +338,9 @@ def test_spool_disk_full_answers_452_and_keeps_the_spool_intact(tmp_path: pathli
         try:
             assert send_many(relay, ["full-before-1", "full-before-2"]) == ["full-before-1", "full-before-2"]
             filler = fill(fs)
+            # The relay reuses a free-space reading for up to spool.FREE_MAX_AGE (0.1 s); within that
+            # window a MAIL may still pass, and its DATA then gets the 452 checked below.
+            time.sleep(0.5)
             with h.RawClient(relay.host, relay.port) as c:
                 c.reply()
                 c.cmd("EHLO client.test")
@@ -351,6 +354,7 @@ def test_spool_disk_full_answers_452_and_keeps_the_spool_intact(tmp_path: pathli
             entries = h.queue_entries(relay.spool)
             assert len(entries) == 2 and not any(b"full-during" in e[2] for e in entries)
             filler.unlink()
+            time.sleep(0.5)  # past the free-space reading's reuse window (see above)
             assert send_many(relay, ["full-after"]) == ["full-after"]
             sink.start(port)
             markers = ["full-before-1", "full-before-2", "full-after"]
