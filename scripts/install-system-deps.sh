@@ -10,6 +10,7 @@ command -v swaks >/dev/null 2>&1 || need+=(swaks)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v unzip >/dev/null 2>&1 || need+=(unzip)
 command -v tini >/dev/null 2>&1 || need+=(tini)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
