@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from bench import environment, overload, pending, profile, report, sessions, throughput, workdir
+from bench import environment, overload, pending, profile, report, scalein, sessions, throughput, workdir
 
 PARTS = ("throughput", "sessions", "overload", "profile", "scale-in", "operator")
 
@@ -60,13 +60,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "overload" in parts:
             overload.run(run_dir, out, overload.QUICK if args.quick else overload.FULL)
         if "profile" in parts:
-            messages = 300 if args.quick else max(300, 3000 * 2048 // max(args.profile_size, 2048))
+            messages = 300 if args.quick else max(300, 2000 * 2048 // max(args.profile_size, 2048))
             size = args.profile_size
             profile.run(run_dir, out, messages=messages, size=size, with_anatomy=size == 2048)
         if "scale-in" in parts:
-            pending.scale_in(out)
+            if args.quick:
+                pending.scale_in(out)
+            else:
+                scalein.run(run_dir, out)
         if "operator" in parts:
-            pending.operator(out)
+            pending.operator(out, asked="operator" in args.parts, quick=args.quick)
         snap = environment.snapshot(run_dir.path)
         out.line("")
         out.line(f"at end: {environment.line(snap)}")

@@ -28,7 +28,7 @@ from bench import client, postfix, relay, report, server, sink, stats, workdir
 class Config:
     cap: int = 50
     factor: int = 4
-    seconds: float = 10.0
+    seconds: float = 8.0
     size: int = 2048
     retry: float = 0.1
     workers: int = 2

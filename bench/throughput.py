@@ -45,10 +45,10 @@ class Sample:
 
 
 FULL = (
-    Scenario(size=2048, sessions=20, messages=2000, repeats=3),
-    Scenario(size=2048, sessions=200, messages=2000, repeats=1),
-    Scenario(size=102400, sessions=20, messages=500, repeats=1),
-    Scenario(size=102400, sessions=200, messages=500, repeats=1),
+    Scenario(size=2048, sessions=20, messages=1500, repeats=3),
+    Scenario(size=2048, sessions=200, messages=1500, repeats=1),
+    Scenario(size=102400, sessions=20, messages=400, repeats=1),
+    Scenario(size=102400, sessions=200, messages=400, repeats=1),
 )
 QUICK = (Scenario(size=2048, sessions=10, messages=100, repeats=1),)
 
