@@ -34,6 +34,7 @@ from mailrelay_relay import config, logs, metrics, podstate, policy, spool
 
 log = logging.getLogger("mailrelay.smtp")
 
+SWEEP_INTERVAL = 0.1  # how often deadlines are checked (timeouts fire up to this much late)
 READ_LIMIT = 64 * 1024  # longest line buffered before it is treated as over-long
 _HIGH_WATER = 256 * 1024
 _MAX_QUEUED_REPLIES = 64  # replies held back for batching before they are written regardless
@@ -96,7 +97,17 @@ class Server:
             self.protocol_factory, self.cfg.listen_host, self.cfg.listen_port,
             reuse_port=reuse_port or None, reuse_address=True, backlog=1024,
         )
+        loop.call_later(SWEEP_INTERVAL, self._sweep)
         return self._server
+
+    def _sweep(self) -> None:
+        """Every SWEEP_INTERVAL: a session past its deadline gets 421 4.4.2 (command, DATA, or reading)."""
+        now = asyncio.get_running_loop().time()
+        for session in list(self.sessions):
+            deadline = session.deadline
+            if deadline is not None and now >= deadline:
+                session._on_timeout()
+        asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
 
     def bound_port(self) -> int:
         assert self._server is not None
@@ -156,7 +167,7 @@ class Session(asyncio.Protocol):
         self.write_waiter: asyncio.Future[None] | None = None
         self.out: list[bytes] = []
         self.lines_served = 0
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline: float | None = None  # loop time by which the awaited input (or drain) must come
         self.idle_since: float | None = None
         self.task: asyncio.Task[None] | None = None
         self.tls = False
@@ -221,8 +232,7 @@ class Session(asyncio.Protocol):
         self._wake()
         if self.write_waiter is not None and not self.write_waiter.done():
             self.write_waiter.set_result(None)
-        if self.timer is not None:
-            self.timer.cancel()
+        self.deadline = None
         self.idle_since = None
         self._release()
         if self.counted:
@@ -292,11 +302,11 @@ class Session(asyncio.Protocol):
         if not self.write_paused or self.closed:
             return
         self.write_waiter = self.loop.create_future()
-        timer = self.loop.call_at(deadline, self._on_timeout)
+        self.deadline = deadline
         try:
             await self.write_waiter
         finally:
-            timer.cancel()
+            self.deadline = None
             self.write_waiter = None
         if self.closed:
             raise ConnectionClosed
@@ -310,12 +320,11 @@ class Session(asyncio.Protocol):
             self._on_timeout()
             raise ConnectionClosed
         self.waiter = self.loop.create_future()
-        self.timer = self.loop.call_at(deadline, self._on_timeout)
+        self.deadline = deadline  # enforced by Server's sweep (a timer per wait costs more than a sweep)
         try:
             await self.waiter
         finally:
-            self.timer.cancel()
-            self.timer = None
+            self.deadline = None
             self.waiter = None
 
     async def readline(self, deadline: float, *, idle: bool = False) -> bytes:
