@@ -160,6 +160,7 @@ class Termination:
     was_drained: bool | None      # the relay's last /status said drained before SIGTERM
     last_status: Obj | None
     served: bool = False          # the pod was Ready at some point (it took traffic)
+    finalized_at: float = 0.0     # the pod object was removed from the API
 
 
 @dataclasses.dataclass
@@ -564,10 +565,13 @@ class ControlPlane:
         termination.served = runtime.served
         self.terminations.append(termination)
         log.info("pod %s ended: %s", runtime.name, termination)
-        shutil.rmtree(runtime.workdir, ignore_errors=True)  # the emptyDir goes with the pod
+        # The pod's volumes (its spool, an emptyDir) go with it; the relay's log is kept for debugging.
+        shutil.rmtree(runtime.workdir / "volumes", ignore_errors=True)
+        shutil.rmtree(runtime.spool, ignore_errors=True)
         self.runtimes.pop(runtime.name, None)
         if finalize:
             await self._finalize(runtime.name)
+        termination.finalized_at = time.time()
 
     async def _finalize(self, name: str) -> None:
         with contextlib.suppress(ApiError):

@@ -25,6 +25,7 @@ class Sample:
     resets: int              # sessions reset so far
     overloaded: bool = False
     maintenance: bool = False
+    throttled: bool = False  # the upstream answers 451 (smarthost throttling)
     phase: str = ""
 
 
@@ -37,8 +38,8 @@ class Phase:
 
 def line(sample: Sample) -> str:
     """One compact terminal line (fits 100 columns)."""
-    flags = " ".join(f for f, on in (("OVERLOADED", sample.overloaded), ("MAINTENANCE", sample.maintenance))
-                     if on)
+    flags = " ".join(f for f, on in (("OVERLOADED", sample.overloaded), ("MAINTENANCE", sample.maintenance),
+                                     ("UPSTREAM-451", sample.throttled)) if on)
     return (
         f"{sample.t:5.0f}s {sample.phase:<11.11} "
         f"replicas {sample.desired:>2} desired {sample.ready:>2} ready {sample.draining:>2} draining | "
@@ -48,9 +49,29 @@ def line(sample: Sample) -> str:
     ).rstrip()
 
 
+def runs(samples: Sequence[Sample], attribute: str) -> list[tuple[float, float]]:
+    """Contiguous time spans where a flag of the samples is set (pure)."""
+    spans: list[tuple[float, float]] = []
+    start: float | None = None
+    previous = 0.0
+    for sample in samples:
+        on = bool(getattr(sample, attribute))
+        if on and start is None:
+            start = sample.t - 0.5
+        elif not on and start is not None:
+            spans.append((start, previous + 0.5))
+            start = None
+        previous = sample.t
+    if start is not None:
+        spans.append((start, previous + 0.5))
+    return spans
+
+
 def render_png(samples: Sequence[Sample], phases: Sequence[Phase], path: Path, title: str,
                footer: str = "") -> Path:
-    """Draw replicas, sessions/queue and msg/s / 421/s over time, with the scenario's phases shaded."""
+    """Draw replicas, sessions/queue and msg/s / 421/s over time, with the scenario's phases shaded.
+
+    Red bands: Overloaded; blue: maintenance; yellow: the upstream answers 451."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,13 +88,11 @@ def render_png(samples: Sequence[Sample], phases: Sequence[Phase], path: Path, t
         replicas.text((phase.start + phase.end) / 2, 1.02, phase.label,
                       transform=replicas.get_xaxis_transform(), ha="center", va="bottom", fontsize=9,
                       color="#444444")
-    for ax in axes:
-        overload = [s.t for s in samples if s.overloaded]
-        for x in overload:
-            ax.axvspan(x - 0.5, x + 0.5, color="#fde0dc", zorder=0.5, lw=0)
-        maintenance = [s.t for s in samples if s.maintenance]
-        for x in maintenance:
-            ax.axvspan(x - 0.5, x + 0.5, color="#e3ecfa", zorder=0.5, lw=0)
+    bands = (("overloaded", "#fde0dc"), ("maintenance", "#dce6f7"), ("throttled", "#fff2c6"))
+    for attribute, color in bands:
+        for start, end in runs(samples, attribute):
+            for ax in axes:
+                ax.axvspan(start, end, color=color, zorder=0.5, lw=0)
 
     replicas.step(t, [s.desired for s in samples], where="post", label="desired", color="#1f77b4", lw=2)
     replicas.step(t, [s.ready for s in samples], where="post", label="ready", color="#2ca02c", lw=2)
@@ -106,7 +125,7 @@ def render_png(samples: Sequence[Sample], phases: Sequence[Phase], path: Path, t
     resets_ax.set_ylim(bottom=0, top=max([s.resets for s in samples] + [1]) * 1.2)
     handles = rates.get_legend_handles_labels()[0] + resets_ax.get_legend_handles_labels()[0]
     labels = rates.get_legend_handles_labels()[1] + resets_ax.get_legend_handles_labels()[1]
-    rates.legend(handles, labels, loc="upper left", fontsize=8)
+    rates.legend(handles, labels, loc="upper right", fontsize=8)
     if t:
         rates.set_xlim(0, max(t))
     if footer:

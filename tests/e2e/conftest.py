@@ -19,7 +19,11 @@ NAMESPACE = "mail"
 @pytest.fixture
 async def emulator() -> AsyncIterator[kubeemu.Running]:
     async with kubeemu.serve(namespaces=[NAMESPACE], graceful_pod_deletion=True) as running:
-        yield running
+        trimmer = asyncio.create_task(scenario.trim_request_log(running.emulator))
+        try:
+            yield running
+        finally:
+            trimmer.cancel()
 
 
 @pytest.fixture
