@@ -197,8 +197,8 @@ def run(out: report.Report, cfg: Config) -> dict[str, Any]:
     target = 2.0 * cfg.interval
     rows = [[str(i + 1), f"{r.phase_offset:.2f}", f"{r.opening:.2f}", f"{r.reaction:.2f}", str(r.to_replicas),
              "-" if r.capacity is None else f"{r.capacity:.2f}"] for i, r in enumerate(results)]
-    out.table(["step", "started at +s", "12 sessions open s", "reaction s", "replicas set", "3 relays ready s"],
-              rows)
+    header = ["step", "started at +s", "12 sessions open s", "reaction s", "replicas set", "3 relays ready s"]
+    out.table(header, rows)
     p50 = stats.percentile(reactions, 50)
     worst = max(reactions)
     out.line(f"reaction p50 {p50:.2f} s, max {worst:.2f} s over {len(reactions)} steps; "
@@ -214,7 +214,8 @@ def run(out: report.Report, cfg: Config) -> dict[str, Any]:
     figures: dict[str, Any] = {
         "interval_seconds": cfg.interval, "steps": len(results), "reaction_seconds": reactions,
         "reaction_p50": p50, "reaction_max": worst, "target_seconds": target,
-        "capacity_seconds": [r.capacity for r in results], "opening_seconds": [r.opening for r in results], "hpa_reference_seconds": HPA_REFERENCE_SECONDS,
+        "capacity_seconds": [r.capacity for r in results], "opening_seconds": [r.opening for r in results],
+        "hpa_reference_seconds": HPA_REFERENCE_SECONDS,
         "hpa_reference_note": "quoted in issue 3, not measured here", "operator_command": command,
         "loadavg_start": load_start, "loadavg_end": load_end,
     }
