@@ -354,6 +354,7 @@ class DataOutcome(enum.Enum):
     TOO_BIG = "too_big"
     BARE_NEWLINE = "bare_newline"
     LINE_TOO_LONG = "line_too_long"
+    INFLIGHT = "inflight"  # the content outgrew its reservation past --max-inflight-bytes
     SPOOL_FULL = "spool_full"
     SPOOL_ERROR = "spool_error"
 
@@ -367,13 +368,27 @@ def data_reply(outcome: DataOutcome, queue_id: str = "") -> Reply:
         return Reply(550, "5.6.0", "Error: bare CR or LF in message data (RFC 5321 section 2.3.8)")
     if outcome is DataOutcome.LINE_TOO_LONG:
         return Reply(550, "5.6.0", "Error: line longer than 1000 octets (RFC 5321 section 4.5.3.1.6)")
+    if outcome is DataOutcome.INFLIGHT:
+        return Reply(451, "4.3.2", "Error: too much mail in flight, try again later")
     if outcome is DataOutcome.SPOOL_FULL:
         return Reply(452, "4.3.1", "Error: insufficient system storage")
     return Reply(451, "4.3.0", "Error: local error in processing, try again later")
 
 
-_SEVERITY = {DataOutcome.QUEUED: 0, DataOutcome.TOO_BIG: 1, DataOutcome.LINE_TOO_LONG: 2,
-             DataOutcome.BARE_NEWLINE: 3}
+_SEVERITY = {DataOutcome.QUEUED: 0, DataOutcome.INFLIGHT: 1, DataOutcome.TOO_BIG: 2,
+             DataOutcome.LINE_TOO_LONG: 3, DataOutcome.BARE_NEWLINE: 4}
+
+
+def worse(a: DataOutcome, b: DataOutcome) -> DataOutcome:
+    """The more telling of two DATA outcomes: a permanent content error beats load, load beats OK."""
+    return a if _SEVERITY[a] >= _SEVERITY[b] else b
+
+
+def may_grow(*, total: int, mine: int, extra: int, limit: int) -> bool:
+    """May a transaction holding `mine` (part of the pod's `total`) hold `extra` more bytes of DATA?
+    Yes while the pod stays within `limit`, or when no other transaction holds anything (a lone
+    transaction always passes, as at MAIL)."""
+    return total + extra <= limit or total - mine <= 0
 
 
 @dataclasses.dataclass
@@ -420,6 +435,10 @@ class DataScan:
             self._fail(DataOutcome.TOO_BIG)
         if self.outcome is DataOutcome.QUEUED:
             self.chunks.append(line)
+
+    def refuse(self, outcome: DataOutcome) -> None:
+        """Stop keeping the content for a reason found outside the scan (e.g. DataOutcome.INFLIGHT)."""
+        self._fail(outcome)
 
     def _fail(self, outcome: DataOutcome) -> None:
         """Keep the most telling reason: bare CR/LF, then an over-long line, then the size."""

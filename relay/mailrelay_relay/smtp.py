@@ -410,12 +410,27 @@ class Session(asyncio.Protocol):
             metrics.INFLIGHT_BYTES.dec(self.reservation)
             self.reservation = 0
 
-    def _grow_reservation(self, held: int) -> None:
-        """The bytes really held count towards --max-inflight-bytes, whatever SIZE declared."""
+    def _grow_reservation(self, held: int) -> bool:
+        """The bytes really held count towards --max-inflight-bytes, whatever SIZE declared: grow the
+        reservation to `held` (in steps), or return False when policy.may_grow refuses (the caller then
+        stops keeping the content and the DATA ends with 451 4.3.2)."""
         extra = max(held - self.reservation, _RESERVATION_STEP)
-        self.server.state.add(podstate.INFLIGHT, extra)
+        state = self.server.state
+        limit = self.cfg.max_inflight_bytes
+        mine = self.reservation
+
+        def grow() -> bool:
+            total = state.get(podstate.INFLIGHT)
+            if not policy.may_grow(total=total, mine=mine, extra=extra, limit=limit):
+                return False
+            state.set(podstate.INFLIGHT, total + extra)
+            return True
+
+        if not state.atomic(grow):
+            return False
         metrics.INFLIGHT_BYTES.inc(extra)
         self.reservation += extra
+        return True
 
     def _reset(self) -> None:
         self._release()
@@ -515,14 +530,15 @@ class Session(asyncio.Protocol):
         if block is not None:  # the common case: the whole message at once, checked at C speed
             outcome, content = policy.scan_block(block, self.cfg.max_message_size)
             size = len(block)
-            if len(content) > self.reservation:
-                self._grow_reservation(len(content))
+            if len(content) > self.reservation and not self._grow_reservation(len(content)):
+                outcome, content = policy.worse(outcome, policy.DataOutcome.INFLIGHT), b""
         else:  # a large message: line by line, never holding more than the limit
             scan = policy.DataScan(self.cfg.max_message_size)
             while not scan.done:
                 scan.feed(await self.readline(deadline))
-                if scan.size > self.reservation and scan.outcome is policy.DataOutcome.QUEUED:
-                    self._grow_reservation(scan.size)
+                if scan.size > self.reservation and scan.outcome is policy.DataOutcome.QUEUED \
+                        and not self._grow_reservation(scan.size):
+                    scan.refuse(policy.DataOutcome.INFLIGHT)
             outcome, content, size = scan.outcome, scan.content(), scan.size
             scan.chunks = []
         queue_id = ""

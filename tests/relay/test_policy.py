@@ -159,6 +159,7 @@ def test_drain_gate(draining: bool, in_transaction: bool, verb: str, closes: boo
          "550 5.6.0 Error: bare CR or LF in message data (RFC 5321 section 2.3.8)"),
         (policy.DataOutcome.LINE_TOO_LONG,
          "550 5.6.0 Error: line longer than 1000 octets (RFC 5321 section 4.5.3.1.6)"),
+        (policy.DataOutcome.INFLIGHT, "451 4.3.2 Error: too much mail in flight, try again later"),
         (policy.DataOutcome.SPOOL_FULL, "452 4.3.1 Error: insufficient system storage"),
         (policy.DataOutcome.SPOOL_ERROR, "451 4.3.0 Error: local error in processing, try again later"),
     ],
@@ -321,3 +322,31 @@ def test_scan_block_matches_reference(tokens: list[bytes], max_size: int) -> Non
     lines = framed[2:end + 5].split(b"\n")
     scan = policy.scan_data([line + b"\n" for line in lines[:-1]], max_size)
     assert (scan.outcome, scan.content()) == expected
+
+
+@pytest.mark.parametrize(
+    ("total", "mine", "extra", "limit", "allowed"),
+    [
+        (1000, 1000, 65536, 100, True),  # alone: always
+        (2000, 1000, 65536, 100_000, True),
+        (50_000, 1000, 50_001, 100_000, False),
+        (50_000, 1000, 50_000, 100_000, True),
+        (0, 0, 10**9, 1, True),
+    ],
+)
+def test_may_grow(total: int, mine: int, extra: int, limit: int, allowed: bool) -> None:
+    assert policy.may_grow(total=total, mine=mine, extra=extra, limit=limit) is allowed
+
+
+def test_worse_prefers_permanent_content_errors() -> None:
+    order = [policy.DataOutcome.QUEUED, policy.DataOutcome.INFLIGHT, policy.DataOutcome.TOO_BIG,
+             policy.DataOutcome.LINE_TOO_LONG, policy.DataOutcome.BARE_NEWLINE]
+    for i, a in enumerate(order):
+        for j, b in enumerate(order):
+            assert policy.worse(a, b) is order[max(i, j)]
+    scan = policy.DataScan(max_size=100)
+    scan.feed(b"abc\r\n")
+    scan.refuse(policy.DataOutcome.INFLIGHT)
+    scan.feed(b"d\n")  # a bare LF (the reader hands over pieces that end at each LF)
+    scan.feed(b"e\r\n")
+    assert scan.outcome is policy.DataOutcome.BARE_NEWLINE and scan.content() == b""
