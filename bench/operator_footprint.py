@@ -59,7 +59,7 @@ class Config:
 
 
 FULL = Config(relays=200, interval=5, window=90.0, warmup=15.0)
-QUICK = Config(relays=5, interval=2, window=8.0, warmup=2.0)
+QUICK = Config(relays=5, interval=1, window=8.0, warmup=1.0)
 
 
 # --- the emulated relays' admin API (runs in its own process) -------------------------------------
@@ -340,7 +340,7 @@ async def measure(cfg: Config, workdir: pathlib.Path, admin_port: int, control_p
                         f"ready after {deadline - started:.0f}s\n{operator.log_tail()}"
                     )
                 await filler.fill(http)
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(0.5)
             startup = time.monotonic() - started
             rss_start, _ = procs.memory_kib(procs.tree(pid))
             await asyncio.sleep(cfg.warmup)
@@ -465,7 +465,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = report.Report()
+    started_run = time.monotonic()
     run(out, cfg, keep=args.keep)
+    out.line(f"done in {time.monotonic() - started_run:.0f} s; figures in {args.json}")
     out.save(args.json)
     return 0
 

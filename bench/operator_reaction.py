@@ -120,7 +120,7 @@ async def wait_for(check: Any, within: float, what: str, poll: float = 0.02) -> 
 
 
 async def one_step(emu: kubeemu.Running, plane: controlplane.ControlPlane, cfg: Config,
-                   rng: random.Random) -> StepResult:
+                   rng: random.Random, *, last: bool) -> StepResult:
     endpoints = plane.endpoints()
     if len(endpoints) != 1 or deployment_replicas(emu) != 1:
         raise RuntimeError(f"step must start from one relay (endpoints {endpoints})")
@@ -141,9 +141,10 @@ async def one_step(emu: kubeemu.Running, plane: controlplane.ControlPlane, cfg: 
             capacity = None
     finally:
         await asyncio.gather(*(s.close() for s in sessions))
-    # back to one relay: the operator drains the idle relays and lowers the count
-    await wait_for(lambda: deployment_replicas(emu) == 1 and len(plane.runtimes) == 1
-                   and len(plane.endpoints()) == 1, 120, "scale-in back to one relay", 0.1)
+    # back to one relay for the next step: the operator drains the idle relays and lowers the count
+    if not last:
+        await wait_for(lambda: deployment_replicas(emu) == 1 and len(plane.runtimes) == 1
+                       and len(plane.endpoints()) == 1, 120, "scale-in back to one relay", 0.1)
     return StepResult(reaction=raised - started, opening=opening, to_replicas=to_replicas,
                       capacity=capacity, phase_offset=offset)
 
@@ -173,10 +174,10 @@ async def measure(cfg: Config, workdir: pathlib.Path, seed: int = 1) -> tuple[li
                     raise RuntimeError(f"{exc}\n{operator.log_tail()}") from exc
                 await asyncio.sleep(cfg.interval * 2)  # the operator's loop is up and settled
                 results = []
-                for _ in range(cfg.steps):
+                for index in range(cfg.steps):
                     if not operator.running:
                         raise RuntimeError(f"mailrelay-operator exited:\n{operator.log_tail()}")
-                    results.append(await one_step(emu, plane, cfg, rng))
+                    results.append(await one_step(emu, plane, cfg, rng, last=index == cfg.steps - 1))
             finally:
                 await operator.stop()
             return results, " ".join(operator.command)
@@ -235,7 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = Config(interval=args.interval or cfg.interval, steps=args.steps or cfg.steps)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = report.Report()
+    started_run = time.monotonic()
     run(out, cfg)
+    out.line(f"done in {time.monotonic() - started_run:.0f} s; figures in {args.json}")
     out.save(args.json)
     return 0
 

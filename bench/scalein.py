@@ -62,7 +62,7 @@ class Config:
 
 
 FULL = Config(sessions=6, rate=30.0, warmup=12.0, after=10.0, defer_upstream=0.0, interval=2)
-QUICK = Config(sessions=3, rate=10.0, warmup=4.0, after=2.0, defer_upstream=0.0, interval=1)
+QUICK = Config(sessions=3, rate=10.0, warmup=3.0, after=1.0, defer_upstream=0.0, interval=1)
 
 
 @dataclass
@@ -224,7 +224,7 @@ def run(out: report.Report, cfg: Config, *, keep: bool = False) -> dict[str, Any
     ours, naive = results["drain-first"], results["naive"]
     rows: list[tuple[str, str]] = [
         ("sessions_reset", "sessions reset (dropped without an SMTP reply)"),
-        ("spool_left", "messages left in removed relays' spools (at risk)"),
+        ("spool_left", "spool files left on removed relays (at risk)"),
         ("lost", "lost (answered 250, never delivered)"),
         ("duplicates", "accepted twice (reset between '.' and 250)"),
         ("killed", "relays SIGKILLed"),
@@ -266,7 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                      cfg.interval)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = report.Report()
+    started_run = time.monotonic()
     run(out, cfg, keep=args.keep)
+    out.line(f"done in {time.monotonic() - started_run:.0f} s; figures in {args.json}")
     out.save(args.json)
     return 0
 
