@@ -25,6 +25,12 @@ plane rely on and that plain kmock 0.8 lacks. Each extension below is deliberate
    prefix and fails with 500. Importing this module wraps kmock's path parser so that those paths mean the
    `namespaces` resource itself (all other paths are parsed by kmock unchanged).
 
+7. Lean mode (`lean=True`, for the demo and benchmarks): kmock keeps every request and matches each new
+   request against the whole request log, so a long run slows down quadratically (measured: 30 ms per
+   GET after a few thousand requests, 140 ms later). Lean mode keeps only the request being served and
+   the latest version of each object. Then `emulator.requests`/history-based assertions and sliced
+   reactions (`kmock[...][:2] << 500`) no longer count past requests: use it only without those.
+
 Not emulated (kmock limits that remain): strategic-merge semantics (lists in a patch replace the stored
 list, like a JSON merge patch; JSON patches are supported), PUT (replace) requests, field selectors,
 server-side apply, admission (CRD schema, defaults, CEL) and the `/scale` subresource's Scale object.
@@ -217,6 +223,7 @@ class Emulator(kmock.KubernetesEmulator):
     """kmock's KubernetesEmulator with the extensions listed in the module docstring."""
 
     graceful_pod_deletion: bool = False
+    lean: bool = False  # extension 7: forget request and object histories (long runs, benchmarks)
     _rv_counter: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -282,6 +289,8 @@ class Emulator(kmock.KubernetesEmulator):
         gone_uid: str | None = None
         watched_key: Any = None
         objects: Any = self.objects
+        if self.lean:
+            del self._requests[:-1]  # only the request being served: reactions match in O(1)
         if request.resource is not None and request.action is not None:
             action = request.action
             if action == kmock.action.CREATE and isinstance(request.data, dict):
@@ -297,6 +306,9 @@ class Emulator(kmock.KubernetesEmulator):
                 if watched_key in objects and not objects[watched_key].deleted:
                     gone_uid = objects[watched_key].raw.get("metadata", {}).get("uid")
         response = await super()._handle(request)
+        if self.lean and request.resource is not None and request.action in (
+                kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
+            self._trim_history(request)
         if gone_uid is not None and watched_key is not None and objects[watched_key].deleted:
             await self._collect_garbage(gone_uid)
         return response
@@ -358,6 +370,15 @@ class Emulator(kmock.KubernetesEmulator):
             if touches_spec and not request.subresource:
                 data.append({"op": "add", "path": "/metadata/generation",
                              "value": int(meta.get("generation", 1)) + 1})
+
+    def _trim_history(self, request: kmock.Request) -> None:
+        objects: Any = self.objects
+        name = request.name
+        if name is None and isinstance(request.data, dict):
+            name = (request.data.get("metadata") or {}).get("name")
+        key = (request.resource, request.namespace, name)
+        if key in objects and not objects[key].deleted and len(objects[key].history) > 1:
+            objects[key].history = objects[key].history[-1:]
 
     async def _graceful_delete(self, request: kmock.Request) -> aiohttp.web.StreamResponse | None:
         """Handle pod deletion with a grace period; None lets kmock delete as usual."""
@@ -478,7 +499,7 @@ class Running:
 @contextlib.asynccontextmanager
 async def serve(*, host: str = "127.0.0.1", port: int = 0, kubeconfig: Path | None = None,
                 namespaces: Iterable[str] = ("default",),
-                graceful_pod_deletion: bool = False) -> AsyncIterator[Running]:
+                graceful_pod_deletion: bool = False, lean: bool = False) -> AsyncIterator[Running]:
     """Start the emulator on `host:port` (0 = any free port) and write a kubeconfig for it.
 
     `kubeconfig` defaults to a temporary file removed on exit. The listed namespaces are created.
@@ -487,7 +508,7 @@ async def serve(*, host: str = "127.0.0.1", port: int = 0, kubeconfig: Path | No
         if kubeconfig is None:
             tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="kubeemu-"))
             kubeconfig = Path(tmpdir) / "kubeconfig"
-        emulator = Emulator(graceful_pod_deletion=graceful_pod_deletion)
+        emulator = Emulator(graceful_pod_deletion=graceful_pod_deletion, lean=lean)
         async with emulator, kmock.Server(emulator, host=host, port=port or None) as server:
             url = f"http://{host}:{server.port}"
             write_kubeconfig(kubeconfig, url)
@@ -504,7 +525,7 @@ async def _main_async(args: argparse.Namespace) -> None:
         loop.add_signal_handler(signum, stop.set)
     async with serve(host=args.host, port=args.port, kubeconfig=Path(args.kubeconfig),
                      namespaces=args.namespace or ["default"],
-                     graceful_pod_deletion=args.graceful_pod_deletion) as running:
+                     graceful_pod_deletion=args.graceful_pod_deletion, lean=args.lean) as running:
         print(json.dumps({"url": running.url, "kubeconfig": str(running.kubeconfig)}), flush=True)
         await stop.wait()
 
@@ -517,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kubeconfig", required=True, help="where to write the kubeconfig")
     parser.add_argument("--namespace", action="append", help="namespace to create (repeatable)")
     parser.add_argument("--graceful-pod-deletion", action="store_true")
+    parser.add_argument("--lean", action="store_true", help="keep no request/object history (long runs)")
     args = parser.parse_args(argv)
     asyncio.run(_main_async(args))
     return 0

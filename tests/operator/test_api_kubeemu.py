@@ -175,3 +175,28 @@ async def test_graceful_pod_deletion_and_garbage_collection(emu: kubeemu.Running
 def test_selector_parser_rejects_garbage() -> None:
     with pytest.raises(ValueError, match="unparsable"):
         kubeemu.selector_matches("a b c", {"a": "b"})
+
+
+async def test_lean_mode_forgets_histories_but_serves_the_same() -> None:
+    async with kubeemu.serve(lean=True) as lean:
+        for replicas in range(1, 6):
+            if replicas == 1:
+                status, _ = await call(
+                    lean,
+                    "POST",
+                    kubeemu.DEPLOYMENTS.path("default"),
+                    json={"metadata": {"name": "d"}, "spec": {"replicas": 1}},
+                )
+            else:
+                status, _ = await call(
+                    lean,
+                    "PATCH",
+                    kubeemu.DEPLOYMENTS.path("default", "d"),
+                    headers=MERGE,
+                    json={"spec": {"replicas": replicas}},
+                )
+            assert status == 200
+        status, dep = await call(lean, "GET", kubeemu.DEPLOYMENTS.path("default", "d"))
+        assert status == 200 and dep["spec"]["replicas"] == 5 and dep["metadata"]["generation"] == 5
+        assert len(lean.emulator.objects[kubeemu.DEPLOYMENTS.key, "default", "d"].history) == 1
+        assert len(list(lean.emulator)) == 1  # only the request being served was kept
