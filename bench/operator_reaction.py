@@ -36,7 +36,7 @@ from typing import Any
 
 from mailrelay_sandbox import controlplane, kubeemu, loadgen, scenario
 
-from bench import environment, report, stats
+from bench import environment, operator_footprint, report, stats
 
 NAMESPACE = "mail"
 NAME = "outbound"
@@ -157,7 +157,8 @@ async def measure(cfg: Config, workdir: pathlib.Path, seed: int = 1) -> tuple[li
         sessions_per_pod=TARGET_SESSIONS, max_sessions_per_pod=50, scale_up_step=4,
         scale_down_stabilization=0, scale_down_step=4, drain_timeout=30)
     async with (kubeemu.serve(namespaces=[NAMESPACE], graceful_pod_deletion=True,
-                              kubeconfig=workdir / "kubeconfig") as emu,
+                              kubeconfig=workdir / "kubeconfig",
+                              **operator_footprint.emulator_options()) as emu,
                 scenario.upstream_sink() as upstream):
         subnet = (rng.randint(100, 250), rng.randint(0, 255))
         async with controlplane.ControlPlane(emu.url, NAMESPACE, workdir / "pods", upstream.address,

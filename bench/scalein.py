@@ -43,7 +43,7 @@ from mailrelay_operator import manifests
 from mailrelay_operator import spec as specmod
 from mailrelay_sandbox import controlplane, demo, kubeemu, loadgen, scenario
 
-from bench import environment, report
+from bench import environment, operator_footprint, report
 
 NAMESPACE = demo.NAMESPACE
 NAME = demo.NAME
@@ -123,7 +123,8 @@ async def run_mode(mode: str, cfg: Config, workdir: pathlib.Path) -> ModeResult:
         extra_env["MAILRELAY_DRAIN_TIMEOUT"] = "0"
     subnet = (random.randint(100, 250), random.randint(0, 255))
     async with (kubeemu.serve(namespaces=[NAMESPACE], graceful_pod_deletion=True,
-                              kubeconfig=workdir / "kubeconfig") as emu,
+                              kubeconfig=workdir / "kubeconfig",
+                              **operator_footprint.emulator_options()) as emu,
                 scenario.upstream_sink() as upstream,
                 controlplane.ControlPlane(emu.url, NAMESPACE, workdir / "pods", upstream.address,
                                           subnet=subnet, extra_env=extra_env) as plane):
