@@ -64,10 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             size = args.profile_size
             profile.run(run_dir, out, messages=messages, size=size, with_anatomy=size == 2048)
         if "scale-in" in parts:
-            if args.quick:
-                pending.scale_in(out)
-            else:
-                scalein.run(run_dir, out)
+            scalein.run(out, scalein.QUICK if args.quick else scalein.FULL)
         if "operator" in parts:
             pending.operator(out, asked="operator" in args.parts, quick=args.quick)
         snap = environment.snapshot(run_dir.path)

@@ -33,10 +33,10 @@ class Report:
     def record(self, key: str, value: Any) -> None:
         self.data[key] = value
 
-    def pending(self, key: str, title: str, reason: str) -> None:
+    def pending(self, key: str, title: str, reason: str, status: str = "not yet measured") -> None:
         self.section(title)
-        self.line(f"not yet measured: {reason}")
-        self.record(key, {"status": "not yet measured", "reason": reason})
+        self.line(f"{status}: {reason}")
+        self.record(key, {"status": status, "reason": reason})
 
     def save(self, path: pathlib.Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from bench import scalein, stats, workdir
+from bench import stats, workdir
 from tests.conftest import REPO_ROOT, require_tool
 
 
@@ -43,25 +43,6 @@ def test_percentile_of_nothing_is_nan() -> None:
 )
 def test_sink_counter_line(line: str, expected: int | None) -> None:
     assert stats.parse_sink_counter(line) == expected
-
-
-DEMO_TABLE = """\
-sent 2,435 / accepted 2,435 / delivered 2,248 / lost 187 / sessions reset 0
-
-                                    drain-first (operator)    naive (no drain)
-sent                                                 2,437               2,435
-lost (250, never delivered)                              0                 187
-sessions reset                                           0                   3
-"""
-
-
-def test_scale_in_reads_the_demo_comparison() -> None:
-    assert scalein.parse(DEMO_TABLE) == {
-        "sent": (2437, 2435),
-        "lost (250, never delivered)": (0, 187),
-        "sessions reset": (0, 3),
-    }
-    assert scalein.parse("demo failed: boom") == {}
 
 
 def test_ratio_and_format() -> None:
