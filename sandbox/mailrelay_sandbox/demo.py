@@ -345,7 +345,7 @@ class Demo:
         if action.throttle is not None and self.upstream is not None:
             self.throttled = action.throttle
             self.upstream.defer(451 if action.throttle else None)
-        if action.maintenance is not None:
+        if action.maintenance is not None and self.mode == "operator":   # the naive run has no maintenance
             self.maintenance = action.maintenance
             if self.mode == "operator":
                 await plane.api.patch(scenario.mailrelay_path(NAMESPACE, NAME),

@@ -396,7 +396,9 @@ class LoadGenerator:
     ) -> None:
         task = asyncio.current_task()
         if task is not None:
-            self.worker_states[id(task)] = f"{line[:10].decode(errors='replace')} {time.monotonic():.1f}"
+            peer = writer.get_extra_info("peername")
+            self.worker_states[id(task)] = (f"{line[:10].decode(errors='replace')} {time.monotonic():.1f} "
+                                            f"{peer[0] if peer else '?'}")
         writer.write(line + b"\r\n")
         await writer.drain()
         await self._expect(reader, expected)
