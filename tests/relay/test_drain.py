@@ -6,13 +6,16 @@ import json
 import pathlib
 import signal
 import smtplib
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
+from mailrelay_sandbox import relayproc
 from mailrelay_sandbox import sink as sinkmod
 
+from tests.conftest import require_tool
 from tests.relay.relay_harness import HOSTNAME, Wire, message, start_relay, wait_until
 
 DRAINING_421 = f"4.3.2 {HOSTNAME} Service shutting down, try again later"
@@ -260,3 +263,29 @@ def test_workers_share_session_cap_status_and_drain(tmp_path: pathlib.Path, sink
         assert json.dumps(relay.log_events()).count('"relay.stopped"') >= 2
     finally:
         relay.kill()
+
+
+def test_smtp_source_to_smtp_sink_through_two_workers(tmp_path: pathlib.Path) -> None:
+    """Postfix's own load tools on both sides: every message smtp-source sends is accepted and handed on."""
+    smtp_source = require_tool("smtp-source")
+    smtp_sink = require_tool("smtp-sink")
+    port = relayproc.free_port()
+    sink_proc = subprocess.Popen([smtp_sink, "-u", "nobody", f"127.0.0.1:{port}", "100"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    relay = start_relay(tmp_path, f"127.0.0.1:{port}", workers=2, args=["--max-sessions", "100"])
+    try:
+        host, smtp_port = relay.smtp_address
+        sent = subprocess.run([smtp_source, "-s", "20", "-m", "200", "-l", "2048", "-f", "a@client.test",
+                               "-t", "b@dest.test", f"{host}:{smtp_port}"], capture_output=True, text=True,
+                              timeout=180, check=False)
+        assert sent.returncode == 0, sent.stderr
+        assert wait_until(lambda: relay.status()["queue"]["messages"] == 0, timeout=120)
+        metrics = relay.metrics()
+        for name in ("mailrelay_relay_messages_accepted_total", "mailrelay_relay_messages_delivered_total"):
+            assert f"{name} 200.0" in metrics.splitlines()
+        assert relay.status()["dead_letter"]["messages"] == 0
+        assert 'mailrelay_relay_delivery_attempts_total{result="success"} 200.0' in metrics.splitlines()
+    finally:
+        relay.kill()
+        sink_proc.kill()
+        sink_proc.wait(10)
