@@ -6,7 +6,9 @@ the ReplicaSet and kubelet (`PodFiller`) that gives every Deployment the pods it
 Running, Ready, `status.podIP` on its own 127.A.B.x. The MailRelays are spread over 20 namespaces (10 each)
 and the emulator runs in its lean mode when it has one: kmock scans every stored object on each request,
 and a real API server's indexes do not, so one namespace of 2,000 objects measured the emulator, not the
-operator (it stopped answering at all). The relays behind those pods are emulated: 600 real
+operator (it stopped answering at all). For the same reason the operator starts empty and the MailRelays
+are created 25 at a time, each batch once the previous one is ready (200 at once swamped the emulator).
+The relays behind those pods are emulated: 600 real
 relay processes are too heavy for a 2-core machine, and the subject under test is the operator, not the
 relay. One lightweight aiohttp process (this module, `--serve-admin`) binds one listener per pod address
 and answers the admin API of docs/contracts.md (`/status`, `/drain`, `/resume` with the pod's bearer
@@ -47,6 +49,7 @@ from mailrelay_sandbox import kubeemu, scenario
 
 from bench import environment, procs, report
 
+BATCH = 25              # MailRelays created at a time, the next batch once these are ready
 NAMESPACE_COUNT = 20    # the MailRelays are spread over 20 namespaces, 10 each at full size
 
 
@@ -306,6 +309,16 @@ def start_admin_server(workdir: pathlib.Path) -> tuple[subprocess.Popen[bytes], 
     return admin, admin_port, control_port
 
 
+async def create_relays(http: aiohttp.ClientSession, url: str, cfg: Config, indexes: range) -> None:
+    for index in indexes:
+        relay = scenario.mailrelay(
+            f"relay-{index:03d}", namespace_of(index), min_replicas=PODS_PER_RELAY, max_replicas=6,
+            interval=cfg.interval, sessions_per_pod=SESSIONS_PER_POD, max_sessions_per_pod=10,
+            scale_down_stabilization=300, drain_timeout=600)
+        async with http.post(f"{url}{scenario.mailrelay_path(namespace_of(index))}", json=relay) as resp:
+            resp.raise_for_status()
+
+
 async def measure(cfg: Config, workdir: pathlib.Path, admin_port: int, control_port: int) -> dict[str, Any]:
     rng = random.Random()
     control_url = f"http://127.0.0.1:{control_port}"
@@ -314,21 +327,6 @@ async def measure(cfg: Config, workdir: pathlib.Path, admin_port: int, control_p
         kubeemu.serve(namespaces=namespaces, kubeconfig=workdir / "kubeconfig", **emulator_options()) as emu,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
     ):
-        for index in range(cfg.relays):
-            relay = scenario.mailrelay(
-                f"relay-{index:03d}",
-                namespace_of(index),
-                min_replicas=PODS_PER_RELAY,
-                max_replicas=6,
-                interval=cfg.interval,
-                sessions_per_pod=SESSIONS_PER_POD,
-                max_sessions_per_pod=10,
-                scale_down_stabilization=300,
-                drain_timeout=600,
-            )
-            path = scenario.mailrelay_path(namespace_of(index))
-            async with http.post(f"{emu.url}{path}", json=relay) as resp:
-                resp.raise_for_status()
         operator = scenario.OperatorProcess(
             emu.kubeconfig,
             namespaces[0],
@@ -347,8 +345,13 @@ async def measure(cfg: Config, workdir: pathlib.Path, admin_port: int, control_p
         try:
             assert operator.process is not None
             pid = operator.process.pid
-            deadline = started + max(300.0, cfg.relays * 2.0)
-            while all_ready(emu, cfg.relays) < cfg.relays:
+            deadline = started + max(300.0, cfg.relays * 3.0)
+            created = 0
+            while (ready := all_ready(emu, cfg.relays)) < cfg.relays:
+                if ready >= created:  # created in batches, as the emulator keeps up (see the docstring)
+                    batch = range(created, min(created + BATCH, cfg.relays))
+                    await create_relays(http, emu.url, cfg, batch)
+                    created = batch.stop
                 if not operator.running:
                     raise RuntimeError(f"mailrelay-operator exited:\n{operator.log_tail()}")
                 if time.monotonic() > deadline:
