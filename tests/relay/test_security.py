@@ -636,13 +636,6 @@ def test_inflight_limit_cannot_be_bypassed_by_under_declaring_size(
             )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a DATA that outgrows its declared SIZE grows its in-flight reservation without any check "
-    "against --max-inflight-bytes, so transactions opened with small SIZE declarations (all accepted while "
-    "the sum was low) together hold any amount: six x 2 MB against a 3 MB limit are all kept and answered "
-    "250 (with the defaults, 200 sessions x 25 MiB against 256 MiB)",
-)
 def test_concurrent_under_declared_transactions_stay_within_the_inflight_limit(
     tmp_path: pathlib.Path, sink: h.RecordingSink
 ) -> None:
