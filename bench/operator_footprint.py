@@ -14,7 +14,8 @@ relay. One lightweight aiohttp process (this module, `--serve-admin`) binds one 
 and answers the admin API of docs/contracts.md (`/status`, `/drain`, `/resume` with the pod's bearer
 token, `/healthz`, `/readyz`), with the same JSON: 5 sessions per pod (exactly the target, so the count
 stays at 3) and a queue of 0-5 messages that changes on every scrape, so the operator patches each
-MailRelay's status on most ticks (the busy steady state, not the idle one). The real operator runs as a
+MailRelay's status on most ticks (the busy steady state); `--quiet` keeps the queue at 0, so the status
+does not change and is not patched (the idle steady state). The real operator runs as a
 subprocess with the emulator's kubeconfig, exactly as in the demo. Once every MailRelay reports 3 ready
 relays, the operator's process tree is sampled from /proc over the window: CPU = (utime + stime) delta /
 wall time, RSS and PSS from smaps_rollup. The admin server's request counter checks that the operator
@@ -72,6 +73,7 @@ class Config:
     interval: int
     window: float  # seconds of steady state measured
     warmup: float  # seconds after every MailRelay is ready, before the window
+    quiet: bool = False  # the relays' queue stays 0: the operator's status patch is skipped (idle state)
 
 
 FULL = Config(relays=200, interval=5, window=90.0, warmup=15.0)
@@ -84,7 +86,8 @@ QUICK = Config(relays=5, interval=1, window=8.0, warmup=1.0)
 class AdminServer:
     """Admin endpoints of many emulated relays: one listener per pod address, one shared app."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
         self.tokens: dict[str, str] = {}
         self.draining: dict[str, bool] = {}
         self.requests: dict[str, int] = {"status": 0, "drain": 0, "resume": 0, "unauthorized": 0}
@@ -109,7 +112,7 @@ class AdminServer:
     def _body(self, ip: str) -> dict[str, Any]:
         draining = self.draining.get(ip, False)
         sessions = 0 if draining else SESSIONS_PER_POD
-        queued = 0 if draining else random.randint(0, 5)
+        queued = 0 if draining or self.quiet else random.randint(0, 5)
         return {
             "draining": draining,
             "drained": draining,
@@ -169,8 +172,8 @@ class AdminServer:
         return aiohttp.web.json_response({"pods": len(self.tokens), **self.requests})
 
 
-async def serve_admin(port: int, control_port: int) -> None:
-    server = AdminServer()
+async def serve_admin(port: int, control_port: int, quiet: bool) -> None:
+    server = AdminServer(quiet)
     server.port = port
     await server.runner.setup()
     await server.control_runner.setup()
@@ -294,12 +297,12 @@ async def _stats(http: aiohttp.ClientSession, url: str) -> dict[str, int]:
         return result
 
 
-def start_admin_server(workdir: pathlib.Path) -> tuple[subprocess.Popen[bytes], int, int]:
+def start_admin_server(workdir: pathlib.Path, quiet: bool) -> tuple[subprocess.Popen[bytes], int, int]:
     """Start the emulated relays' admin server (this module, `--serve-admin`); wait for its "ready"."""
     admin_port = scenario.free_port()
     control_port = scenario.free_port()
     command = [sys.executable, "-m", "bench.operator_footprint", "--serve-admin", str(admin_port),
-               "--control-port", str(control_port)]
+               "--control-port", str(control_port), *(["--quiet"] if quiet else [])]
     with (workdir / "admin.log").open("wb") as log:
         admin = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
     assert admin.stdout is not None
@@ -403,6 +406,7 @@ async def measure(cfg: Config, workdir: pathlib.Path, admin_port: int, control_p
         "drains": after["drain"] - before["drain"],
         "unauthorized": after["unauthorized"],
         "operator_command": command,
+        "quiet": cfg.quiet,
         "loadavg_start": load_start,
         "loadavg_end": load_end,
     }
@@ -411,10 +415,10 @@ async def measure(cfg: Config, workdir: pathlib.Path, admin_port: int, control_p
 def run(out: report.Report, cfg: Config, *, keep: bool = False) -> dict[str, Any]:
     out.section(
         f"Operator footprint: {cfg.relays} MailRelays x {PODS_PER_RELAY} emulated pods, "
-        f"intervalSeconds {cfg.interval}"
+        f"intervalSeconds {cfg.interval}" + (", quiet (constant load: status unchanged)" if cfg.quiet else "")
     )
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="mailrelay-bench-footprint-"))
-    admin, admin_port, control_port = start_admin_server(workdir)
+    admin, admin_port, control_port = start_admin_server(workdir, cfg.quiet)
     try:
         figures = asyncio.run(measure(cfg, workdir, admin_port, control_port))
     finally:
@@ -473,11 +477,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--json", type=pathlib.Path, default=pathlib.Path("out/bench/operator_footprint.json")
     )
     parser.add_argument("--keep", action="store_true", help="keep the operator's and admin server's logs")
+    parser.add_argument("--quiet", action="store_true",
+                        help="constant relay load (queue 0): the status never changes, so it is not patched")
     parser.add_argument("--serve-admin", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--control-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_admin:
-        asyncio.run(serve_admin(args.serve_admin, args.control_port))
+        asyncio.run(serve_admin(args.serve_admin, args.control_port, args.quiet))
         return 0
     cfg = QUICK if args.quick else FULL
     cfg = Config(
@@ -485,6 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         interval=cfg.interval,
         window=args.window or cfg.window,
         warmup=cfg.warmup,
+        quiet=args.quiet,
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = report.Report()
