@@ -1,8 +1,9 @@
-"""How long a group commit of k small messages takes on this disk, three ways: the relay's way (for each
-file: create, write, fdatasync, rename; then fsync the directory), the same with the fdatasyncs issued in
-parallel threads (ext4 folds concurrent fsyncs into one journal commit, which Postfix's parallel cleanup
-processes get for free), and all k messages in one batch file (one fdatasync, one rename, one directory
-fsync). It is the evidence behind the profile's advice, measured in the bench's own folder.
+"""How long a group commit of k small messages takes on this disk, three ways: one file per message, one
+after another (create, write, fdatasync, rename; then fsync the directory: the relay's first spool), the
+same with the files written and fdatasynced from parallel threads (ext4 folds concurrent fsyncs into one
+journal commit, which Postfix's parallel cleanup processes get for free; the relay's spool since
+09b9244), and all k messages in one batch file (one fdatasync, one rename, one directory fsync). It is
+the evidence behind the profile's advice, measured in the bench's own folder.
 
 What it must not do: write outside the folder it is given (and it removes what it wrote).
 """
@@ -72,8 +73,8 @@ def run(folder: pathlib.Path, out: report.Report, rounds: int = 40) -> dict[str,
     try:
         for k in (3, 10):
             ways: tuple[tuple[str, Callable[[int], None]], ...] = (
-                ("per file, one after another (the relay now)", spool.sequential),
-                ("per file, fdatasync in parallel threads", spool.parallel),
+                ("per file, one after another", spool.sequential),
+                ("per file, in parallel threads (the relay now)", spool.parallel),
                 ("one batch file", spool.one_file),
             )
             for name, way in ways:
