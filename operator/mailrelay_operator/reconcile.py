@@ -429,8 +429,10 @@ async def apply_plan(
                 body, reason="DrainCancelled", message=f"demand rose: relay {pod_name} resumed service"
             )
 
-    # 3. remove the pods whose drain is over, and those that never served.
+    # 3. remove the pods whose drain is over, and those that never served; 4. right after (the ReplicaSet
+    # replaces a deleted pod while the count is unchanged), the Deployment's count; then the Events.
     all_deleted = True
+    events: list[tuple[str, str, str]] = []
     for pod_name, result in plan.completed:
         try:
             await rt.kube.delete(kube.PODS, namespace, pod_name)
@@ -441,18 +443,22 @@ async def apply_plan(
         started_at = by_state[pod_name].drain_started if pod_name in by_state else None
         if started_at is not None:
             metrics.DRAIN_DURATION.labels(result).observe(max(0.0, now - started_at))
-        reason = "DrainCompleted" if result == drain.OUTCOME_DRAINED else "DrainTimedOut"
-        message = (
-            f"relay {pod_name} drained: no session, empty queue; removing it"
-            if result == drain.OUTCOME_DRAINED
-            else f"relay {pod_name} did not drain within the timeout; removing it"
-        )
-        await rt.kube.post_event(
-            body,
-            reason=reason,
-            message=message,
-            type_="Normal" if result == drain.OUTCOME_DRAINED else "Warning",
-        )
+        if result == drain.OUTCOME_DRAINED:
+            events.append(
+                (
+                    "DrainCompleted",
+                    f"relay {pod_name} drained: no session, empty queue; removing it",
+                    "Normal",
+                )
+            )
+        else:
+            events.append(
+                (
+                    "DrainTimedOut",
+                    f"relay {pod_name} did not drain within the timeout; removing it",
+                    "Warning",
+                )
+            )
     for pod_name in plan.delete_pods:
         try:
             await rt.kube.delete(kube.PODS, namespace, pod_name)
@@ -460,18 +466,21 @@ async def apply_plan(
             all_deleted = False
             logger.warning("%s/%s: cannot delete pod %s: %s", namespace, name, pod_name, exc)
 
-    # 4. only then the Deployment's count.
-    if plan.deployment_replicas is None or not all_deleted:
-        return None
-    new = plan.deployment_replicas
-    await rt.kube.patch(kube.DEPLOYMENTS, namespace, name, {"spec": {"replicas": new}})
-    direction = "up" if new > dep_replicas else "down"
-    metrics.SCALE_EVENTS.labels(namespace, name, direction).inc()
-    await rt.kube.post_event(
-        body,
-        reason="ScaledUp" if direction == "up" else "ScaledDown",
-        message=f"Deployment {name} replicas {dep_replicas} -> {new}",
-    )
+    new: int | None = None
+    if plan.deployment_replicas is not None and all_deleted:
+        new = plan.deployment_replicas
+        await rt.kube.patch(kube.DEPLOYMENTS, namespace, name, {"spec": {"replicas": new}})
+        direction = "up" if new > dep_replicas else "down"
+        metrics.SCALE_EVENTS.labels(namespace, name, direction).inc()
+        events.append(
+            (
+                "ScaledUp" if direction == "up" else "ScaledDown",
+                f"Deployment {name} replicas {dep_replicas} -> {new}",
+                "Normal",
+            )
+        )
+    for reason, message, type_ in events:
+        await rt.kube.post_event(body, reason=reason, message=message, type_=type_)
     return new
 
 

@@ -40,7 +40,9 @@ async def cluster(api: kubeemu.Running, sink: scenario.Upstream,
     subnet = (random.randint(100, 250), random.randint(0, 255))
     async with controlplane.ControlPlane(
         api.url, NAMESPACE, tmp_path / "pods", sink.address, subnet=subnet,
-        extra_env={"MAILRELAY_LOG_LEVEL": "warning"}, max_grace_seconds=15,
+        # A long drain grace: the tests' idle SMTP sessions stand for clients mid-transaction, which a
+        # draining relay must let finish (by default it sends idle sessions a 421 after 2 s).
+        extra_env={"MAILRELAY_LOG_LEVEL": "warning", "MAILRELAY_DRAIN_GRACE": "600"}, max_grace_seconds=15,
     ) as plane:
         yield plane
 
