@@ -61,7 +61,7 @@ def _upstream(cfg: config.Config, password: str | None) -> delivery.UpstreamConf
     return delivery.UpstreamConfig(
         host=cfg.upstream_host, port=cfg.upstream_port, tls=tls, user=cfg.upstream_user,
         password=password if cfg.upstream_user else None, connections=cfg.upstream_connections,
-        local_hostname=cfg.hostname,
+        local_hostname=cfg.hostname, cafile=str(cfg.upstream_ca_file) if cfg.upstream_ca_file else None,
     )
 
 

@@ -13,6 +13,7 @@ import argparse
 import os
 import pathlib
 import socket
+import ssl
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mailrelay-relay {__version__}")
     for flag in config.FLAGS:
         default_text = flag.default if flag.default is not None else "unset"
+        if flag.switch:
+            parser.add_argument(flag.name, dest=flag.dest, action="store_const", const="true", default=None,
+                                help=f"{flag.help} [{flag.env}=true; default: {default_text}]")
+            continue
         parser.add_argument(
             flag.name,
             dest=flag.dest,
@@ -79,6 +84,18 @@ def check_readable(flag: str, path: pathlib.Path | None) -> None:
         raise config.ConfigError(f"{flag}: cannot read {str(path)!r}")
 
 
+def check_ca_file(path: pathlib.Path | None) -> None:
+    """--upstream-ca-file must hold at least one PEM certificate (caught here, not at the first delivery)."""
+    if path is None:
+        return
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError:  # before OSError, of which it is a subclass
+        raise config.ConfigError(f"--upstream-ca-file: {str(path)!r} holds no PEM certificate") from None
+    except OSError as error:
+        raise config.ConfigError(f"--upstream-ca-file: cannot read {str(path)!r}: {error.strerror}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -89,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         token = read_secret("--admin-token-file", cfg.admin_token_file)
         password = read_secret("--upstream-password-file", cfg.upstream_password_file)
         check_readable("--tls-cert", cfg.tls_cert)
+        check_ca_file(cfg.upstream_ca_file)
         check_readable("--tls-key", cfg.tls_key)
         if cfg.spool.exists() and not cfg.spool.is_dir():
             raise config.ConfigError(f"--spool: {str(cfg.spool)!r} is not a directory")

@@ -28,6 +28,8 @@ class Flag:
     help: str
     repeatable: bool = False
     metavar: str | None = None
+    switch: bool = False  # takes no value on the command line; its variable is true/false
+
 
     @property
     def dest(self) -> str:
@@ -44,8 +46,13 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--listen", "0.0.0.0:2525", "SMTP listener", metavar="HOST:PORT"),
     Flag("--upstream", None, "smarthost to deliver to (required)", metavar="HOST:PORT"),
     Flag("--upstream-tls", "none", "none, starttls or tls", metavar="MODE"),
+    Flag("--upstream-ca-file", None,
+         "CA bundle (PEM) to verify the upstream's certificate instead of the system CAs", metavar="FILE"),
     Flag("--upstream-user", None, "AUTH user at the upstream", metavar="USER"),
     Flag("--upstream-password-file", None, "file holding the upstream AUTH password", metavar="FILE"),
+    Flag("--upstream-allow-plaintext-auth", "false",
+         "allow --upstream-user with --upstream-tls none (the password crosses the network in clear)",
+         switch=True),
     Flag("--upstream-connections", "4", "pooled upstream connections per worker", metavar="N"),
     Flag("--spool", "/var/spool/mailrelay", "spool directory", metavar="DIR"),
     Flag("--admin-listen", "0.0.0.0:8025", "admin HTTP listener", metavar="HOST:PORT"),
@@ -81,8 +88,10 @@ class Config:
     upstream_host: str
     upstream_port: int
     upstream_tls: str = "none"
+    upstream_ca_file: pathlib.Path | None = None
     upstream_user: str | None = None
     upstream_password_file: pathlib.Path | None = None
+    upstream_allow_plaintext_auth: bool = False
     upstream_connections: int = 4
     spool: pathlib.Path = pathlib.Path("/var/spool/mailrelay")
     admin_host: str = "0.0.0.0"
@@ -162,6 +171,19 @@ def parse_networks(flag: str, values: Sequence[str]) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def parse_bool(flag: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(f"{flag}: expected true or false, got {value!r}")
+
+
 def _choice(flag: str, value: str, choices: Sequence[str]) -> str:
     lowered = value.strip().lower()
     if lowered not in choices:
@@ -210,6 +232,16 @@ def from_values(values: Mapping[str, RawValue], *, default_hostname: str) -> Con
     password_file = _path(get("--upstream-password-file"))
     if password_file is not None and user is None:
         raise ConfigError("--upstream-password-file needs --upstream-user")
+    upstream_tls = _choice("--upstream-tls", need("--upstream-tls"), UPSTREAM_TLS_MODES)
+    allow_plaintext_auth = parse_bool("--upstream-allow-plaintext-auth",
+                                      need("--upstream-allow-plaintext-auth"))
+    upstream_ca_file = _path(get("--upstream-ca-file"))
+    if upstream_ca_file is not None and upstream_tls == "none":
+        raise ConfigError("--upstream-ca-file needs --upstream-tls starttls or tls")
+    if user is not None and upstream_tls == "none" and not allow_plaintext_auth:
+        raise ConfigError("--upstream-user with --upstream-tls none would send the AUTH password in "
+                          "clear: use --upstream-tls starttls or tls, or give "
+                          "--upstream-allow-plaintext-auth for a trusted (e.g. loopback) upstream")
     hostname = (get("--hostname") or default_hostname).strip()
     if not hostname or any(ch.isspace() or ord(ch) < 33 or ord(ch) > 126 for ch in hostname):
         raise ConfigError(f"--hostname: not a valid host name: {hostname!r}")
@@ -219,9 +251,11 @@ def from_values(values: Mapping[str, RawValue], *, default_hostname: str) -> Con
         listen_port=listen_port,
         upstream_host=upstream_host,
         upstream_port=upstream_port,
-        upstream_tls=_choice("--upstream-tls", need("--upstream-tls"), UPSTREAM_TLS_MODES),
+        upstream_tls=upstream_tls,
+        upstream_ca_file=upstream_ca_file,
         upstream_user=user,
         upstream_password_file=password_file,
+        upstream_allow_plaintext_auth=allow_plaintext_auth,
         upstream_connections=parse_int("--upstream-connections", need("--upstream-connections"), minimum=1),
         spool=pathlib.Path(need("--spool")),
         admin_host=admin_host,
