@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from mailrelay_sandbox import controlplane, kubeemu, loadgen, scenario
 
@@ -31,8 +32,11 @@ RELAY = scenario.mailrelay_path(NAMESPACE, NAME)
 
 @pytest.fixture
 async def operator(emulator: kubeemu.Running, tmp_path: Path) -> AsyncIterator[scenario.OperatorProcess]:
+    port = scenario.free_port()
     process = scenario.OperatorProcess(emulator.kubeconfig, NAMESPACE, tmp_path / "operator.log",
-                                       "--liveness", "", "--metrics-port", "0")
+                                       "--liveness", "", "--metrics-port", str(port),
+                                       "--metrics-host", "127.0.0.1")
+    process.metrics_url = f"http://127.0.0.1:{port}/metrics"  # type: ignore[attr-defined]
     await process.start()
     try:
         yield process
@@ -129,6 +133,18 @@ class HeldTransaction:
         return reply
 
 
+async def record_ticks(url: str, ticks: set[float]) -> None:
+    """Collect the operator's scaling ticks: each sets mailrelay_operator_last_reconcile_timestamp_seconds."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with http.get(url) as response:
+                    for line in (await response.text()).splitlines():
+                        if line.startswith("mailrelay_operator_last_reconcile_timestamp_seconds{"):
+                            ticks.add(float(line.rsplit(" ", 1)[1]))
+            await asyncio.sleep(0.1)
+
+
 async def test_load_step_scales_up_in_two_intervals_then_drains_in_and_loses_nothing(
     emulator: kubeemu.Running, sink: scenario.Upstream, control_plane: controlplane.ControlPlane,
     operator: scenario.OperatorProcess,
@@ -137,6 +153,8 @@ async def test_load_step_scales_up_in_two_intervals_then_drains_in_and_loses_not
     await create_relay(control_plane, operator, min_replicas=1, max_replicas=3, interval=interval,
                        sessions_per_pod=3, max_sessions_per_pod=10, scale_down_stabilization=2)
     gen = loadgen.LoadGenerator(control_plane.endpoints)
+    ticks: set[float] = set()
+    recorder = asyncio.create_task(record_ticks(operator.metrics_url, ticks))  # type: ignore[attr-defined]
     gen.set_load(4, 2)
     await asyncio.sleep(3 * interval)
     assert await replicas(control_plane) == 1
@@ -146,12 +164,16 @@ async def test_load_step_scales_up_in_two_intervals_then_drains_in_and_loses_not
     gen.set_load(24, 8)
     await eventually(lambda: sum(int((r.last_status or {}).get("sessions", 0))
                                  for r in control_plane.runtimes.values()) >= 6, what="sessions seen")
-    step_seen = time.monotonic()
+    step_seen = time.time()
     await eventually(lambda: any(int(d["spec"].get("replicas", 0)) > 1 for d in control_plane.deployments),
                      within=30, what="scale-up")
-    reaction = time.monotonic() - step_seen
-    # two intervals, plus the sandbox's observation granularity (probe 0.5 s, API poll 0.3 s)
-    assert reaction <= 2 * interval + 1.0, f"scale-up took {reaction:.1f}s after the load step"
+    scaled_seen = time.time()
+    recorder.cancel()
+    # "Within two intervals" counted in the operator's own ticks (one per intervalSeconds), so that a
+    # loaded machine that stretches every tick cannot fail the test, and a slow policy still does.
+    after_step = sorted(t for t in ticks if step_seen < t <= scaled_seen)
+    assert len(ticks) >= 3, "the operator's tick metric was not seen"
+    assert len(after_step) <= 2, f"scale-up took {len(after_step)} ticks after the load step: {after_step}"
     await eventually(lambda: len(control_plane.endpoints()) == 3, what="3 ready relays")
 
     # Load gone: the operator drains relays one by one and scales in to min.
@@ -166,7 +188,9 @@ async def test_load_step_scales_up_in_two_intervals_then_drains_in_and_loses_not
     assert summary.lost == 0
     assert summary.sessions_reset == 0
     assert summary.unsent == 0
-    assert len(served_terminations(control_plane)) == 2
+    # Two relays went (3 -> 1). A replacement the ReplicaSet starts while a drained pod is being deleted
+    # may become Ready before the operator lowers the replicas; it is then judged like any other.
+    assert len(served_terminations(control_plane)) >= 2, control_plane.terminations
     assert_removed_only_when_drained(control_plane)
 
 
