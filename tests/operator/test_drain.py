@@ -560,7 +560,12 @@ class Cluster:
 
 
 def run(
-    cluster: Cluster, schedule: list[tuple[int, int]], now: float, stats: dict[str, int], *, evictions: bool = True
+    cluster: Cluster,
+    schedule: list[tuple[int, int]],
+    now: float,
+    stats: dict[str, int],
+    *,
+    evictions: bool = True,
 ) -> float:
     """Drive the cluster through (desired, ticks) phases; the operator keeps no memory between ticks.
 
