@@ -36,6 +36,10 @@ ADMIN_TOKEN_DIR = "/etc/mailrelay/admin"
 ADMIN_TOKEN_KEY = "token"
 UPSTREAM_CREDENTIALS_DIR = "/etc/mailrelay/upstream"
 RUN_AS = 10001  # the image's non-root user and group (Dockerfile)
+# The relay's --spool-max-bytes is this share of spec.spool.sizeLimit: the relay answers 452 4.3.1 before
+# the kubelet would evict the pod for outgrowing its emptyDir (the margin covers files the relay does
+# not count, such as directories, and its block rounding being an estimate).
+SPOOL_MAX_BYTES_PERCENT = 90
 # The pod outlives the relay's own SIGTERM drain (which lasts at most the drain timeout) by this much.
 TERMINATION_GRACE_MARGIN_SECONDS = 30
 
@@ -83,6 +87,9 @@ def relay_env(spec: specmod.MailRelaySpec) -> list[kubetypes.EnvVar]:
         {"name": "MAILRELAY_DRAIN_TIMEOUT", "value": str(spec.drain_timeout_seconds)},
         {"name": "MAILRELAY_HOSTNAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
     ]
+    if spec.spool_size_limit is not None:
+        size_limit = specmod.parse_quantity(spec.spool_size_limit, "spec.spool.sizeLimit")
+        env.append({"name": "MAILRELAY_SPOOL_MAX_BYTES", "value": str(spool_max_bytes(size_limit))})
     if spec.upstream.credentials_secret is not None:
         env.append(
             {
@@ -94,6 +101,11 @@ def relay_env(spec: specmod.MailRelaySpec) -> list[kubetypes.EnvVar]:
             {"name": "MAILRELAY_UPSTREAM_PASSWORD_FILE", "value": f"{UPSTREAM_CREDENTIALS_DIR}/password"}
         )
     return env
+
+
+def spool_max_bytes(size_limit: int) -> int:
+    """The relay's --spool-max-bytes for an emptyDir of `size_limit` bytes (at least 1)."""
+    return max(1, size_limit * SPOOL_MAX_BYTES_PERCENT // 100)
 
 
 def config_hash(spec: specmod.MailRelaySpec, image: str, extra: Mapping[str, str] | None = None) -> str:

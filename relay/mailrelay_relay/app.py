@@ -71,8 +71,9 @@ class Node:
     def __init__(self, cfg: config.Config, *, state: podstate.PodState, worker: int,
                  upstream_password: str | None, token: str | None, serve_admin: bool,
                  recovered: Callable[[spool.Spool], list[spool.QueuedMessage]],
-                 reuse_port: bool) -> None:
+                 reuse_port: bool, spool_usage: spool.Usage | None = None) -> None:
         self.cfg = cfg
+        self.spool_usage = spool_usage
         self.state = state
         self.worker = worker
         self.password = upstream_password
@@ -140,15 +141,16 @@ class Node:
     async def main(self) -> int:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
-        self.spool = spool.Spool(cfg.spool)
+        self.spool = spool.Spool(cfg.spool, max_bytes=cfg.spool_max_bytes, usage=self.spool_usage)
         sender = delivery.make_sender(_upstream(cfg, self.password))
         self.delivery = delivery.Delivery(self.spool, sender, queue_lifetime=cfg.queue_lifetime,
                                           concurrency=cfg.upstream_connections)
         recovered = self.recovered(self.spool)
         for msg in recovered:
             self.delivery.submit(msg)
-        if recovered:
-            logs.event(log, "spool.recovered", messages=len(recovered))
+        if recovered or self.spool.held_bytes:
+            logs.event(log, "spool.recovered", messages=len(recovered), spool_bytes=self.spool.held_bytes,
+                       spool_max_bytes=cfg.spool_max_bytes)
         await self.delivery.start()
         metrics.MAX_SESSIONS.set(cfg.max_sessions)
         metrics.DRAINING.set(0)
@@ -264,7 +266,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _worker_entry(cfg: config.Config, worker: int, upstream_password: str | None, array: Any, lock: Any,
-                  paths: list[str], parent_pid: int) -> None:
+                  paths: list[str], parent_pid: int, spool_usage: spool.Usage) -> None:
     _die_with_parent(parent_pid)
     logs.setup(cfg.log_level, worker=worker)
     state = podstate.PodState(cfg.workers, array=array, lock=lock)
@@ -281,7 +283,7 @@ def _worker_entry(cfg: config.Config, worker: int, upstream_password: str | None
         return messages
 
     node = Node(cfg, state=state, worker=worker, upstream_password=upstream_password, token=None,
-                serve_admin=False, recovered=recovered, reuse_port=True)
+                serve_admin=False, recovered=recovered, reuse_port=True, spool_usage=spool_usage)
     sys.exit(_run_loop(node.main))
 
 
@@ -293,7 +295,8 @@ class Supervisor:
         self.token = token
         self.password = upstream_password
         self.state = podstate.PodState(cfg.workers, shared=True)
-        self.spool = spool.Spool(cfg.spool)
+        # Made before the fork: its Usage counter is shared with (and moved by) every worker.
+        self.spool = spool.Spool(cfg.spool, max_bytes=cfg.spool_max_bytes)
         self.processes: list[Any] = []
         self.terminating = False
         self.stop_now: asyncio.Event | None = None
@@ -336,8 +339,9 @@ class Supervisor:
 
     def run(self) -> int:
         recovered = self.spool.recover()
-        if recovered:
-            logs.event(log, "spool.recovered", messages=len(recovered))
+        if recovered or self.spool.held_bytes:
+            logs.event(log, "spool.recovered", messages=len(recovered), spool_bytes=self.spool.held_bytes,
+                       spool_max_bytes=self.cfg.spool_max_bytes)
         shares: list[list[str]] = [[] for _ in range(self.cfg.workers)]
         for index, msg in enumerate(recovered):
             shares[index % self.cfg.workers].append(str(msg.path))
@@ -353,7 +357,7 @@ class Supervisor:
         for worker in range(self.cfg.workers):
             process = ctx.Process(target=_worker_entry, name=f"mailrelay-worker-{worker}",
                                   args=(self.cfg, worker, self.password, array, lock, shares[worker],
-                                        os.getpid()))
+                                        os.getpid(), self.spool.usage))
             process.start()
             self.processes.append(process)
         try:

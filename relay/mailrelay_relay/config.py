@@ -55,6 +55,8 @@ FLAGS: tuple[Flag, ...] = (
          switch=True),
     Flag("--upstream-connections", "4", "pooled upstream connections per worker", metavar="N"),
     Flag("--spool", "/var/spool/mailrelay", "spool directory", metavar="DIR"),
+    Flag("--spool-max-bytes", "0", "most bytes the spool may hold (0: only the disk limits it)",
+         metavar="BYTES"),
     Flag("--admin-listen", "0.0.0.0:8025", "admin HTTP listener", metavar="HOST:PORT"),
     Flag("--admin-token-file", None, "bearer token for /status, /drain, /resume", metavar="FILE"),
     Flag("--max-sessions", "200", "SMTP sessions per pod, across workers", metavar="N"),
@@ -94,6 +96,7 @@ class Config:
     upstream_allow_plaintext_auth: bool = False
     upstream_connections: int = 4
     spool: pathlib.Path = pathlib.Path("/var/spool/mailrelay")
+    spool_max_bytes: int = 0
     admin_host: str = "0.0.0.0"
     admin_port: int = 8025
     admin_token_file: pathlib.Path | None = None
@@ -258,6 +261,7 @@ def from_values(values: Mapping[str, RawValue], *, default_hostname: str) -> Con
         upstream_allow_plaintext_auth=allow_plaintext_auth,
         upstream_connections=parse_int("--upstream-connections", need("--upstream-connections"), minimum=1),
         spool=pathlib.Path(need("--spool")),
+        spool_max_bytes=parse_int("--spool-max-bytes", need("--spool-max-bytes"), minimum=0),
         admin_host=admin_host,
         admin_port=admin_port,
         admin_token_file=_path(get("--admin-token-file")),

@@ -21,6 +21,16 @@ MAILRELAY_SPOOL_FAULT_FILE names a file and that file exists, its whitespace-sep
 faults: `write-enospc` (writing a new message fails with ENOSPC), `write-eio`, `fsync-eio`, and
 `free=N` (free_bytes() reports N). Without the variable nothing is checked.
 
+Size limit (`--spool-max-bytes`, `max_bytes`; 0 = none): the bytes the spool holds (queue, tmp and
+dead-letter files, each rounded up to whole 4 KiB blocks, as the kubelet counts an emptyDir) are
+tracked in a `Usage` counter: set once by `recover()` (one walk of the directory at start), then moved
+by every store, removal and dead-letter, never by walking the directory again. `store()` charges the
+record before writing it and refuses with SpoolFullError when the charge would pass the limit (the
+same 452 4.3.1 as a full disk), and `free_bytes()` is min(disk free, limit - bytes held), so the MAIL
+SIZE check sees the limit too. With `--workers N` the counter lives in shared memory created by the
+supervisor before it forks, so the limit holds pod-wide. Files changed by hand while the relay runs are
+not seen until the next start.
+
 What it must not do: decide SMTP replies (smtp.py maps SpoolFullError to 452 and SpoolError to 451),
 deliver anything, or log message content.
 """
@@ -30,10 +40,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import itertools
 import json
+import multiprocessing
 import os
 import pathlib
 import threading
@@ -50,6 +62,41 @@ FAULT_ENV = "MAILRELAY_SPOOL_FAULT_FILE"
 FREE_MAX_AGE = 0.1  # seconds a free-space reading is reused (MAILs reserve what they declare meanwhile)
 CACHE_BYTES = 64 * 1024 * 1024  # contents kept in memory for delivery, per process
 COMMIT_THREADS = 4  # files of one group commit written and fdatasynced in parallel
+BLOCK = 4096  # allocation unit assumed for the size limit
+
+
+def disk_bytes(size: int) -> int:
+    """What a file of `size` bytes takes against the size limit: whole blocks, at least one."""
+    return max(1, -(-size // BLOCK)) * BLOCK
+
+
+class Usage:
+    """Bytes held by one spool directory, shared by every process forked after it was made."""
+
+    def __init__(self) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self._value = ctx.RawValue(ctypes.c_int64, 0)
+        self._lock = ctx.Lock()  # also serialises threads of one process (store vs. batched removals)
+
+    @property
+    def value(self) -> int:
+        return int(self._value.value)
+
+    def set(self, value: int) -> None:
+        with self._lock:
+            self._value.value = value
+
+    def add(self, delta: int) -> None:
+        with self._lock:
+            self._value.value += delta
+
+    def reserve(self, amount: int, limit: int) -> bool:
+        """Add `amount` unless that would pass `limit` (0 = no limit); True when added."""
+        with self._lock:
+            if limit and self._value.value + amount > limit:
+                return False
+            self._value.value += amount
+            return True
 
 
 class SpoolError(Exception):
@@ -132,14 +179,23 @@ class _Pending:
     final: pathlib.Path
     faults: tuple[str, ...]
     future: asyncio.Future[None]
+    charge: int = 0  # bytes reserved in Usage for this file; given back if it is not written
     error: BaseException | None = None
 
 
 class Spool:
-    """A spool directory with queue/, tmp/ and deadletter/ (created if missing)."""
+    """A spool directory with queue/, tmp/ and deadletter/ (created if missing).
 
-    def __init__(self, root: pathlib.Path) -> None:
+    `max_bytes` is the size limit (0: only the disk limits it); `usage` is the shared counter of another
+    Spool on the same directory (a worker's, made by the supervisor before the fork), else a new one.
+    """
+
+    def __init__(self, root: pathlib.Path, *, max_bytes: int = 0, usage: Usage | None = None) -> None:
+        if max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0")
         self.root = pathlib.Path(root)
+        self.max_bytes = max_bytes
+        self.usage = usage if usage is not None else Usage()
         self.queue_dir = self.root / "queue"
         self.tmp_dir = self.root / "tmp"
         self.deadletter_dir = self.root / "deadletter"
@@ -186,9 +242,13 @@ class Spool:
         """
         msg_id = self.new_id(received_at)
         data = encode_record(msg_id, envelope, content, received_at)
+        charge = disk_bytes(len(data))
+        if not self.usage.reserve(charge, self.max_bytes):
+            raise SpoolFullError(f"spool size limit: {charge} more bytes would pass the limit of "
+                                 f"{self.max_bytes} (holding {self.usage.value})")
         loop = asyncio.get_running_loop()
         pending = _Pending(data, self.tmp_dir / (msg_id + ".tmp"), self.queue_dir / (msg_id + SUFFIX),
-                           tuple(self._faults()), loop.create_future())
+                           tuple(self._faults()), loop.create_future(), charge)
         self._pending.append(pending)
         if self._committer is None:
             self._committer = loop.create_task(self._commit_loop())
@@ -215,6 +275,8 @@ class Spool:
                 self.commits += 1
                 metrics.SPOOL_FSYNC_DURATION.observe(self.last_commit_seconds)
                 for item in batch:
+                    if item.error is not None:
+                        self.usage.add(-item.charge)  # nothing of it stays on disk
                     if item.future.done():
                         continue
                     if item.error is None:
@@ -297,7 +359,23 @@ class Spool:
             except (CorruptRecord, OSError) as error:
                 self._move_to_deadletter(path, path.name[: -len(SUFFIX)], f"corrupt: {error}")
         messages.sort(key=lambda m: (m.received_at, m.id))
+        self.usage.set(self.measure())
         return messages
+
+    def measure(self) -> int:
+        """Bytes the spool's files hold against the size limit (walks the directories: at start only)."""
+        total = 0
+        for directory in (self.queue_dir, self.tmp_dir, self.deadletter_dir):
+            for entry in os.scandir(directory):
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.is_file(follow_symlinks=False):
+                        total += disk_bytes(entry.stat(follow_symlinks=False).st_size)
+        return total
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes held by the spool's files, as tracked since recover()."""
+        return self.usage.value
 
     def read_content(self, msg: QueuedMessage) -> bytes:
         cached = self._cache.get(msg.id)
@@ -309,7 +387,12 @@ class Spool:
     def remove(self, msg: QueuedMessage) -> None:
         """After the upstream's 250. A message removed twice is not an error."""
         self._forget(msg.id)
-        _unlink_quietly(msg.path)
+        try:
+            size = os.stat(msg.path).st_size
+            os.unlink(msg.path)
+        except FileNotFoundError:
+            return
+        self.usage.add(-disk_bytes(size))
 
     def dead_letter(self, msg: QueuedMessage, reason: str) -> None:
         """Move the message to deadletter/ and write its reason next to it (durably)."""
@@ -326,12 +409,16 @@ class Spool:
         target = self.deadletter_dir / (msg_id + SUFFIX)
         reason_path = self.deadletter_dir / (msg_id + REASON_SUFFIX)
         reason_text = reason.replace("\r", " ").replace("\n", " ")
+        reason_bytes = (reason_text + "\n").encode("utf-8", "backslashreplace")
         fd = os.open(reason_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, (reason_text + "\n").encode("utf-8", "backslashreplace"))
+            os.write(fd, reason_bytes)
             os.fsync(fd)
         finally:
             os.close(fd)
+        # The message file moves (same size); the reason file is new. Dead letters stay until removed by
+        # hand, so they keep counting against the size limit.
+        self.usage.add(disk_bytes(len(reason_bytes)))
         os.rename(path, target)
         _fsync_dir(self.deadletter_dir)
         _fsync_dir(self.queue_dir)
@@ -343,7 +430,8 @@ class Spool:
         return sum(1 for entry in os.scandir(self.queue_dir) if entry.name.endswith(SUFFIX))
 
     def free_bytes(self) -> int:
-        """Free bytes on the spool's file system (statvfs, at most FREE_MAX_AGE seconds old)."""
+        """Free bytes for new messages: the spool file system's free space (statvfs, at most
+        FREE_MAX_AGE seconds old), and with a size limit at most what the limit leaves."""
         for word in self._faults():
             if word.startswith("free="):
                 return int(word[5:])
@@ -352,6 +440,8 @@ class Spool:
             stat = os.statvfs(self.root)
             self._free = stat.f_bavail * stat.f_frsize
             self._free_at = now
+        if self.max_bytes:
+            return max(0, min(self._free, self.max_bytes - self.usage.value))
         return self._free
 
     def close(self) -> None:

@@ -144,6 +144,26 @@ def test_relay_container_shape() -> None:
     assert all(c["whenUnsatisfiable"] == "ScheduleAnyway" for c in spread.values())  # never blocks scale-up
 
 
+@pytest.mark.parametrize(("size_limit", "expected"), [("2Gi", 2 * 1024**3 * 9 // 10), ("1000", 900),
+                                                     ("100M", 90_000_000), (None, None)])
+def test_spool_size_limit_becomes_the_relays_spool_max_bytes(size_limit: str | None,
+                                                             expected: int | None) -> None:
+    """The relay refuses mail (452 4.3.1) at ~90 % of the emptyDir's sizeLimit, before the kubelet
+    would evict the pod for outgrowing it; the relay's own parser reads the value."""
+    raw: dict[str, Any] = {"upstream": {"host": "smtp.example.net"}, "acceptFrom": ["10.0.0.0/8"]}
+    if size_limit is not None:
+        raw["spool"] = {"sizeLimit": size_limit}
+    spec = specmod.parse(raw)
+    dep = manifests.deployment("r", "ns", spec, image="img", replicas=1, token_secret="r-admin")
+    environ = env_of(dep)
+    args = relay_cli.build_parser().parse_args([])
+    cfg = relay_config.from_values(relay_cli.gather(args, environ), default_hostname="unused")
+    if expected is None:
+        assert "MAILRELAY_SPOOL_MAX_BYTES" not in environ and cfg.spool_max_bytes == 0
+    else:
+        assert environ["MAILRELAY_SPOOL_MAX_BYTES"] == str(expected) and cfg.spool_max_bytes == expected
+
+
 def test_default_spool_is_an_unbounded_empty_dir() -> None:
     dep = manifests.deployment("r", "ns", MINIMAL, image="img", replicas=1, token_secret="r-admin")
     volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
