@@ -144,7 +144,8 @@ class Node:
         self.spool = spool.Spool(cfg.spool, max_bytes=cfg.spool_max_bytes, usage=self.spool_usage)
         sender = delivery.make_sender(_upstream(cfg, self.password))
         self.delivery = delivery.Delivery(self.spool, sender, queue_lifetime=cfg.queue_lifetime,
-                                          concurrency=cfg.upstream_connections)
+                                          concurrency=cfg.upstream_connections,
+                                          deferral_log_interval=cfg.deferral_log_interval)
         recovered = self.recovered(self.spool)
         for msg in recovered:
             self.delivery.submit(msg)

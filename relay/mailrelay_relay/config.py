@@ -71,6 +71,9 @@ FLAGS: tuple[Flag, ...] = (
          metavar="SECONDS"),
     Flag("--queue-lifetime", "432000", "undelivered messages older than this go to dead-letter",
          metavar="SECONDS"),
+    Flag("--deferral-log-interval", "60",
+         "log a delivery deferral at warning at most once per kind of failure per this long (per worker)",
+         metavar="SECONDS"),
     Flag("--command-timeout", "300", "deadline for each SMTP command line", metavar="SECONDS"),
     Flag("--data-timeout", "600", "deadline for a whole DATA transfer", metavar="SECONDS"),
     Flag("--workers", "1", "SMTP worker processes sharing the port (SO_REUSEPORT)", metavar="N"),
@@ -110,6 +113,7 @@ class Config:
     drain_timeout: float = 600.0
     drain_grace: float = 2.0
     queue_lifetime: float = 432000.0
+    deferral_log_interval: float = 60.0
     command_timeout: float = 300.0
     data_timeout: float = 600.0
     workers: int = 1
@@ -274,6 +278,7 @@ def from_values(values: Mapping[str, RawValue], *, default_hostname: str) -> Con
         drain_timeout=parse_seconds("--drain-timeout", need("--drain-timeout")),
         drain_grace=parse_seconds("--drain-grace", need("--drain-grace")),
         queue_lifetime=parse_seconds("--queue-lifetime", need("--queue-lifetime"), minimum=1.0),
+        deferral_log_interval=parse_seconds("--deferral-log-interval", need("--deferral-log-interval")),
         command_timeout=parse_seconds("--command-timeout", need("--command-timeout"), minimum=0.1),
         data_timeout=parse_seconds("--data-timeout", need("--data-timeout"), minimum=0.1),
         workers=parse_int("--workers", need("--workers"), minimum=1),

@@ -31,6 +31,12 @@ no recipient is left to retry, a message with any permanently refused recipient 
 were delivered), else it is removed as delivered. When the lifetime expires first, it is dead-lettered
 with reason `expired`.
 
+Deferrals are logged at warning (`delivery.deferred`), rate-limited per kind of failure (e.g.
+`connection SSLCertVerificationError`, `upstream 451`, `recipients 450`): the first one, then at most
+one line per kind per `deferral_log_interval` seconds per process, carrying the count of those left out
+(`suppressed`). The reason is the upstream's reply or the error, with the local part of any address cut
+out (logs.redact); message content never reaches a log. Every deferral is still logged at debug.
+
 Upstream outages: besides the per-message backoff, a connection failure or a 421 closes a short "gate"
 (its own backoff, capped at a few seconds) during which no worker starts a new attempt, so a down upstream is
 probed rather than hammered with every queued message. `retry_now()` (drain) opens the gate and wakes
@@ -370,6 +376,14 @@ async def _reset(smtp: aiosmtplib.SMTP) -> None:
         smtp.close()
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The class name of the innermost cause (e.g. SSLCertVerificationError inside UpstreamUnavailable)."""
+    seen = 0
+    while exc.__cause__ is not None and seen < 10:
+        exc, seen = exc.__cause__, seen + 1
+    return type(exc).__name__
+
+
 def make_sender(cfg: UpstreamConfig) -> Sender:
     return SmtpSender(cfg)
 
@@ -409,6 +423,7 @@ class Delivery:
         schedule: backoff.Schedule | None = None,
         rand: Callable[[], float] = random.random,
         stop_grace: float = 10.0,
+        deferral_log_interval: float = 60.0,
     ) -> None:
         if queue_lifetime <= 0:
             raise ValueError("queue_lifetime must be > 0")
@@ -442,6 +457,7 @@ class Delivery:
         self._removals: list[_Item] = []
         self._remover: asyncio.Task[None] | None = None
         self._stopping = False
+        self._deferral_log = logs.RateLimiter(deferral_log_interval)
 
     # -- the interface app.py uses ----------------------------------------------------------------
 
@@ -539,7 +555,7 @@ class Delivery:
                 except Exception as exc:  # never let a worker die; the message stays queued
                     logs.event(log, "delivery.worker_error", level=logging.ERROR, queue_id=item.msg.id,
                                error=repr(exc))
-                    self._defer(item, f"internal error: {exc!r}")
+                    self._defer(item, f"internal error: {exc!r}", "internal")
                 finally:
                     self._inflight -= 1
                 continue
@@ -594,7 +610,7 @@ class Delivery:
         except OSError as exc:
             logs.event(log, "delivery.spool_read_failed", level=logging.ERROR, queue_id=msg.id,
                        error=str(exc))
-            self._defer(item, f"spool read failed: {exc}")
+            self._defer(item, f"spool read failed: {exc}", "spool read")
             return
         except ValueError as exc:  # spool.CorruptRecord: the file cannot be a message we accepted whole
             item.permanent.append(f"corrupt spool record: {exc}")
@@ -622,11 +638,11 @@ class Delivery:
                 self._upstream_failed()
             else:
                 self._upstream_ok()
-            self._defer(item, f"{exc.code} {exc.text}")
+            self._defer(item, f"{exc.code} {exc.text}", f"upstream {exc.code}")
         except (ConnectionError, TimeoutError, OSError) as exc:
             metrics.attempt("connection_error")
             self._upstream_failed()
-            self._defer(item, f"connection: {exc or type(exc).__name__}")
+            self._defer(item, f"connection: {exc or type(exc).__name__}", f"connection {_root_cause(exc)}")
         except asyncio.CancelledError:
             # Stopped mid-attempt: the message stays in the spool and is retried after a restart.
             raise
@@ -634,7 +650,7 @@ class Delivery:
             logs.event(log, "delivery.unexpected_error", level=logging.ERROR, queue_id=msg.id,
                        error=repr(exc))
             metrics.attempt("temporary")
-            self._defer(item, f"unexpected error: {exc!r}")
+            self._defer(item, f"unexpected error: {exc!r}", "internal")
         else:
             metrics.attempt("success")
             self._upstream_ok()
@@ -652,7 +668,8 @@ class Delivery:
             metrics.attempt("temporary")
             item.remaining = temporary
             first = failures[temporary[0]]
-            self._defer(item, f"{len(temporary)} recipient(s) deferred: {first.code} {first.text}")
+            self._defer(item, f"{len(temporary)} recipient(s) deferred: {first.code} {first.text}",
+                        f"recipients {first.code}")
         else:
             metrics.attempt("permanent")
             item.remaining = ()
@@ -678,7 +695,9 @@ class Delivery:
         value = self._rand()
         return value if 0 <= value < 1 else 0.0
 
-    def _defer(self, item: _Item, why: str) -> None:
+    def _defer(self, item: _Item, why: str, kind: str) -> None:
+        """Retry later (or dead-letter when expired). `kind` is a bounded name of the failure: the key
+        of the deferral log's rate limit."""
         now = self._clock()
         decision = backoff.after_temporary_failure(
             self._schedule,
@@ -693,8 +712,10 @@ class Delivery:
                               f"({item.attempts} attempts); last error: {why}")
             return
         delay = max(0.0, decision.at - now)
-        logs.event(log, "delivery.deferred", level=logging.DEBUG, queue_id=item.msg.id,
-                   attempts=item.attempts, retry_in=round(delay, 3), reason=why)
+        suppressed = self._deferral_log.allow(kind, time.monotonic())
+        logs.event(log, "delivery.deferred", level=logging.DEBUG if suppressed is None else logging.WARNING,
+                   kind=kind, reason=logs.redact(why), queue_id=item.msg.id, attempts=item.attempts,
+                   retry_in=round(delay, 3), suppressed=suppressed)
         if self._stopping:
             return
         due = asyncio.get_running_loop().time() + delay
@@ -757,7 +778,7 @@ class Delivery:
             return
         metrics.dead_lettered(reason)
         logs.event(log, "delivery.dead_lettered", level=logging.WARNING, queue_id=item.msg.id,
-                   reason=reason, detail=text, attempts=item.attempts)
+                   reason=reason, detail=logs.redact(text, 500), attempts=item.attempts)
         self._forget(item)
 
     def _forget(self, item: _Item) -> None:
