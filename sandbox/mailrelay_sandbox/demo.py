@@ -176,7 +176,9 @@ class Demo:
     # -- helpers -------------------------------------------------------------------------------
     def _print(self, text: str, *, keep: bool) -> None:
         if self.live:
-            sys.stdout.write("\r\x1b[K" + text + ("\n" if keep else ""))
+            # a wrapped line cannot be redrawn in place: cut it to the terminal's width
+            width = shutil.get_terminal_size((120, 24)).columns
+            sys.stdout.write("\r\x1b[K" + text[: max(20, width - 1)] + ("\n" if keep else ""))
         elif keep:
             sys.stdout.write(text + "\n")
         sys.stdout.flush()

@@ -37,7 +37,7 @@ class Phase:
 
 
 def line(sample: Sample) -> str:
-    """One compact terminal line (fits 100 columns)."""
+    """One compact terminal line (about 120 columns with a flag; the live display cuts it to the width)."""
     flags = " ".join(f for f, on in (("OVERLOADED", sample.overloaded), ("MAINTENANCE", sample.maintenance),
                                      ("UPSTREAM-451", sample.throttled)) if on)
     return (
