@@ -67,13 +67,13 @@ def register(registry: kopf.OperatorRegistry, rt: reconcile.Runtime) -> None:
         try:
             parsed = spec.parse(body.get("spec") or {})
         except spec.SpecError as exc:
-            metrics.RECONCILE_ERRORS.labels("owned").inc()
+            metrics.RECONCILE_ERRORS.labels(metrics.HANDLER_OWNED).inc()
             raise kopf.PermanentError(f"invalid spec: {exc}") from exc
         memory = _memory(memo)
         try:
             actions = await reconcile.ensure_owned(rt, body, parsed, memory)
         except kube.ApiError as exc:
-            metrics.RECONCILE_ERRORS.labels("owned").inc()
+            metrics.RECONCILE_ERRORS.labels(metrics.HANDLER_OWNED).inc()
             raise kopf.TemporaryError(str(exc), delay=2) from exc
         memory.observed_generation = body.get("metadata", {}).get("generation")
         # Not returned: Kopf would store a handler's result in .status, which the CRD's schema prunes.
@@ -88,10 +88,10 @@ def register(registry: kopf.OperatorRegistry, rt: reconcile.Runtime) -> None:
             try:
                 await reconcile.tick(rt, body, memory)
             except (TimeoutError, kube.ApiError, OSError) as exc:
-                metrics.RECONCILE_ERRORS.labels("scaling").inc()
+                metrics.RECONCILE_ERRORS.labels(metrics.HANDLER_SCALING).inc()
                 logger.warning("scaling tick failed: %s", exc)
             except Exception:
-                metrics.RECONCILE_ERRORS.labels("scaling").inc()
+                metrics.RECONCILE_ERRORS.labels(metrics.HANDLER_SCALING).inc()
                 logger.exception("scaling tick crashed")
             try:
                 interval = spec.parse(body.get("spec") or {}).scaling.interval_seconds
@@ -104,6 +104,6 @@ def register(registry: kopf.OperatorRegistry, rt: reconcile.Runtime) -> None:
         try:
             drained = await reconcile.drain_all(rt, body, _memory(memo), bound=rt.config.delete_wait_seconds)
         except kube.ApiError as exc:
-            metrics.RECONCILE_ERRORS.labels("delete").inc()
+            metrics.RECONCILE_ERRORS.labels(metrics.HANDLER_DELETE).inc()
             raise kopf.TemporaryError(str(exc), delay=2) from exc
         logger.info("relays %s before deletion", "drained" if drained else "timed out draining")

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mailrelay_operator import drain
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 _PER_RELAY = ("namespace", "mailrelay")
 
@@ -39,13 +41,39 @@ LAST_RECONCILE = Gauge("mailrelay_operator_last_reconcile_timestamp_seconds",
 _PER_RELAY_METRICS: tuple[Gauge | Counter, ...] = (
     DESIRED_REPLICAS, READY_REPLICAS, DRAINING_PODS, OVERLOADED, SCRAPE_ERRORS, LAST_RECONCILE)
 
+# Label values known in advance. Their series are created at import (operator-wide ones) or at a
+# MailRelay's first tick (per-MailRelay ones), so a healthy operator exposes 0 rather than nothing, and
+# rate() and alerts see them. The handlers and reconcile use exactly these names.
+HANDLER_OWNED, HANDLER_SCALING, HANDLER_DELETE = "owned", "scaling", "delete"
+HANDLERS = (HANDLER_OWNED, HANDLER_SCALING, HANDLER_DELETE)
+OUTCOME_CANCELLED = "cancelled"  # demand rose mid-drain: the relay resumed service
+DRAIN_OUTCOMES = (drain.OUTCOME_DRAINED, drain.OUTCOME_TIMEOUT, OUTCOME_CANCELLED)
+DIRECTIONS = ("up", "down")
+
+
+def _initialise_operator_series() -> None:
+    for handler in HANDLERS:
+        RECONCILE_ERRORS.labels(handler)
+    for outcome in DRAIN_OUTCOMES:
+        DRAIN_DURATION.labels(outcome)
+
+
+_initialise_operator_series()
+
+
+def initialise(namespace: str, name: str) -> None:
+    """Create the counters of one MailRelay at 0 (its first tick), so they exist before any event."""
+    SCRAPE_ERRORS.labels(namespace, name)
+    for direction in DIRECTIONS:
+        SCALE_EVENTS.labels(namespace, name, direction)
+
 
 def forget(namespace: str, name: str) -> None:
     """Drop every series of a deleted MailRelay."""
     for metric in _PER_RELAY_METRICS:
         with contextlib.suppress(KeyError):
             metric.remove(namespace, name)
-    for direction in ("up", "down"):
+    for direction in DIRECTIONS:
         with contextlib.suppress(KeyError):
             SCALE_EVENTS.remove(namespace, name, direction)
 

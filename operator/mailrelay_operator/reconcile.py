@@ -191,6 +191,7 @@ async def _observe(
 async def tick(rt: Runtime, body: Mapping[str, Any], memory: Memory, now: float | None = None) -> TickReport:
     """One pass of the scaling loop: observe, decide (policy + drain plan), apply, report."""
     namespace, name = _meta(body)
+    metrics.initialise(namespace, name)  # its counters exist (at 0) from the first tick on
     now = time.time() if now is None else now
     generation = int(body.get("metadata", {}).get("generation") or 0)
     try:
@@ -424,7 +425,7 @@ async def apply_plan(
                 continue
             started_at = by_state[pod_name].drain_started if pod_name in by_state else None
             if started_at is not None:
-                metrics.DRAIN_DURATION.labels("cancelled").observe(max(0.0, now - started_at))
+                metrics.DRAIN_DURATION.labels(metrics.OUTCOME_CANCELLED).observe(max(0.0, now - started_at))
             await rt.kube.post_event(
                 body, reason="DrainCancelled", message=f"demand rose: relay {pod_name} resumed service"
             )

@@ -19,25 +19,9 @@ from tests.chart import livestack, promql
 
 RATE_INTERVAL = "5s"  # Grafana's $__rate_interval for a 1s scrape interval is 4s plus the step
 
-# Series the operator only creates on their first event, so a healthy operator exposes nothing for them
-# and these queries return no data (Prometheus practice: create every bounded label child at start, as
-# the relay does). Strict xfail: once the operator initialises them, these tests pass and the marker must
-# go. Needed in operator/mailrelay_operator/metrics.py: RECONCILE_ERRORS.labels(h) for each handler
-# ("owned", "scaling", "delete"), DRAIN_DURATION.labels(o) for "drained", "timeout", "cancelled".
-NOT_INITIALISED_BY_OPERATOR = ("mailrelay_operator_reconcile_errors_total", 'outcome="timeout"')
-
 
 def _params(expressions: list[promql.Expression]) -> list[object]:
-    params: list[object] = []
-    for expression in expressions:
-        missing = [m for m in NOT_INITIALISED_BY_OPERATOR if m in expression.expr]
-        marks = (
-            [pytest.mark.xfail(strict=True, reason=f"operator does not initialise {missing}")]
-            if missing
-            else []
-        )
-        params.append(pytest.param(expression, id=expression.where, marks=marks))
-    return params
+    return [pytest.param(expression, id=expression.where) for expression in expressions]
 
 
 DASHBOARD_EXPRESSIONS = _params(promql.dashboard_expressions())
