@@ -33,10 +33,10 @@ lint: venv
 	$(BIN)/ruff check relay operator sandbox tests bench dashboards
 	$(BIN)/mypy
 
-demo: setup
+demo: venv
 	$(BIN)/python -m mailrelay_sandbox.demo
 
-demo-compare: setup
+demo-compare: venv
 	$(BIN)/python -m mailrelay_sandbox.demo --compare-naive
 
 bench: setup
