@@ -74,19 +74,21 @@ BY_KIND: dict[str, Resource] = {
 }
 
 # What the operator calls, per resource (this module's own calls plus Kopf's watching and patching).
-# docs/operator-runtime.md lists the same table; the chart's ClusterRole is derived from it.
+# docs/operator-runtime.md lists the same table; the chart's ClusterRole is derived from it. Kopf (1.45)
+# never GETs one object: it lists and watches, then patches. The namespaces rule serves Kopf's namespace
+# observer, which lists and watches namespaces only with --namespace (not cluster-wide).
 RBAC_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("mailrelay.dev", "mailrelays", ("get", "list", "watch", "patch")),
-    ("mailrelay.dev", "mailrelays/status", ("get", "patch")),
-    ("", "pods", ("get", "list", "watch", "patch", "delete")),
+    ("mailrelay.dev", "mailrelays", ("list", "watch", "patch")),
+    ("mailrelay.dev", "mailrelays/status", ("patch",)),
+    ("", "pods", ("list", "patch", "delete")),
     ("", "secrets", ("get", "create", "patch")),
     ("", "services", ("get", "create", "patch")),
     ("", "events", ("create",)),
     ("apps", "deployments", ("get", "create", "patch")),
     ("policy", "poddisruptionbudgets", ("get", "create", "patch")),
     ("networking.k8s.io", "networkpolicies", ("get", "create", "patch")),
-    ("", "namespaces", ("get", "list", "watch")),
-    ("apiextensions.k8s.io", "customresourcedefinitions", ("get", "list", "watch")),
+    ("", "namespaces", ("list", "watch")),
+    ("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),
 )
 
 MERGE_PATCH = "application/merge-patch+json"
