@@ -44,6 +44,8 @@ class Options:
     operator_labels: dict[str, str] = field(
         default_factory=lambda: {"app.kubernetes.io/name": "mailrelay-operator"}
     )
+    metrics_scraper_labels: dict[str, str] = field(default_factory=dict)
+    metrics_scraper_namespace: str | None = None
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -141,6 +143,19 @@ def parser() -> argparse.ArgumentParser:
         "(default: $POD_NAMESPACE; unset: operator pods in any namespace)",
     )
     p.add_argument(
+        "--metrics-scraper-labels",
+        type=_labels,
+        default=_labels(_env("METRICS_SCRAPER_LABELS", "") or ""),
+        help="labels of the metrics scraper's pods (Prometheus), also allowed to reach the relays' admin "
+        "port for /metrics (default: none admitted unless --metrics-scraper-namespace is set)",
+    )
+    p.add_argument(
+        "--metrics-scraper-namespace",
+        default=_env("METRICS_SCRAPER_NAMESPACE") or None,
+        help="namespace of the metrics scraper's pods (default: any namespace, when "
+        "--metrics-scraper-labels is set; alone, it admits every pod of that namespace)",
+    )
+    p.add_argument(
         "--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"]
     )
     p.set_defaults(env_namespaces=tuple(n.strip() for n in (ns_env or "").split(",") if n.strip()))
@@ -174,6 +189,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         log_level=args.log_level,
         operator_labels=args.operator_labels,
         operator_namespace=args.operator_namespace,
+        metrics_scraper_labels=args.metrics_scraper_labels,
+        metrics_scraper_namespace=args.metrics_scraper_namespace or None,
     )
 
 
@@ -201,6 +218,8 @@ async def run(
             delete_wait_seconds=options.delete_wait_seconds,
             operator_labels=options.operator_labels,
             operator_namespace=options.operator_namespace,
+            metrics_scraper_labels=options.metrics_scraper_labels,
+            metrics_scraper_namespace=options.metrics_scraper_namespace,
         ),
     )
     registry = kopf.OperatorRegistry()

@@ -356,3 +356,18 @@ def network_policy(
             "ingress": [smtp_rule, admin_rule],
         },
     }
+
+
+def scraper_peer(labels: Mapping[str, str], namespace: str | None) -> kubetypes.NetworkPolicyPeer | None:
+    """The NetworkPolicy peer of the metrics scraper (Prometheus) that may reach the relays' admin port
+    for /metrics: pods with `labels` (any pod when empty) in `namespace` (any namespace when None).
+    None when neither is given: no scraper is admitted (both empty would admit every pod)."""
+    if not labels and not namespace:
+        return None
+    peer: kubetypes.NetworkPolicyPeer = {}
+    if labels:
+        peer["podSelector"] = {"matchLabels": dict(labels)}
+    peer["namespaceSelector"] = (
+        {"matchLabels": {"kubernetes.io/metadata.name": namespace}} if namespace else {}
+    )
+    return peer

@@ -50,6 +50,10 @@ class Config:
         default_factory=lambda: {"app.kubernetes.io/name": "mailrelay-operator"}
     )
     operator_namespace: str | None = None  # where the operator runs (NetworkPolicy peer); None: any
+    # The metrics scraper (Prometheus) admitted to the relays' admin port: its pods' labels and namespace
+    # (manifests.scraper_peer); both empty: none.
+    metrics_scraper_labels: Mapping[str, str] = field(default_factory=dict)
+    metrics_scraper_namespace: str | None = None
 
 
 @dataclass
@@ -117,7 +121,11 @@ async def ensure_owned(
         manifests.service(name, namespace),
         manifests.pod_disruption_budget(name, namespace),
         manifests.network_policy(
-            name, namespace, dict(rt.config.operator_labels), operator_namespace=rt.config.operator_namespace
+            name,
+            namespace,
+            dict(rt.config.operator_labels),
+            operator_namespace=rt.config.operator_namespace,
+            admin_peers=[p for p in (_scraper_peer(rt.config),) if p is not None],
         ),
     ]
     kopf.adopt(objects, owner=owner)
@@ -131,6 +139,10 @@ async def ensure_owned(
     if live_deployment is None:
         logger.info("%s/%s: created the Deployment with %d replicas", namespace, name, replicas)
     return actions
+
+
+def _scraper_peer(config: Config) -> kubetypes.NetworkPolicyPeer | None:
+    return manifests.scraper_peer(config.metrics_scraper_labels, config.metrics_scraper_namespace)
 
 
 def _initial_replicas(body: Mapping[str, Any], parsed: spec.MailRelaySpec) -> int:
