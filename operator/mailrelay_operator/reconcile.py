@@ -229,8 +229,9 @@ async def tick(rt: Runtime, body: Mapping[str, Any], memory: Memory, now: float 
     dep_replicas = int((deployment.get("spec") or {}).get("replicas") or 0)
     pods, statuses, _ = await _observe(rt, namespace, name, memory)
     states = [drain.pod_state(p, statuses.get(p["metadata"]["name"])) for p in pods]
-    draining = [s for s in states if s.draining and not s.deleting]
-    current = max(0, dep_replicas - len(draining))
+    # Serving relays; in and right after maintenance, the Deployment's count (not scale-in: the pool comes
+    # back at its size instead of dropping to the minimum).
+    current = drain.serving_replicas(dep_replicas, states, parsed.maintenance)
     loads = [
         policy.PodLoad(s.name, s.sessions, s.queue_messages)
         for s in states
@@ -249,7 +250,8 @@ async def tick(rt: Runtime, body: Mapping[str, Any], memory: Memory, now: float 
 
     # -- report --
     replicas_now = new_replicas if new_replicas is not None else dep_replicas
-    live_states = [s for s in states if not s.deleting]
+    # Pods the ReplicaSet counts: not being deleted, not terminated (an evicted pod is already replaced).
+    live_states = [s for s in states if not s.deleting and s.phase not in drain.TERMINAL_PHASES]
     draining_now = [
         s
         for s in live_states
@@ -257,10 +259,12 @@ async def tick(rt: Runtime, body: Mapping[str, Any], memory: Memory, now: float 
     ] + [s for s in live_states if s.name in plan.start_drain]
     ready = [s for s in live_states if s.ready and s.phase == "Running"]
     serving_ready = [s for s in ready if not s.draining or s.name in plan.resume]
+    serving_now = max(0, replicas_now - len(draining_now))
     sessions = sum(s.sessions or 0 for s in live_states)
     queue = sum(s.queue_messages or 0 for s in live_states)
     status: JSON = {
-        "replicas": len(live_states),
+        # Serving or starting relays, as the CRD documents and the scale subresource reports.
+        "replicas": serving_now,
         "readyReplicas": len(ready),
         "desiredReplicas": decision.desired,
         "selector": selector_string(name),
@@ -280,7 +284,7 @@ async def tick(rt: Runtime, body: Mapping[str, Any], memory: Memory, now: float 
         ready_cond = ("True", "ReplicasReady", f"{len(serving_ready)} of {wanted_serving} relays ready")
     else:
         ready_cond = ("False", "ReplicasNotReady", f"{len(serving_ready)} of {wanted_serving} relays ready")
-    scaling_now = replicas_now - len(draining_now) != decision.desired or not plan.empty
+    scaling_now = serving_now != decision.desired or not plan.empty
     overload_msg = (
         f"the load asks for {decision.recommended} relays, above the maximum {parsed.replicas.max}; "
         "relays shed new sessions with 421"
