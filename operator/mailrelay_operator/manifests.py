@@ -100,6 +100,8 @@ def relay_env(spec: specmod.MailRelaySpec) -> list[kubetypes.EnvVar]:
         env.append(
             {"name": "MAILRELAY_UPSTREAM_PASSWORD_FILE", "value": f"{UPSTREAM_CREDENTIALS_DIR}/password"}
         )
+        if spec.upstream.allow_plaintext_auth:
+            env.append({"name": "MAILRELAY_UPSTREAM_ALLOW_PLAINTEXT_AUTH", "value": "true"})
     return env
 
 

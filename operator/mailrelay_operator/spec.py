@@ -67,6 +67,7 @@ class UpstreamSpec:
     port: int = DEFAULT_UPSTREAM_PORT
     tls: TlsMode = DEFAULT_UPSTREAM_TLS
     credentials_secret: str | None = None  # Secret with keys `username` and `password`
+    allow_plaintext_auth: bool = False  # AUTH without TLS: an explicit opt-in (the relay refuses it otherwise)
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ def parse(raw_spec: kubetypes.MailRelaySpec | Mapping[str, Any]) -> MailRelaySpe
     if unknown:
         raise SpecError(f"spec: unknown field(s) {', '.join(unknown)}")
 
-    up = _obj(raw, "upstream", "spec", {"host", "port", "tls", "credentialsSecret"})
+    up = _obj(raw, "upstream", "spec", {"host", "port", "tls", "credentialsSecret", "allowPlaintextAuth"})
     host = _str(up, "host", "spec.upstream")
     if host is None:
         raise SpecError("spec.upstream.host: required")
@@ -239,11 +240,20 @@ def parse(raw_spec: kubetypes.MailRelaySpec | Mapping[str, Any]) -> MailRelaySpe
     credentials = _str(up, "credentialsSecret", "spec.upstream")
     if credentials is not None and (len(credentials) > 253 or not _DNS_SUBDOMAIN.match(credentials)):
         raise SpecError(f"spec.upstream.credentialsSecret: {credentials!r} is not a valid Secret name")
+    plaintext_auth = up.get("allowPlaintextAuth", False)
+    if not isinstance(plaintext_auth, bool):
+        raise SpecError(f"spec.upstream.allowPlaintextAuth: expected true or false, got {plaintext_auth!r}")
+    if credentials is not None and tls == "none" and not plaintext_auth:
+        raise SpecError(
+            "spec.upstream: credentialsSecret with tls none would send the password in clear: "
+            "use tls starttls or tls, or set allowPlaintextAuth"
+        )
     upstream = UpstreamSpec(
         host=host,
         port=_int(up, "port", "spec.upstream", DEFAULT_UPSTREAM_PORT, 1, 65535),
         tls=cast(TlsMode, tls),
         credentials_secret=credentials,
+        allow_plaintext_auth=plaintext_auth,
     )
 
     accept_raw = raw.get("acceptFrom")

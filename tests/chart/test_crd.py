@@ -249,7 +249,15 @@ def test_cel_rules_compile_and_have_messages() -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", [MINIMAL, FULL], ids=["minimal", "design-sample"])
+PLAINTEXT_AUTH = {
+    "upstream": {"host": "smtp.internal", "credentialsSecret": "auth", "allowPlaintextAuth": True},
+    "acceptFrom": ["10.0.0.0/8"],
+}
+
+
+@pytest.mark.parametrize(
+    "spec", [MINIMAL, FULL, PLAINTEXT_AUTH], ids=["minimal", "design-sample", "plaintext-auth-opt-in"]
+)
 def test_valid_samples_are_admitted(spec: dict[str, Any]) -> None:
     _, errors = admit(mailrelay(spec))
     assert errors == []
@@ -275,6 +283,7 @@ def test_valid_samples_are_admitted(spec: dict[str, Any]) -> None:
         ("upstream.tls", "ssl", "is not one of"),
         ("upstream.port", 70000, "maximum"),
         ("upstream.credentialsSecret", "Upstream_Auth", "does not match"),
+        ("upstream.tls", "none", "would send the password in clear"),
         ("drain.timeoutSeconds", 0, "minimum"),
         ("spool.sizeLimit", "lots", "does not match"),
         ("acceptFrom", ["10.0.0.0/8", "10.0.0.0/8"], "non-unique"),
@@ -322,7 +331,12 @@ def test_defaults_fill_the_whole_spec() -> None:
     defaulted, errors = admit(mailrelay(MINIMAL))
     assert errors == []
     assert defaulted["spec"] == {
-        "upstream": {"host": "smtp.example.net", "port": specmod.DEFAULT_UPSTREAM_PORT, "tls": "none"},
+        "upstream": {
+            "host": "smtp.example.net",
+            "port": specmod.DEFAULT_UPSTREAM_PORT,
+            "tls": "none",
+            "allowPlaintextAuth": False,
+        },
         "acceptFrom": ["10.0.0.0/8"],
         "replicas": {"min": specmod.DEFAULT_MIN_REPLICAS, "max": specmod.DEFAULT_MAX_REPLICAS},
         "limits": {

@@ -36,7 +36,15 @@ FULL = specmod.parse(
     }
 )
 IPV6 = specmod.parse({"upstream": {"host": "2001:db8::25", "port": 2525}, "acceptFrom": ["::/0"]})
-SPECS = {"minimal": MINIMAL, "full": FULL, "ipv6-upstream": IPV6}
+# AUTH without TLS: only with the explicit opt-in, which the relay must then see as well (it refuses
+# --upstream-user with --upstream-tls none otherwise), checked through the relay's own parser below.
+PLAINTEXT_AUTH = specmod.parse(
+    {
+        "upstream": {"host": "smtp.internal", "credentialsSecret": "auth", "allowPlaintextAuth": True},
+        "acceptFrom": ["10.0.0.0/8"],
+    }
+)
+SPECS = {"minimal": MINIMAL, "full": FULL, "ipv6-upstream": IPV6, "plaintext-auth": PLAINTEXT_AUTH}
 OPERATOR_LABELS = {"app.kubernetes.io/name": "mailrelay-operator"}
 
 

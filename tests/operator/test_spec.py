@@ -136,6 +136,8 @@ def test_bad_quantities(value: Any) -> None:
         (with_field("upstream.port", "25"), "spec.upstream.port"),
         (with_field("upstream.tls", "ssl"), "spec.upstream.tls"),
         (with_field("upstream.credentialsSecret", "Bad_Name"), "spec.upstream.credentialsSecret"),
+        (with_field("upstream.credentialsSecret", "auth"), "spec.upstream: credentialsSecret with tls none"),
+        (with_field("upstream.allowPlaintextAuth", "yes"), "spec.upstream.allowPlaintextAuth"),
         (with_field("upstream.hots", "typo"), "spec.upstream"),
         (with_field("replicas", {"min": 5, "max": 2}), "spec.replicas"),
         (with_field("replicas.min", 0), "spec.replicas.min"),
