@@ -67,7 +67,7 @@ class UpstreamSpec:
     port: int = DEFAULT_UPSTREAM_PORT
     tls: TlsMode = DEFAULT_UPSTREAM_TLS
     credentials_secret: str | None = None  # Secret with keys `username` and `password`
-    allow_plaintext_auth: bool = False  # AUTH without TLS: an explicit opt-in (the relay refuses it otherwise)
+    allow_plaintext_auth: bool = False  # AUTH without TLS: an explicit opt-in (else the relay refuses it)
 
 
 @dataclass(frozen=True)
