@@ -1,18 +1,33 @@
-"""The relay's SMTP server: an asyncio protocol per connection that speaks RFC 5321 and asks policy.py
+"""The relay's SMTP server: aiosmtpd's `SMTP` protocol, subclassed to cover its gaps, asking policy.py
 what to answer.
 
-What it is for: the wire — greeting refusal under the pod's session cap or while draining (decided in
-connection_made, the connect hook aiosmtpd lacks; the listener stays open so clients get a 421, not a
-refused connection), our own MAIL/RCPT parameter parsing (policy.py), DATA read line by line with size,
-line-length and bare CR/LF checks while it arrives (never buffering past the limit, never splitting one
-DATA into two), per-command and whole-DATA deadlines (421 4.4.2), STARTTLS through loop.start_tls, the
-drain gate (421 4.3.2 to the next command outside a transaction) and the unprompted 421 to idle
-sessions. A message is answered 250 only after spool.store() returned (fsynced).
+What it is for: the wire. `Session` is an `aiosmtpd.smtp.SMTP` (an asyncio StreamReaderProtocol): its
+reader and writer, its Session/Envelope state, its `tls_context` and STARTTLS layering (the reset and
+the discarded plaintext after the handshake) and its connection life cycle are aiosmtpd's. What aiosmtpd
+lacks or decides differently from DESIGN.md §3 is overridden here:
 
-Why not aiosmtpd's SMTP class: besides the gaps DESIGN.md §3 lists (no connect hook, 555 before any
-hook, DATA buffered whole), its constructor introspects the handler and itself on every connection
-(~320 µs here), which matters at 1000 connections a second on two cores. This module keeps the same
-shape (one coroutine per session) with a small line reader of its own.
+- `connection_made`: the connect hook aiosmtpd lacks. The pod's session cap and the drain flag are
+  checked (under podstate's lock) before aiosmtpd sets anything up; a refused client gets its 421 and
+  the connection closes, while the listener stays open.
+- `_handle_client`: aiosmtpd's command loop answers with its own texts (no enhanced status codes, a
+  512-octet line limit, its own bad-command budget) and waits for every reply to drain. Ours keeps
+  policy.py's replies, batches replies to pipelined commands, applies the drain gate before each
+  command and the per-command deadline, and never cancels a session that is storing a message.
+- `smtp_MAIL`/`smtp_RCPT`: our own parameter parsing (policy.py), since aiosmtpd answers unknown
+  parameters with 555 before any hook runs.
+- `smtp_DATA`: aiosmtpd buffers DATA whole and ends it at any CRLF "." CRLF line it reads with
+  readuntil(CRLF). Ours streams the content from aiosmtpd's reader with policy.py's scanner: a small
+  message in one pass, a large one line by line, content past the limits counted but never kept, and
+  only a real CRLF "." CRLF ends it, so one DATA is never two messages. 250 only after spool.store().
+- timeouts: aiosmtpd arms a timer per command; here one 0.1 s sweep per worker enforces the
+  per-command, whole-DATA and client-must-read deadlines with 421 4.4.2.
+- `__init__`: aiosmtpd's constructor introspects the handler and the protocol on every connection
+  (inspect.getmembers, dir: about 300 µs here, for AUTH mechanisms and handler hooks this relay does
+  not use). `Session.__init__` sets the same fields without the introspection; the command table is
+  built once per class (`_COMMANDS`), the AUTH and hook tables are class-level and empty.
+
+The drain gate (421 4.3.2 to the next command outside a transaction) and the unprompted 421 to idle
+sessions are driven by app.py through `Server`.
 
 What it must not do: decide replies itself (policy.py does), deliver (delivery.py does), or log message
 content.
@@ -21,6 +36,7 @@ content.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import collections
 import itertools
 import logging
@@ -28,22 +44,27 @@ import os
 import ssl
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
+
+import aiosmtpd.smtp
 
 from mailrelay_relay import config, logs, metrics, podstate, policy, spool
 
 log = logging.getLogger("mailrelay.smtp")
 
 SWEEP_INTERVAL = 0.1  # how often deadlines are checked (timeouts fire up to this much late)
-READ_LIMIT = 64 * 1024  # longest line buffered before it is treated as over-long
-_HIGH_WATER = 256 * 1024
+READ_LIMIT = 128 * 1024  # the reader's limit: longest line or small DATA found in one piece
 _MAX_QUEUED_REPLIES = 64  # replies held back for batching before they are written regardless
 _RESERVATION_STEP = 64 * 1024  # growth step when DATA outgrows its reservation
-_BULK_LIMIT = 128 * 1024  # a DATA that ends within this many bytes is checked as one block
+_BULK_LIMIT = READ_LIMIT  # a DATA that ends within this many bytes is checked as one block
 _YIELD_EVERY = 64  # lines read without waiting before the session yields to others
 _session_ids = itertools.count(1)
 _REPLY_CHILDREN: dict[int, object] = {}
 _CONNECTION_CHILDREN = {result: metrics.CONNECTIONS.labels(result=result.value) for result in policy.Greeting}
+
+# aiosmtpd logs every connection at INFO ("Peer: ..."); its logger stays quiet like aiohttp's access log.
+_AIOSMTPD_LOG = logging.getLogger("mail.log")
 
 
 class ConnectionClosed(Exception):
@@ -84,6 +105,8 @@ class Server:
         self.drain_started: float | None = None  # monotonic time this worker saw the drain begin
         self._server: asyncio.Server | None = None
         self._id_prefix = f"{os.getpid():x}-"
+        if not log.isEnabledFor(logging.DEBUG):
+            _AIOSMTPD_LOG.setLevel(logging.WARNING)
 
     def new_session_id(self) -> str:
         return f"{self._id_prefix}{next(_session_ids):x}"
@@ -106,7 +129,7 @@ class Server:
         for session in list(self.sessions):
             deadline = session.deadline
             if deadline is not None and now >= deadline:
-                session._on_timeout()
+                session._timeout_cb()
         asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
 
     def bound_port(self) -> int:
@@ -146,46 +169,107 @@ class Server:
             await self._server.wait_closed()
 
 
-class Session(asyncio.Protocol):
-    """One SMTP connection."""
+class _Reader(asyncio.StreamReader):
+    """aiosmtpd's stream reader plus the two looks at its buffer a session needs: is a whole line already
+    there (then replies to pipelined commands stay batched), and dropping plaintext pipelined after
+    STARTTLS (RFC 3207; aiosmtpd clears the same buffer again once the handshake is done)."""
+
+    _buffer: bytearray  # StreamReader's buffer and limit (CPython asyncio, unchanged since 3.4)
+    _limit: int
+
+    def holds(self, separator: bytes) -> bool:
+        """Would readuntil(separator) return (or fail) without waiting?"""
+        return self._buffer.find(separator) >= 0 or len(self._buffer) > self._limit
+
+    def discard(self) -> None:
+        self._buffer.clear()
+
+
+Command = Callable[["Session", str], Awaitable[None]]
+
+
+def _command_table(cls: type[Session]) -> dict[str, Command]:
+    """The verbs this relay implements and their methods, looked up once per class (aiosmtpd builds the
+    same table per connection from dir(self), which would also pick up its smtp_AUTH and smtp_EXPN)."""
+    return {verb: getattr(cls, f"smtp_{verb}") for verb in sorted(policy.IMPLEMENTED)}
+
+
+class Session(aiosmtpd.smtp.SMTP):
+    """One SMTP connection: aiosmtpd's protocol with the overrides listed in the module docstring."""
+
+    _COMMANDS: ClassVar[dict[str, Command]] = {}
+
+    # Fields aiosmtpd's SMTP.__init__ sets per instance, fixed for this relay and so set once here.
+    enable_SMTPUTF8 = False
+    _decode_data = False
+    require_starttls = False
+    _tls_handshake_okay = True
+    _auth_require_tls = True
+    _auth_required = False
+    _proxy_timeout = None
+    _authenticator = None
+    _auth_callback = None
+    _enforce_call_limit = False
+    _ehlo_hook_ver = None
+    _auth_methods: dict[str, Any] = {}  # never mutated: no AUTH here
+    _handle_hooks: dict[str, Callable[..., Any]] = {}  # never mutated: no handler hooks
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._COMMANDS = _command_table(cls)
 
     def __init__(self, server: Server) -> None:
+        """Deliberately not SMTP.__init__ (see the module docstring): the StreamReaderProtocol base with
+        aiosmtpd's reader/writer callback, and the per-connection fields aiosmtpd's own methods read."""
+        loop = asyncio.get_running_loop()
+        asyncio.StreamReaderProtocol.__init__(self, _Reader(limit=READ_LIMIT, loop=loop),
+                                              client_connected_cb=self._cb_client_connected, loop=loop)
+        cfg = server.cfg
+        self.__ident__ = "ESMTP mailrelay"
+        self.loop = loop
+        self.event_handler = server
+        self.data_size_limit = cfg.max_message_size
+        self.hostname = cfg.hostname
+        self.tls_context = server.tls_context
+        self._timeout_duration = cfg.command_timeout
+        self._timeout_handle = None
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._reader: _Reader
+        self._writer: asyncio.StreamWriter
+        # ours
         self.server = server
-        self.cfg = server.cfg
-        self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
+        self.cfg = cfg
         self.id = ""
         self.peer_ip: str | None = None
         self.counted = False
         self.closed = False
-        self.buffer = bytearray()
-        self.pos = 0
-        self.eof = False
-        self.waiter: asyncio.Future[None] | None = None
-        self.paused = False
         self.write_paused = False
-        self.write_waiter: asyncio.Future[None] | None = None
         self.out: list[bytes] = []
         self.lines_served = 0
         self.deadline: float | None = None  # loop time by which the awaited input (or drain) must come
         self.idle_since: float | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.tls = False
-        # SMTP state
-        self.greeted = False
-        self.extended = False
-        self.mail_from: str | None = None
-        self.options: tuple[str, ...] = ()
-        self.rcpts: list[str] = []
         self.reservation = 0
         self.bad_commands = 0
         self.may_relay = False
+        self._greeting = policy.OK
 
-    # -- asyncio.Protocol -----------------------------------------------------------------------------------
+    @property
+    def _smtp_methods(self) -> dict[str, Any]:  # type: ignore[override]
+        """aiosmtpd's per-instance table of bound smtp_* methods, built only if something asks for it."""
+        return {verb: getattr(self, f"smtp_{verb}") for verb in self._COMMANDS}
+
+    # -- connection life cycle (asyncio.Protocol, through aiosmtpd) ---------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.transport is not None:  # after STARTTLS: the TLS transport replaces the plain one
+        if self._original_transport is not None:
+            # the TLS layer after STARTTLS: aiosmtpd's own branch swaps the reader's and writer's
+            # transport, discards plaintext read before the handshake and starts a fresh session state
+            super().connection_made(transport)
             return
-        self.transport = typing.cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         state = self.server.state
         cfg = self.cfg
 
@@ -200,38 +284,28 @@ class Session(asyncio.Protocol):
         _CONNECTION_CHILDREN[result].inc()
         if result is not policy.Greeting.ACCEPTED:
             _count_reply(reply.code)
-            self.transport.write(reply.wire())
-            self.transport.close()
+            typing.cast(asyncio.Transport, transport).write(reply.wire())  # uvloop's is not a subclass
+            transport.close()
             self.closed = True
             return
         self.counted = True
         metrics.SESSIONS.inc()
         self.id = self.server.new_session_id()
-        peer = transport.get_extra_info("peername")
+        self._greeting = reply
+        super().connection_made(transport)  # aiosmtpd: session, envelope, reader/writer, _handle_client
+        assert self.session is not None
+        peer = self.session.peer
         self.peer_ip = peer[0] if isinstance(peer, tuple) and peer else None
         self.may_relay = policy.may_relay(self.peer_ip, cfg.accept_from)
         self.server.sessions.add(self)
         logs.event(log, "session.open", level=logging.DEBUG, session=self.id, peer=self.peer_ip)
-        self.task = self.loop.create_task(self.run(reply))
 
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if not self.paused and len(self.buffer) - self.pos > _HIGH_WATER and self.transport is not None:
-            self.transport.pause_reading()
-            self.paused = True
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        self._wake()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.eof = True
+    def connection_lost(self, error: Exception | None) -> None:
+        """Unlike aiosmtpd's, this does not cancel the session's coroutine: the reader gets EOF and the
+        session ends at its next read, so a message being stored is stored and handed to delivery."""
         self.closed = True
-        self._wake()
-        if self.write_waiter is not None and not self.write_waiter.done():
-            self.write_waiter.set_result(None)
+        if self._handler_coroutine is None:
+            return  # refused at the greeting: nothing was set up
         self.deadline = None
         self.idle_since = None
         self._release()
@@ -241,42 +315,56 @@ class Session(asyncio.Protocol):
             metrics.SESSIONS.dec()
             self.server.sessions.discard(self)
             logs.event(log, "session.close", level=logging.DEBUG, session=self.id)
+        if self._original_transport is not None:  # after STARTTLS, as aiosmtpd does
+            self._original_transport.close()
+        asyncio.StreamReaderProtocol.connection_lost(self, error)
+        self.transport = None
+
+    def eof_received(self) -> bool | None:
+        """The client closed its side: the reader gets EOF and the transport closes (aiosmtpd would cancel
+        the session's coroutine here)."""
+        asyncio.StreamReaderProtocol.eof_received(self)
+        return False
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        super().pause_writing()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.write_waiter is not None and not self.write_waiter.done():
-            self.write_waiter.set_result(None)
+        super().resume_writing()
 
-    # -- I/O helpers -----------------------------------------------------------------------------------------
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd arms a timer per command; here Server's sweep checks `deadline` (only while waiting)."""
 
-    def _on_timeout(self) -> None:
+    def _timeout_cb(self) -> None:
         logs.event(log, "session.timeout", session=self.id)
         self.abort(policy.timeout(self.cfg.hostname), "timeout")
 
+    def _set_post_data_state(self) -> None:
+        """aiosmtpd's reset of the envelope (after DATA, RSET, HELO/EHLO, STARTTLS): also gives back the
+        transaction's in-flight reservation."""
+        self._release()
+        super()._set_post_data_state()  # type: ignore[no-untyped-call]
+
+    # -- replies and reading ----------------------------------------------------------------------------
     def abort(self, reply: policy.Reply, reason: str) -> None:
-        """Send `reply` unprompted (421) and close; the session's coroutine ends on its next read."""
-        if self.closed or self.transport is None:
+        """Send `reply` unprompted (421) and close; the session's coroutine ends at its next read."""
+        transport = typing.cast(asyncio.Transport | None, self.transport)
+        if self.closed or transport is None:
             return
         logs.event(log, "session.abort", session=self.id, reason=reason, code=reply.code)
         self.idle_since = None
         if self.write_paused:  # the client does not read: drop what is queued for it
             self.closed = True
             self.out.clear()
-            self.transport.abort()
+            transport.abort()
         else:
             self.reply_now(reply)
             self.closed = True
-            self.transport.close()
-        self._wake()
-        if self.write_waiter is not None and not self.write_waiter.done():
-            self.write_waiter.set_result(None)
+            transport.close()
+        if self._reader is not None:
+            self._reader.feed_eof()  # wakes a read in progress
 
     def reply(self, reply: policy.Reply) -> None:
         """Queue a reply; it is written when the session next waits for input (PIPELINING batches)."""
@@ -292,8 +380,9 @@ class Session(asyncio.Protocol):
         self.out.append("".join(line + "\r\n" for line in lines).encode("ascii"))
 
     def flush(self) -> None:
-        if self.out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(self.out))
+        transport = self.transport
+        if self.out and transport is not None and not transport.is_closing():
+            typing.cast(asyncio.Transport, transport).write(b"".join(self.out))
         self.out.clear()
 
     async def _writable(self, deadline: float) -> None:
@@ -301,82 +390,63 @@ class Session(asyncio.Protocol):
         self.flush()
         if not self.write_paused or self.closed:
             return
-        self.write_waiter = self.loop.create_future()
         self.deadline = deadline
         try:
-            await self.write_waiter
+            await self._writer.drain()
+        except OSError:
+            raise ConnectionClosed from None
         finally:
             self.deadline = None
-            self.write_waiter = None
         if self.closed:
             raise ConnectionClosed
 
-    async def _wait(self, deadline: float) -> None:
+    async def _before_wait(self, deadline: float, idle: bool) -> None:
+        """About to wait for the client: send what is queued, and give up if the deadline has passed."""
         await self._writable(deadline)
-        if self.closed or self.eof:
+        if self.closed:
             raise ConnectionClosed
-        delay = deadline - self.loop.time()
-        if delay <= 0:
-            self._on_timeout()
+        if self.loop.time() >= deadline:
+            self._timeout_cb()
             raise ConnectionClosed
-        self.waiter = self.loop.create_future()
         self.deadline = deadline  # enforced by Server's sweep (a timer per wait costs more than a sweep)
+        if idle and self.envelope is not None and self.envelope.mail_from is None:
+            self.idle_since = self.loop.time()
+
+    async def _read(self, deadline: float, separator: bytes, *, idle: bool = False) -> bytes:
+        """reader.readuntil(separator); a LimitOverrunError (no separator within READ_LIMIT) propagates."""
+        if self.closed:
+            raise ConnectionClosed
+        reader = self._reader
+        if self.write_paused or len(self.out) >= _MAX_QUEUED_REPLIES:
+            await self._writable(deadline)  # a pipelining client must read its replies
+        self.lines_served += 1
+        if self.lines_served % _YIELD_EVERY == 0:
+            await asyncio.sleep(0)  # a long pipelined burst must not starve other sessions
+        if not reader.holds(separator):
+            await self._before_wait(deadline, idle)
         try:
-            await self.waiter
+            return await reader.readuntil(separator)
+        except asyncio.IncompleteReadError:
+            raise ConnectionClosed from None  # EOF
+        except OSError:
+            raise ConnectionClosed from None  # the connection was lost with an error
         finally:
             self.deadline = None
-            self.waiter = None
+            self.idle_since = None
 
     async def readline(self, deadline: float, *, idle: bool = False) -> bytes:
-        """The next line including its LF, or a chunk of READ_LIMIT bytes without LF for an over-long line.
-
-        Raises ConnectionClosed on EOF or after an abort. `idle` marks the wait as "between transactions"
-        for the drain's unprompted 421.
-        """
-        while True:
-            if self.closed:
-                raise ConnectionClosed
-            if self.write_paused or len(self.out) >= _MAX_QUEUED_REPLIES:
-                await self._writable(deadline)  # a pipelining client must read its replies
-            self.lines_served += 1
-            if self.lines_served % _YIELD_EVERY == 0:
-                await asyncio.sleep(0)  # a long pipelined burst must not starve other sessions
-            buffer = self.buffer
-            index = buffer.find(b"\n", self.pos)
-            if index >= 0:
-                line = bytes(buffer[self.pos:index + 1])
-                self.pos = index + 1
-                self._compact()
-                return line
-            if len(buffer) - self.pos >= READ_LIMIT:
-                chunk = bytes(buffer[self.pos:])
-                self.pos = len(buffer)
-                self._compact()
-                return chunk
-            if self.eof:
-                raise ConnectionClosed
-            if idle and self.mail_from is None:
-                self.idle_since = self.loop.time()
-            try:
-                await self._wait(deadline)
-            finally:
-                self.idle_since = None
-
-    def _compact(self) -> None:
-        if self.pos >= len(self.buffer):
-            self.buffer.clear()
-            self.pos = 0
-        elif self.pos > 65536:
-            del self.buffer[:self.pos]
-            self.pos = 0
-        if self.paused and len(self.buffer) - self.pos < _HIGH_WATER // 2 and self.transport is not None:
-            self.paused = False
-            self.transport.resume_reading()
-
-    # -- the session ----------------------------------------------------------------------------------------
-    async def run(self, greeting: policy.Reply) -> None:
+        """The next line including its LF, or a chunk of at most READ_LIMIT bytes without LF for an
+        over-long line. Raises ConnectionClosed on EOF or after an abort. `idle` marks the wait as
+        "between transactions" for the drain's unprompted 421."""
         try:
-            self.reply(greeting)
+            return await self._read(deadline, b"\n", idle=idle)
+        except asyncio.LimitOverrunError as error:
+            return await self._reader.read(error.consumed)
+
+    # -- the session --------------------------------------------------------------------------------------
+    async def _handle_client(self) -> None:
+        try:
+            self.reply(self._greeting)
             while not self.closed:
                 deadline = self.loop.time() + self.cfg.command_timeout
                 line = await self.readline(deadline, idle=True)
@@ -432,11 +502,9 @@ class Session(asyncio.Protocol):
         self.reservation += extra
         return True
 
-    def _reset(self) -> None:
-        self._release()
-        self.mail_from = None
-        self.options = ()
-        self.rcpts = []
+    @property
+    def _in_transaction(self) -> bool:
+        return self.envelope is not None and self.envelope.mail_from is not None
 
     async def command(self, raw: bytes) -> None:
         if len(raw) > policy.MAX_COMMAND_LINE:
@@ -453,13 +521,12 @@ class Session(asyncio.Protocol):
             return
         verb, _, arg = line.partition(" ")
         verb = verb.upper()
-        gate = policy.drain_gate(draining=self.server.state.draining,
-                                 in_transaction=self.mail_from is not None, verb=verb,
-                                 hostname=self.cfg.hostname)
+        gate = policy.drain_gate(draining=self.server.state.draining, in_transaction=self._in_transaction,
+                                 verb=verb, hostname=self.cfg.hostname)
         if gate is not None:
             self.abort(gate, "draining")
             return
-        handler = _HANDLERS.get(verb)
+        handler = self._COMMANDS.get(verb)
         if handler is None:
             if verb in policy.NOT_OFFERED:
                 self._bad(policy.NOT_IMPLEMENTED)
@@ -468,31 +535,38 @@ class Session(asyncio.Protocol):
             return
         await handler(self, arg.strip())
 
-    async def smtp_HELO(self, arg: str) -> None:
-        if not arg:
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not hostname:
             self.reply(policy.syntax("HELO hostname"))
             return
-        self._reset()
-        self.greeted, self.extended = True, False
+        self._set_post_data_state()  # aiosmtpd's _set_rset_state
+        assert self.session is not None
+        self.session.host_name = hostname
+        self.session.extended_smtp = False
         self.reply(policy.helo(self.cfg.hostname))
 
-    async def smtp_EHLO(self, arg: str) -> None:
-        if not arg:
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not hostname:
             self.reply(policy.syntax("EHLO hostname"))
             return
-        self._reset()
-        self.greeted, self.extended = True, True
+        self._set_post_data_state()  # aiosmtpd's _set_rset_state
+        assert self.session is not None
+        self.session.host_name = hostname
+        self.session.extended_smtp = True
         self.reply_lines(policy.ehlo(self.cfg.hostname, max_message_size=self.cfg.max_message_size,
-                                     starttls=self.server.tls_context is not None and not self.tls))
+                                     starttls=self.tls_context is not None and self._tls_protocol is None))
 
-    async def smtp_MAIL(self, arg: str) -> None:
+    async def smtp_MAIL(self, arg: str | None) -> None:
         state = self.server.state
         free = self.server.spool.free_bytes()
         cfg = self.cfg
+        session, envelope = self.session, self.envelope
+        assert session is not None and envelope is not None
 
         def decide() -> policy.MailDecision:
             decision = policy.decide_mail(arg, policy.MailContext(
-                extended=self.extended, greeted=self.greeted, in_transaction=self.mail_from is not None,
+                extended=session.extended_smtp, greeted=session.host_name is not None,
+                in_transaction=envelope.mail_from is not None,
                 max_message_size=cfg.max_message_size, free_bytes=free,
                 inflight_bytes=state.get(podstate.INFLIGHT), max_inflight_bytes=cfg.max_inflight_bytes))
             if decision.accepted:
@@ -501,32 +575,38 @@ class Session(asyncio.Protocol):
 
         decision = state.atomic(decide)
         if decision.accepted:
-            self.mail_from = decision.mail_from
-            self.options = decision.options
-            self.rcpts = []
+            envelope.mail_from = decision.mail_from
+            envelope.mail_options = list(decision.options)
+            envelope.rcpt_tos = []
             self.reservation = decision.reservation
             metrics.INFLIGHT_BYTES.inc(decision.reservation)
         elif decision.reply.code in (500, 501):
             self.bad_commands += 1
         self.reply(decision.reply)
 
-    async def smtp_RCPT(self, arg: str) -> None:
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        session, envelope = self.session, self.envelope
+        assert session is not None and envelope is not None
         decision = policy.decide_rcpt(arg, policy.RcptContext(
-            extended=self.extended, in_transaction=self.mail_from is not None, recipients=len(self.rcpts),
-            max_recipients=self.cfg.max_recipients, may_relay=self.may_relay))
+            extended=session.extended_smtp, in_transaction=envelope.mail_from is not None,
+            recipients=len(envelope.rcpt_tos), max_recipients=self.cfg.max_recipients,
+            may_relay=self.may_relay))
         if decision.accepted:
-            self.rcpts.append(decision.address)
+            envelope.rcpt_tos.append(decision.address)
         elif decision.reply.code == 554:
             logs.event(log, "relay.denied", session=self.id, peer=self.peer_ip)
         self.reply(decision.reply)
 
     async def smtp_DATA(self, arg: str) -> None:
-        reply = policy.decide_data(arg, in_transaction=self.mail_from is not None, recipients=len(self.rcpts))
+        envelope = self.envelope
+        assert envelope is not None
+        reply = policy.decide_data(arg, in_transaction=envelope.mail_from is not None,
+                                   recipients=len(envelope.rcpt_tos))
         self.reply(reply)
         if reply.code != 354:
             return
         deadline = self.loop.time() + self.cfg.data_timeout
-        block = await self._read_small_data(deadline)
+        block, held = await self._read_small_data(deadline)
         if block is not None:  # the common case: the whole message at once, checked at C speed
             outcome, content = policy.scan_block(block, self.cfg.max_message_size)
             size = len(block)
@@ -534,20 +614,22 @@ class Session(asyncio.Protocol):
                 outcome, content = policy.worse(outcome, policy.DataOutcome.INFLIGHT), b""
         else:  # a large message: line by line, never holding more than the limit
             scan = policy.DataScan(self.cfg.max_message_size)
+            for chunk in held:  # what the one-pass attempt consumed: whole lines
+                for line in _lines(chunk):
+                    self._feed(scan, line)
+            held = []
             while not scan.done:
-                scan.feed(await self.readline(deadline))
-                if scan.size > self.reservation and scan.outcome is policy.DataOutcome.QUEUED \
-                        and not self._grow_reservation(scan.size):
-                    scan.refuse(policy.DataOutcome.INFLIGHT)
+                self._feed(scan, await self.readline(deadline))
             outcome, content, size = scan.outcome, scan.content(), scan.size
             scan.chunks = []
         queue_id = ""
         if outcome is policy.DataOutcome.QUEUED:
-            assert self.mail_from is not None
-            envelope = spool.Envelope(self.mail_from, tuple(self.rcpts), self.options)
+            assert envelope.mail_from is not None
+            record = spool.Envelope(envelope.mail_from, tuple(envelope.rcpt_tos),
+                                    tuple(envelope.mail_options))
             self.flush()
             try:
-                msg = await self.server.spool.store(envelope, content, time.time())
+                msg = await self.server.spool.store(record, content, time.time())
             except spool.SpoolFullError as error:
                 outcome = policy.DataOutcome.SPOOL_FULL
                 logs.event(log, "spool.full", level=logging.ERROR, session=self.id, error=str(error))
@@ -560,37 +642,46 @@ class Session(asyncio.Protocol):
                 metrics.MESSAGE_SIZE.observe(msg.size)
                 self.server.on_queued(msg)
                 logs.event(log, "message.queued", level=logging.DEBUG, session=self.id, queue_id=msg.id,
-                           size=msg.size, rcpts=len(envelope.rcpt_tos))
+                           size=msg.size, rcpts=len(record.rcpt_tos))
         else:
             logs.event(log, "message.rejected", session=self.id, reason=outcome.value, size=size)
-        self._reset()
+        self._set_post_data_state()
         self.reply(policy.data_reply(outcome, queue_id))
 
-    async def _read_small_data(self, deadline: float) -> bytes | None:
-        """DATA up to the terminating CRLF "." CRLF when it arrives within _BULK_LIMIT bytes: the block
-        before the dot (consumed with the terminator), else None with nothing consumed (read by line)."""
-        searched = self.pos
+    def _feed(self, scan: policy.DataScan, piece: bytes) -> None:
+        scan.feed(piece)
+        if scan.size > self.reservation and scan.outcome is policy.DataOutcome.QUEUED \
+                and not self._grow_reservation(scan.size):
+            scan.refuse(policy.DataOutcome.INFLIGHT)
+
+    async def _read_small_data(self, deadline: float) -> tuple[bytes | None, list[bytes]]:
+        """DATA up to the terminating CRLF "." CRLF when it ends within _BULK_LIMIT bytes: (the block
+        before the dot, []); else (None, the whole lines consumed so far) and the rest is read by line.
+
+        Reads up to each ".\\r\\n" from aiosmtpd's reader; it ends the DATA only when the two bytes
+        before it (counting the start of DATA as a CRLF) are a real CRLF.
+        """
+        chunks: list[bytes] = []
+        total = 0
+        tail = b"\r\n"  # the last two bytes consumed so far
         while True:
-            if self.closed:
-                raise ConnectionClosed
-            buffer = self.buffer
-            if buffer[self.pos:self.pos + 3] == b".\r\n":
-                self.pos += 3
-                self._compact()
-                return b""
-            index = buffer.find(b"\r\n.\r\n", max(self.pos, searched - 4))
-            if 0 <= index - self.pos < _BULK_LIMIT:
-                block = bytes(buffer[self.pos:index + 2])
-                self.pos = index + 5
-                self._compact()
-                return block
-            if len(buffer) - self.pos >= _BULK_LIMIT:
-                return None
-            searched = len(buffer)
-            await self._wait(deadline)
+            try:
+                chunk = await self._read(deadline, b".\r\n")
+            except asyncio.LimitOverrunError:
+                return None, chunks
+            chunks.append(chunk)
+            total += len(chunk)
+            before = chunk[-5:-3] if len(chunk) >= 5 else (tail + chunk[:-3])[-2:]
+            if before == b"\r\n":
+                if len(chunks) == 1:
+                    return chunk[:-3], []
+                return b"".join(chunks)[:-3], []
+            if total >= _BULK_LIMIT:
+                return None, chunks
+            tail = chunk[-2:]
 
     async def smtp_RSET(self, arg: str) -> None:
-        self._reset()
+        self._set_post_data_state()  # aiosmtpd's _set_rset_state
         self.reply(policy.OK)
 
     async def smtp_NOOP(self, arg: str) -> None:
@@ -612,54 +703,48 @@ class Session(asyncio.Protocol):
         if arg:
             self.reply(policy.syntax("STARTTLS"))
             return
-        if self.server.tls_context is None:
+        if self.tls_context is None:
             self.reply(policy.TLS_NOT_AVAILABLE)
             return
-        if self.tls:
+        if self._tls_protocol is not None:
             self.reply(policy.TLS_ALREADY)
             return
         # RFC 3207: anything the client pipelined after STARTTLS is discarded (command injection).
-        self.buffer.clear()
-        self.pos = 0
+        self._reader.discard()
         self.reply_now(policy.START_TLS)
-        assert self.transport is not None
+        # aiosmtpd's layering: the TLS protocol goes between the socket and this protocol; once the
+        # handshake is done it calls connection_made (aiosmtpd's STARTTLS branch, which resets the
+        # session and drops any plaintext that came meanwhile).
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._tls_protocol = asyncio.sslproto.SSLProtocol(
+            self.loop, self, self.tls_context, waiter, server_side=True,
+            ssl_handshake_timeout=max(1, min(60, int(self.cfg.command_timeout))))
+        plain = self.transport
+        assert plain is not None
+        self._original_transport = plain
+        plain.set_protocol(self._tls_protocol)
+        self.transport = self._tls_protocol._app_transport
+        self._tls_protocol.connection_made(plain)
         try:
-            new_transport = await self.loop.start_tls(
-                self.transport, self, self.server.tls_context, server_side=True,
-                ssl_handshake_timeout=min(60.0, self.cfg.command_timeout))
+            await waiter
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as error:
             logs.event(log, "tls.failed", session=self.id, error=error.__class__.__name__)
-            self.closed = True
-            if self.transport is not None:
-                self.transport.close()
+            plain.close()
+            self.connection_lost(None)  # the TLS layer never hands the loss on during a handshake
             raise ConnectionClosed from None
-        if new_transport is None:
-            raise ConnectionClosed
-        self.transport = new_transport
-        self.buffer.clear()
-        self.pos = 0
-        self.tls = True
-        self._reset()
-        self.greeted = self.extended = False
+
+
+def _lines(chunk: bytes) -> list[bytes]:
+    """Split bytes that end with LF into lines that each end with LF (LF only: never at a bare CR)."""
+    parts = chunk.split(b"\n")
+    return [part + b"\n" for part in parts[:-1]]
 
 
 def internal_error(hostname: str) -> policy.Reply:
     return policy.Reply(421, "4.3.0", f"{hostname} Error: internal error, try again later", close=True)
 
 
-_HANDLERS = {
-    "HELO": Session.smtp_HELO,
-    "EHLO": Session.smtp_EHLO,
-    "MAIL": Session.smtp_MAIL,
-    "RCPT": Session.smtp_RCPT,
-    "DATA": Session.smtp_DATA,
-    "RSET": Session.smtp_RSET,
-    "NOOP": Session.smtp_NOOP,
-    "VRFY": Session.smtp_VRFY,
-    "HELP": Session.smtp_HELP,
-    "QUIT": Session.smtp_QUIT,
-    "STARTTLS": Session.smtp_STARTTLS,
-}
+Session._COMMANDS = _command_table(Session)
 
 
 def tls_context(cfg: config.Config) -> ssl.SSLContext | None:
