@@ -141,6 +141,8 @@ async def test_unreachable_admin_endpoint_blocks_scale_down_until_it_answers(
     assert cluster.runtimes[b].ready, "the kubelet still sees the relay as Ready"
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
+        pod_ip = (live_pods(api)[b].get("status") or {}).get("podIP")
+        assert pod_ip == bad_ip, "the simulated kubelet rewrote the pod's status (readiness flickered)"
         assert not ever_annotated(api, a) and not ever_annotated(api, b), "drained on partial metrics"
         assert replicas(api) == 2 and set(live_pods(api)) == {a, b}
         await asyncio.sleep(0.2)
