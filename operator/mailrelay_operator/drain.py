@@ -6,10 +6,11 @@ desired count: an operator that restarts mid-drain rebuilds the same plan from t
 
 The shell applies a Plan in this order: annotate `start_drain` pods (`drain_annotations`), POST /drain
 to them and to `redrain`; POST /resume to `resume` and clear their annotations (`resume_annotations`);
-delete the `completed` and `delete_pods` pods (404 counts as done); only when those deletions succeeded,
-set the Deployment's replicas to `deployment_replicas`. Deleting first means a failure can only leave
-one pod too many for a tick (the ReplicaSet recreates it, and the next plan removes it again without a
-drain), never remove a relay that still holds mail.
+mark the `completed` pods as the cheapest to delete (`finished_annotations`, below the draining ones);
+set the Deployment's replicas to `deployment_replicas` (only when every mark succeeded), so that the
+ReplicaSet removes those NotReady, cheapest pods and never starts a replacement in between; then delete
+the `completed` and `delete_pods` pods as well (404 counts as done), which is a no-op when the
+ReplicaSet was first and keeps the count right when it removed a never-serving pod instead.
 
 Pure: no I/O, no clock reads (time is `now`, in seconds since the epoch), no asyncio.
 """
@@ -26,6 +27,9 @@ from mailrelay_operator import kubetypes
 DRAIN_STARTED_ANNOTATION = "mailrelay.dev/drain-started"
 DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
 DRAINING_DELETION_COST = "-1000"
+# A relay whose drain is over: cheaper still than one that is draining, so that when the operator lowers
+# the Deployment's replicas the ReplicaSet removes the finished relay and never one still draining.
+FINISHED_DELETION_COST = "-2000"
 
 OUTCOME_DRAINED = "drained"
 OUTCOME_TIMEOUT = "timeout"
@@ -94,6 +98,11 @@ def parse_time(value: str) -> float:
 def drain_annotations(now: float) -> dict[str, str]:
     """The annotations that mark a pod as draining since `now` (merge-patch them onto the pod)."""
     return {DRAIN_STARTED_ANNOTATION: format_time(now), DELETION_COST_ANNOTATION: DRAINING_DELETION_COST}
+
+
+def finished_annotations() -> dict[str, str]:
+    """A merge patch of metadata.annotations for a relay whose drain is over (see FINISHED_DELETION_COST)."""
+    return {DELETION_COST_ANNOTATION: FINISHED_DELETION_COST}
 
 
 def resume_annotations() -> dict[str, None]:

@@ -232,10 +232,13 @@ async def tick(rt: Runtime, body: Mapping[str, Any], memory: Memory, now: float 
     # Serving relays; in and right after maintenance, the Deployment's count (not scale-in: the pool comes
     # back at its size instead of dropping to the minimum).
     current = drain.serving_replicas(dep_replicas, states, parsed.maintenance)
+    # A running relay counts when it is ready, and also when its scrape failed: a relay that hangs turns
+    # NotReady too, and it may be the busiest one, so its metrics are missing (no scale-down on partial
+    # metrics), not those of a relay still starting.
     loads = [
         policy.PodLoad(s.name, s.sessions, s.queue_messages)
         for s in states
-        if s.phase == "Running" and s.ready and not s.draining and not s.deleting
+        if s.phase == "Running" and not s.draining and not s.deleting and (s.ready or s.sessions is None)
     ]
 
     if memory.history is None:
@@ -446,15 +449,44 @@ async def apply_plan(
                 body, reason="DrainCancelled", message=f"demand rose: relay {pod_name} resumed service"
             )
 
-    # 3. remove the pods whose drain is over, and those that never served; 4. right after (the ReplicaSet
-    # replaces a deleted pod while the count is unchanged), the Deployment's count; then the Events.
-    all_deleted = True
+    # 3. relays whose drain is over become the cheapest pods (below those still draining); 4. lower the
+    # Deployment's count, so the ReplicaSet removes them (NotReady and cheapest) and never starts a
+    # replacement that could take sessions; 5. delete them ourselves too: a no-op when the ReplicaSet was
+    # first, and when it removed a pod that never served instead, the count stays right.
+    can_lower = True
+    for pod_name, _ in plan.completed:
+        try:
+            await rt.kube.patch(
+                kube.PODS, namespace, pod_name, {"metadata": {"annotations": drain.finished_annotations()}}
+            )
+        except kube.NotFound:
+            continue
+        except kube.ApiError as exc:
+            can_lower = False
+            logger.warning("%s/%s: cannot mark drained pod %s: %s", namespace, name, pod_name, exc)
+
     events: list[tuple[str, str, str]] = []
+    scale_events: list[tuple[str, str, str]] = []  # posted after the drain Events, in the order they happen
+    new: int | None = None
+    if plan.deployment_replicas is not None:
+        if not can_lower:
+            return None  # nothing removed this tick; the next tick retries the whole step
+        new = plan.deployment_replicas
+        await rt.kube.patch(kube.DEPLOYMENTS, namespace, name, {"spec": {"replicas": new}})
+        direction = "up" if new > dep_replicas else "down"
+        metrics.SCALE_EVENTS.labels(namespace, name, direction).inc()
+        scale_events.append(
+            (
+                "ScaledUp" if direction == "up" else "ScaledDown",
+                f"Deployment {name} replicas {dep_replicas} -> {new}",
+                "Normal",
+            )
+        )
+
     for pod_name, result in plan.completed:
         try:
             await rt.kube.delete(kube.PODS, namespace, pod_name)
         except kube.ApiError as exc:
-            all_deleted = False
             logger.warning("%s/%s: cannot delete drained pod %s: %s", namespace, name, pod_name, exc)
             continue
         started_at = by_state[pod_name].drain_started if pod_name in by_state else None
@@ -480,23 +512,9 @@ async def apply_plan(
         try:
             await rt.kube.delete(kube.PODS, namespace, pod_name)
         except kube.ApiError as exc:
-            all_deleted = False
             logger.warning("%s/%s: cannot delete pod %s: %s", namespace, name, pod_name, exc)
 
-    new: int | None = None
-    if plan.deployment_replicas is not None and all_deleted:
-        new = plan.deployment_replicas
-        await rt.kube.patch(kube.DEPLOYMENTS, namespace, name, {"spec": {"replicas": new}})
-        direction = "up" if new > dep_replicas else "down"
-        metrics.SCALE_EVENTS.labels(namespace, name, direction).inc()
-        events.append(
-            (
-                "ScaledUp" if direction == "up" else "ScaledDown",
-                f"Deployment {name} replicas {dep_replicas} -> {new}",
-                "Normal",
-            )
-        )
-    for reason, message, type_ in events:
+    for reason, message, type_ in [*events, *scale_events]:
         await rt.kube.post_event(body, reason=reason, message=message, type_=type_)
     return new
 

@@ -460,6 +460,7 @@ class SimPod:
     drain_started: float | None = None  # the annotation
     relay_draining: bool = False
     stuck: bool = False  # a client that never lets go: the drain can only time out
+    finished: bool = False  # the operator marked its drain over (the lowest deletion cost)
 
     def state(self) -> drain.PodState:
         drained = self.relay_draining and self.sessions == 0 and self.queue == 0
@@ -480,7 +481,8 @@ class SimPod:
 class Cluster:
     """A ReplicaSet that creates pods (pending for a tick) and, when it has too many, deletes by the
     real ordering: pending first, then not ready, then the lowest deletion cost. Relays take load while
-    ready and lose it while draining."""
+    ready and lose it while draining. The operator lowers the count first and lets the ReplicaSet pick,
+    so the ReplicaSet's choices are checked: it must never remove a serving relay."""
 
     def __init__(self, replicas: int, rng: random.Random, stuck_ratio: float) -> None:
         self.rng = rng
@@ -490,6 +492,7 @@ class Cluster:
         self.pods: dict[str, SimPod] = {}
         self.serial = 0
         self.lost: list[str] = []  # relays removed while they still held mail, before their drain ended
+        self.serving_removed: list[str] = []  # ready relays never drained, removed all the same
         self.rs_choices = 0
 
     def active(self) -> list[SimPod]:
@@ -504,12 +507,17 @@ class Cluster:
             self.serial += 1
             name = f"relay-{self.serial}"
             self.pods[name] = SimPod(name, created=now, stuck=self.rng.random() < self.stuck_ratio)
+        self.scale_down(now)
+
+    def scale_down(self, now: float) -> None:
+        """The ReplicaSet's answer to a lower count: remove the lowest-ranked pods."""
         while len(self.active()) > self.replicas:
             self.rs_choices += 1
 
             def rank(p: SimPod) -> tuple[bool, bool, int]:
                 ready = p.phase == "Running" and not p.relay_draining
-                return (p.phase == "Running", ready, -1000 if p.drain_started is not None else 0)
+                cost = -2000 if p.finished else -1000 if p.drain_started is not None else 0
+                return (p.phase == "Running", ready, cost)
 
             victim = min(self.active(), key=rank)
             self.remove(victim.name, now, by_rs=True)
@@ -527,6 +535,8 @@ class Cluster:
         )
         if p.phase == "Running" and (p.sessions or p.queue) and not finished:
             self.lost.append(f"{name} (by {'ReplicaSet' if by_rs else 'operator'})")
+        if p.phase == "Running" and p.drain_started is None and not p.relay_draining:
+            self.serving_removed.append(f"{name} (by {'ReplicaSet' if by_rs else 'operator'})")
 
     def traffic(self) -> None:
         for p in self.pods.values():
@@ -551,12 +561,19 @@ class Cluster:
         for name in p.resume:
             self.pods[name].drain_started = None
             self.pods[name].relay_draining = False
+        # The operator's order (reconcile.apply_plan): mark finished drains cheapest, lower the count (the
+        # ReplicaSet acts on it at once, by its own ranking), then delete the finished pods itself.
         for name, _ in p.completed:
-            self.remove(name, now)
-        for name in p.delete_pods:
-            self.remove(name, now)
+            self.pods[name].finished = True
         if p.deployment_replicas is not None:
             self.replicas = p.deployment_replicas
+            self.scale_down(now)
+        for name, _ in p.completed:
+            if name in self.pods:
+                self.remove(name, now)
+        for name in p.delete_pods:
+            if name in self.pods:
+                self.remove(name, now)
 
 
 def run(
@@ -599,10 +616,10 @@ SETTLE_TICKS = int(TIMEOUT // 20) + 10  # longer than a drain timeout
 
 def assert_settled(cluster: Cluster, desired: int) -> None:
     assert cluster.lost == []
+    assert cluster.serving_removed == [], "a relay was removed without a drain"
     serving = [p for p in cluster.active() if p.drain_started is None]
     assert len(serving) == desired
     assert cluster.replicas == len(cluster.active()) == desired
-    assert cluster.rs_choices == 0, "the ReplicaSet never had to pick a victim itself"
 
 
 def new_stats() -> dict[str, int]:

@@ -125,7 +125,7 @@ def test_load_drop_drains_one_relay_at_a_time_after_the_window() -> None:
             lowered += before - step.deployment_replicas
     assert lowered == 4
     assert loop.serving() == loop.cluster.replicas == 2
-    assert loop.cluster.lost == [] and loop.cluster.rs_choices == 0
+    assert loop.cluster.lost == [] and loop.cluster.serving_removed == []
 
 
 def test_load_rise_mid_drain_resumes_the_relay() -> None:
@@ -178,5 +178,5 @@ def test_any_load_pattern_keeps_bounds_and_mail(demands: list[int], hold: int) -
             assert loop.serving() <= SPEC.replicas.max
     loop.run(int((SPEC.scaling.scale_down.stabilization_seconds + TIMEOUT) / INTERVAL) + 60)
     assert loop.cluster.lost == []
-    assert loop.cluster.rs_choices == 0
+    assert loop.cluster.serving_removed == []
     assert loop.serving() == loop.cluster.replicas == loop.decisions[-1].desired
