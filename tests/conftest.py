@@ -6,8 +6,11 @@ missing tool skips the test with a reason; with CI=true it fails, so CI can neve
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -33,3 +36,18 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float = 60.0,
+                     what: str = "condition", every: float = 0.2) -> None:
+    """Poll `check` until true; generous timeouts for a loaded 2-core machine, no timing assertions."""
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")
+        await asyncio.sleep(every)

@@ -65,63 +65,47 @@ import attrs
 import kmock
 from kmock._internal import dicts as kmock_dicts
 from kmock._internal import parsing as kmock_parsing
+from mailrelay_operator import kube
 
 ALL_VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
 
 
 @dataclass(frozen=True)
-class Resource:
-    """One API resource served by the emulator (discovery entry)."""
+class Resource(kube.Resource):
+    """One API resource served by the emulator: the operator's own `kube.Resource` (its URL paths), plus
+    what discovery announces about it."""
 
-    group: str
-    version: str
-    plural: str
-    kind: str
-    singular: str
-    namespaced: bool
     subresources: tuple[str, ...] = ()
+
+    @property
+    def singular(self) -> str:
+        return self.kind.lower()
 
     @property
     def key(self) -> str:
         """The kmock resource key: `group/version/plural`, or `v1/plural` for the core group."""
         return f"{self.group}/{self.version}/{self.plural}" if self.group else f"{self.version}/{self.plural}"
 
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}" if self.group else self.version
 
-    def path(self, namespace: str | None = None, name: str | None = None,
-             subresource: str | None = None) -> str:
-        """The URL path of the collection, or of one object (and its subresource)."""
-        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
-        if self.namespaced and namespace is not None:
-            base += f"/namespaces/{namespace}"
-        base += f"/{self.plural}"
-        if name is not None:
-            base += f"/{name}"
-            if subresource:
-                base += f"/{subresource}"
-        return base
-
-
-NAMESPACES = Resource("", "v1", "namespaces", "Namespace", "namespace", False)
-PODS = Resource("", "v1", "pods", "Pod", "pod", True, ("status",))
-SECRETS = Resource("", "v1", "secrets", "Secret", "secret", True)
-SERVICES = Resource("", "v1", "services", "Service", "service", True, ("status",))
-CONFIGMAPS = Resource("", "v1", "configmaps", "ConfigMap", "configmap", True)
-EVENTS = Resource("", "v1", "events", "Event", "event", True)
-EVENTS_V1 = Resource("events.k8s.io", "v1", "events", "Event", "event", True)
-DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment", "deployment", True, ("status", "scale"))
-REPLICASETS = Resource("apps", "v1", "replicasets", "ReplicaSet", "replicaset", True, ("status", "scale"))
-PDBS = Resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", "poddisruptionbudget", True,
-                ("status",))
-NETWORKPOLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", "networkpolicy",
-                           True)
-LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease", "lease", True)
-CRDS = Resource("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
-                "customresourcedefinition", False, ("status",))
-MAILRELAYS = Resource("mailrelay.dev", "v1alpha1", "mailrelays", "MailRelay", "mailrelay", True,
-                      ("status", "scale"))
+NAMESPACES = Resource("", "v1", "namespaces", "Namespace", False)
+PODS = Resource("", "v1", "pods", "Pod", True, subresources=("status",))
+SECRETS = Resource("", "v1", "secrets", "Secret", True)
+SERVICES = Resource("", "v1", "services", "Service", True, subresources=("status",))
+CONFIGMAPS = Resource("", "v1", "configmaps", "ConfigMap", True)
+EVENTS = Resource("", "v1", "events", "Event", True)
+EVENTS_V1 = Resource("events.k8s.io", "v1", "events", "Event", True)
+DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment", True, subresources=("status", "scale"))
+REPLICASETS = Resource("apps", "v1", "replicasets", "ReplicaSet", True, subresources=("status", "scale"))
+PDBS = Resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", True, subresources=("status",))
+NETWORKPOLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True)
+LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease", True)
+CRDS = Resource(
+    "apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", False,
+    subresources=("status",),
+)
+MAILRELAYS = Resource(
+    "mailrelay.dev", "v1alpha1", "mailrelays", "MailRelay", True, subresources=("status", "scale")
+)
 
 RESOURCES: tuple[Resource, ...] = (
     NAMESPACES, PODS, SECRETS, SERVICES, CONFIGMAPS, EVENTS, EVENTS_V1, DEPLOYMENTS, REPLICASETS, PDBS,

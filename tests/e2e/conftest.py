@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mailrelay_sandbox import controlplane, kubeemu, scenario
+
+from tests.conftest import eventually as eventually  # re-exported for the tests here
 
 NAMESPACE = "mail"
 
@@ -48,18 +49,4 @@ def secret(name: str, token: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NAMESPACE},
             "data": {"token": base64.b64encode(token.encode()).decode()}}
 
-
-async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float = 60.0,
-                     what: str = "condition") -> None:
-    """Poll `check` until true; generous timeout for a loaded 2-core machine."""
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")
-        await asyncio.sleep(0.2)
 

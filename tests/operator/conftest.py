@@ -9,14 +9,15 @@ import asyncio
 import logging
 import random
 import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mailrelay_operator import cli
 from mailrelay_sandbox import controlplane, kubeemu, scenario
+
+from tests.conftest import eventually as eventually  # re-exported for the tests here
 
 NAMESPACE = "mail"
 
@@ -117,16 +118,3 @@ async def client(api: kubeemu.Running) -> AsyncIterator[controlplane.Api]:
         yield http
 
 
-async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float = 60.0,
-                     what: str = "condition", every: float = 0.2) -> None:
-    """Poll `check` until true; generous timeouts for a loaded 2-core machine, no timing assertions."""
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")
-        await asyncio.sleep(every)
