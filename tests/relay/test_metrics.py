@@ -175,9 +175,11 @@ def test_real_relay_exposes_one_coherent_view(tmp_path: Path, workers: int) -> N
             families = {f.name: f for f in parser.text_string_to_metric_families(text)}
 
 
-            # The queue gauge drops when the spool file is unlinked, a moment after the upstream's 250.
+            # The queue gauge drops when the spool file is unlinked, a moment after the upstream's 250,
+            # and reply counts are published on the workers' 0.1 s timer.
             settled = family_value(families, "mailrelay_relay_messages_delivered") == n and \
-                family_value(families, "mailrelay_relay_queue_messages") == 0
+                family_value(families, "mailrelay_relay_queue_messages") == 0 and \
+                "mailrelay_relay_replies" in families
             if settled or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
