@@ -7,11 +7,13 @@ missing tool skips the test with a reason; with CI=true it fails, so CI can neve
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,3 +53,14 @@ async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")
         await asyncio.sleep(every)
+
+
+def with_field(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A deep copy of `base` with the dotted `path` set to `value` (sample specs for admission tests)."""
+    out = copy.deepcopy(base)
+    node = out
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+    return out

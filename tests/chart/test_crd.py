@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mailrelay_operator import spec as specmod
 
-from tests.conftest import require_tool
+from tests.conftest import require_tool, with_field
 
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "mailrelay.yaml"
 
@@ -148,14 +148,6 @@ FULL = {
 }
 
 
-def with_field(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    node = out
-    keys = path.split(".")
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-    node[keys[-1]] = value
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------

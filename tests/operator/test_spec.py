@@ -13,17 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mailrelay_operator import spec as specmod
 
+from tests import conftest
+
 MINIMAL: dict[str, Any] = {"upstream": {"host": "smtp.example.net"}, "acceptFrom": ["10.0.0.0/8"]}
 
 
 def with_field(path: str, value: Any, base: dict[str, Any] = MINIMAL) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    node = out
-    keys = path.split(".")
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-    node[keys[-1]] = value
-    return out
+    return conftest.with_field(base, path, value)
 
 
 def test_minimal_spec_gets_the_defaults() -> None:
