@@ -48,7 +48,7 @@ import aiohttp
 import aiohttp.web
 from mailrelay_sandbox import kubeemu, scenario
 
-from bench import environment, procs, report
+from bench import environment, procs, profile, report
 
 BATCH = 25              # MailRelays created at a time, the next batch once these are ready
 NAMESPACE_COUNT = 20    # the MailRelays are spread over 20 namespaces, 10 each at full size
@@ -74,6 +74,7 @@ class Config:
     window: float  # seconds of steady state measured
     warmup: float  # seconds after every MailRelay is ready, before the window
     quiet: bool = False  # the relays' queue stays 0: the operator's status patch is skipped (idle state)
+    profile: pathlib.Path | None = None  # py-spy's collapsed stacks of the operator over the window
 
 
 FULL = Config(relays=200, interval=5, window=90.0, warmup=15.0)
@@ -369,6 +370,7 @@ async def measure(cfg: Config, workdir: pathlib.Path, admin_port: int, control_p
             await asyncio.sleep(cfg.warmup)
             load_start = os.getloadavg()
             before = await _stats(http, control_url)
+            spy = start_profile(pid, cfg)
             cpu0 = procs.cpu_seconds(procs.tree(pid))
             t0 = time.monotonic()
             rss_samples: list[int] = []
@@ -380,6 +382,8 @@ async def measure(cfg: Config, workdir: pathlib.Path, admin_port: int, control_p
                 await asyncio.sleep(min(2.0, max(0.0, cfg.window - (time.monotonic() - t0))))
             cpu1 = procs.cpu_seconds(procs.tree(pid))
             elapsed = time.monotonic() - t0
+            if spy is not None:
+                await asyncio.to_thread(spy.wait)
             after = await _stats(http, control_url)
             load_end = os.getloadavg()
             if not operator.running:
@@ -410,6 +414,21 @@ async def measure(cfg: Config, workdir: pathlib.Path, admin_port: int, control_p
         "loadavg_start": load_start,
         "loadavg_end": load_end,
     }
+
+
+def start_profile(pid: int, cfg: Config) -> subprocess.Popen[bytes] | None:
+    """py-spy over the operator for the window (`--profile`): it samples from outside, at 50 Hz, without
+    stopping the process (`--nonblocking`), so the CPU figure barely moves; the stacks say where it goes."""
+    if cfg.profile is None:
+        return None
+    spy = profile.spy_path()
+    if spy is None:
+        raise RuntimeError("--profile needs py-spy (the test extras install it)")
+    cfg.profile.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [spy, "record", "--pid", str(pid), "--duration", str(int(cfg.window)), "--rate", "50",
+         "--nonblocking", "--format", "raw", "--output", str(cfg.profile)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def run(out: report.Report, cfg: Config, *, keep: bool = False) -> dict[str, Any]:
@@ -479,6 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the operator's and admin server's logs")
     parser.add_argument("--quiet", action="store_true",
                         help="constant relay load (queue 0): the status never changes, so it is not patched")
+    parser.add_argument("--profile", type=pathlib.Path, metavar="FILE",
+                        help="py-spy the operator over the window; collapsed stacks to FILE")
     parser.add_argument("--serve-admin", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--control-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -492,6 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         window=args.window or cfg.window,
         warmup=cfg.warmup,
         quiet=args.quiet,
+        profile=args.profile,
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = report.Report()

@@ -14,6 +14,7 @@ It must not decide anything: no scaling, no drain logic, no manifest building.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
@@ -24,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import aiohttp.helpers
 import kopf
+import yarl
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 
@@ -164,6 +167,7 @@ class Kube:
         self.configuration = configuration
         self.retry = retry or RetryPolicy()
         self._client = k8s_client.ApiClient(configuration=configuration)
+        resolve_environment_once(self._client)
 
     @classmethod
     async def connect(cls, kubeconfig: str | None = None, context: str | None = None,
@@ -312,6 +316,27 @@ class Kube:
             await self.create(EVENTS, namespace, event)
         except ApiError as exc:
             logger.warning("cannot post event %s: %s", reason, exc)
+
+
+def resolve_environment_once(api_client: Any) -> None:
+    """Read the proxy settings of the environment once, at start, as kubectl and client-go do.
+
+    kubernetes_asyncio's HTTP session trusts the environment, so aiohttp looks up `HTTPS_PROXY`/`NO_PROXY`
+    and reads `~/.netrc` on a worker thread for every request: two thread hand-offs per API call, about a
+    fifth of the operator's CPU in the footprint benchmark. This resolves the proxy for the API server's
+    address once (an explicit `configuration.proxy` wins) and turns the per-request lookups off. netrc
+    credentials are never used for the API server (its requests carry their own Authorization header).
+    """
+    rest = api_client.rest_client
+    if not rest.proxy:
+        with contextlib.suppress(LookupError, ValueError):
+            proxy, proxy_auth = aiohttp.helpers.get_env_proxy_for_url(yarl.URL(api_client.configuration.host))
+            rest.proxy = str(proxy)
+            if proxy_auth is not None:
+                rest.proxy_headers = {**(rest.proxy_headers or {}), "Proxy-Authorization": proxy_auth.encode()}
+    # aiohttp allows this attribute to be set (it is in ClientSession.ATTRS); tests/operator/test_kube.py
+    # checks that the session stops trusting the environment and that a proxy from it is still honoured.
+    rest.pool_manager._trust_env = False
 
 
 def _subset(live: Any, desired: Any) -> bool:
