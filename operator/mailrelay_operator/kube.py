@@ -333,9 +333,12 @@ def resolve_environment_once(api_client: Any) -> None:
             proxy, proxy_auth = aiohttp.helpers.get_env_proxy_for_url(yarl.URL(api_client.configuration.host))
             rest.proxy = str(proxy)
             if proxy_auth is not None:
-                rest.proxy_headers = {**(rest.proxy_headers or {}), "Proxy-Authorization": proxy_auth.encode()}
-    # aiohttp allows this attribute to be set (it is in ClientSession.ATTRS); tests/operator/test_kube.py
-    # checks that the session stops trusting the environment and that a proxy from it is still honoured.
+                headers = dict(rest.proxy_headers or {})
+                headers["Proxy-Authorization"] = proxy_auth.encode()
+                rest.proxy_headers = headers
+    # aiohttp allows this attribute to be set (it is in ClientSession.ATTRS). The tests in
+    # tests/operator/test_kube_environment.py check that the session stops trusting the environment and
+    # that a proxy from it is still honoured.
     rest.pool_manager._trust_env = False
 
 
