@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import kopf
 
-from mailrelay_operator import handlers, kube, metrics, reconcile, relayclient
+from mailrelay_operator import cache, handlers, kube, manifests, metrics, reconcile, relayclient
 
 ENV_PREFIX = "MAILRELAY_OPERATOR_"
 
@@ -194,6 +194,15 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
 
 
+def cache_namespaces(namespaces: Sequence[str]) -> list[str | None]:
+    """Where the read cache watches: each `--namespace`, or all namespaces (None) without one. A pattern
+    (Kopf accepts globs such as `team-*`) cannot be watched as one namespace, so it gets no informer and
+    its MailRelays are read from the API server on every tick (correct, only costlier)."""
+    if not namespaces:
+        return [None]
+    return [ns for ns in namespaces if not any(ch in ns for ch in "*?[]!")]
+
+
 async def run(
     options: Options,
     *,
@@ -208,6 +217,10 @@ async def run(
         kube.RetryPolicy(attempts=options.api_retries, timeout=options.api_timeout),
     )
     relays = relayclient.RelayClient(timeout=options.relay_timeout)
+    read_cache = cache.Cache.of(
+        client, (kube.DEPLOYMENTS, kube.PODS), cache_namespaces(options.namespaces),
+        {manifests.NAME_LABEL: manifests.APP_NAME},
+    )
     runtime = reconcile.Runtime(
         kube=client,
         relays=relays,
@@ -221,6 +234,7 @@ async def run(
             metrics_scraper_labels=options.metrics_scraper_labels,
             metrics_scraper_namespace=options.metrics_scraper_namespace,
         ),
+        read_cache=read_cache,
     )
     registry = kopf.OperatorRegistry()
     handlers.register(registry, runtime)
@@ -229,6 +243,7 @@ async def run(
     stop_metrics = None
     if serve_metrics and options.metrics_port:
         stop_metrics = metrics.serve(options.metrics_port, options.metrics_host)
+    read_cache.start()
     try:
         await kopf.operator(
             registry=registry,
@@ -245,6 +260,7 @@ async def run(
     finally:
         if stop_metrics is not None:
             stop_metrics()
+        await read_cache.stop()
         await relays.close()
         await client.close()
 

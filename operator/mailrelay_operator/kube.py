@@ -20,16 +20,19 @@ import json
 import logging
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import aiohttp
 import aiohttp.helpers
 import kopf
 import yarl
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
+
+import mailrelay_operator
 
 logger = logging.getLogger("mailrelay_operator.kube")
 
@@ -83,17 +86,18 @@ BY_KIND: dict[str, Resource] = {
 RBAC_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("mailrelay.dev", "mailrelays", ("list", "watch", "patch")),
     ("mailrelay.dev", "mailrelays/status", ("patch",)),
-    ("", "pods", ("list", "patch", "delete")),
+    ("", "pods", ("list", "watch", "patch", "delete")),
     ("", "secrets", ("get", "create", "patch")),
     ("", "services", ("get", "create", "patch")),
     ("", "events", ("create",)),
-    ("apps", "deployments", ("get", "create", "patch")),
+    ("apps", "deployments", ("get", "list", "watch", "create", "patch")),
     ("policy", "poddisruptionbudgets", ("get", "create", "patch")),
     ("networking.k8s.io", "networkpolicies", ("get", "create", "patch")),
     ("", "namespaces", ("list", "watch")),
     ("apiextensions.k8s.io", "customresourcedefinitions", ("list", "watch")),
 )
 
+USER_AGENT = f"mailrelay-operator/{mailrelay_operator.__version__}"
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 RETRYABLE_STATUSES = frozenset({0, 408, 429, 500, 502, 503, 504})
@@ -167,7 +171,11 @@ class Kube:
         self.configuration = configuration
         self.retry = retry or RetryPolicy()
         self._client = k8s_client.ApiClient(configuration=configuration)
+        self._client.user_agent = USER_AGENT  # how the API server's audit log names our requests
         resolve_environment_once(self._client)
+        # Called with (resource, the object the server returned, whether it was a DELETE) after every
+        # successful write: the read cache (`cache.Informer`) keeps its copy at least as new as our writes.
+        self.write_listeners: list[Callable[[Resource, JSON, bool], None]] = []
 
     @classmethod
     async def connect(cls, kubeconfig: str | None = None, context: str | None = None,
@@ -236,35 +244,87 @@ class Kube:
     async def list_(self, res: Resource, namespace: str | None,
                     selector: Mapping[str, str] | None = None) -> list[JSON]:
         """Objects of a resource in a namespace (all when None), by equality label selector."""
-        query = []
-        if selector:
-            query.append(("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(selector.items()))))
+        items, _ = await self.list_with_version(res, namespace, selector)
+        return items
+
+    async def list_with_version(self, res: Resource, namespace: str | None,
+                                selector: Mapping[str, str] | None = None) -> tuple[list[JSON], str]:
+        """`list_`, and the list's resourceVersion (where a watch of the same objects starts)."""
+        query = [("labelSelector", selector_query(selector))] if selector else []
         result = await self._request("GET", res.path(namespace), query=query)
         items = result.get("items") or []
         for item in items:  # lists leave out apiVersion/kind per item
             item.setdefault("apiVersion", res.api_version)
             item.setdefault("kind", res.kind)
-        return cast(list[JSON], items)
+        return cast(list[JSON], items), str((result.get("metadata") or {}).get("resourceVersion") or "")
+
+    async def watch(self, res: Resource, namespace: str | None, *, selector: Mapping[str, str] | None,
+                    resource_version: str | None, timeout_seconds: int = 300) -> AsyncGenerator[JSON, None]:
+        """The watch events (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR) of a resource from a
+        resourceVersion, until the server ends the stream (about `timeout_seconds`).
+
+        Not retried here: a broken or refused stream raises `ApiError` (status 0 when it broke), and the
+        caller lists again (`cache.Informer`)."""
+        path = res.path(namespace)
+        query = [("watch", "true"), ("allowWatchBookmarks", "true"), ("timeoutSeconds", str(timeout_seconds))]
+        if selector:
+            query.append(("labelSelector", selector_query(selector)))
+        if resource_version:
+            query.append(("resourceVersion", resource_version))
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.retry.timeout,
+                                        sock_read=timeout_seconds + 30)
+        try:
+            response = await self._client.call_api(
+                path, "GET", path_params={}, query_params=query, header_params={"Accept": "application/json"},
+                auth_settings=["BearerToken"], _preload_content=False, _request_timeout=timeout,
+            )
+        except (TimeoutError, OSError, k8s_client.exceptions.ApiException) as exc:
+            raise ApiError(0, "WatchFailed", str(exc), method="WATCH", path=path) from exc
+        try:
+            if response.status != 200:
+                raise _error(response.status, await response.read(), "WATCH", path)
+            async for line in response.content:
+                if line.strip():
+                    event = json.loads(line)
+                    if isinstance(event, dict):
+                        yield event
+        except (TimeoutError, OSError, ValueError, aiohttp.ClientError) as exc:
+            broken = f"{type(exc).__name__}: {exc}"
+            raise ApiError(0, "WatchBroken", broken, method="WATCH", path=path) from exc
+        finally:
+            response.release()
 
     async def create(self, res: Resource, namespace: str | None, body: Mapping[str, Any]) -> JSON:
         """Create; raises Conflict when it already exists."""
-        return await self._request("POST", res.path(namespace), body=dict(body))
+        created = await self._request("POST", res.path(namespace), body=dict(body))
+        self._written(res, created, deleted=False)
+        return created
 
     async def patch(self, res: Resource, namespace: str | None, name: str,
                     patch: Mapping[str, Any] | list[Any], *, subresource: str | None = None) -> JSON:
         """JSON merge patch (a dict) or JSON patch (a list). Raises NotFound, Conflict."""
         content_type = JSON_PATCH if isinstance(patch, list) else MERGE_PATCH
-        return await self._request("PATCH", res.path(namespace, name, subresource),
-                                   body=patch if isinstance(patch, list) else dict(patch),
-                                   content_type=content_type)
+        patched = await self._request("PATCH", res.path(namespace, name, subresource),
+                                      body=patch if isinstance(patch, list) else dict(patch),
+                                      content_type=content_type)
+        self._written(res, patched, deleted=False)
+        return patched
 
     async def delete(self, res: Resource, namespace: str | None, name: str) -> bool:
         """Delete; False when it was already gone."""
         try:
-            await self._request("DELETE", res.path(namespace, name))
+            answer = await self._request("DELETE", res.path(namespace, name))
         except NotFound:
             return False
+        self._written(res, answer, deleted=True)
         return True
+
+    def _written(self, res: Resource, answer: JSON, *, deleted: bool) -> None:
+        """Tell the write listeners (the read cache) what the server answered to a write."""
+        if answer.get("kind") != res.kind:  # e.g. a Status object
+            return
+        for listener in self.write_listeners:
+            listener(res, answer, deleted)
 
     # -- composite, still pure I/O --
 
@@ -299,7 +359,7 @@ class Kube:
                          type_: str = "Normal", component: str = "mailrelay-operator") -> None:
         """Record a core/v1 Event about `involved`. Best effort: failures are logged, not raised."""
         meta = involved.get("metadata", {})
-        now = datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        now = utc_now_iso()
         namespace = meta.get("namespace") or "default"
         event = {
             "apiVersion": "v1", "kind": "Event",
@@ -316,6 +376,16 @@ class Kube:
             await self.create(EVENTS, namespace, event)
         except ApiError as exc:
             logger.warning("cannot post event %s: %s", reason, exc)
+
+
+def utc_now_iso() -> str:
+    """The present as the API's MicroTime text."""
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def selector_query(selector: Mapping[str, str]) -> str:
+    """An equality label selector as the API's `labelSelector` parameter."""
+    return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
 
 
 def resolve_environment_once(api_client: Any) -> None:

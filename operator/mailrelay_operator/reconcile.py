@@ -22,6 +22,7 @@ from typing import Any, cast
 import kopf
 
 from mailrelay_operator import (
+    cache,
     conditions,
     drain,
     kube,
@@ -63,6 +64,12 @@ class Runtime:
     kube: kube.Kube
     relays: relayclient.RelayClient
     config: Config
+    # Where the scaling loop reads Deployments and pods: the watch-fed cache, or the API when None.
+    read_cache: cache.Cache | None = None
+
+    @property
+    def read(self) -> cache.Reader:
+        return self.read_cache if self.read_cache is not None else self.kube
 
 
 @dataclass
@@ -182,7 +189,7 @@ class TickReport:
 async def _observe(
     rt: Runtime, namespace: str, name: str, memory: Memory
 ) -> tuple[list[kubetypes.Pod], dict[str, kubetypes.RelayStatus | None], int]:
-    pods = cast(list[kubetypes.Pod], await rt.kube.list_(kube.PODS, namespace, selector_labels(name)))
+    pods = cast(list[kubetypes.Pod], await rt.read.list_(kube.PODS, namespace, selector_labels(name)))
     token = await _token(rt, namespace, name, memory)
     endpoints = {
         p["metadata"]["name"]: (
@@ -223,7 +230,7 @@ async def tick(rt: Runtime, body: Mapping[str, Any], memory: Memory, now: float 
         memory.last_resync = now
         memory.observed_generation = generation
 
-    deployment = await rt.kube.get(kube.DEPLOYMENTS, namespace, name)
+    deployment = await rt.read.get(kube.DEPLOYMENTS, namespace, name)
     if deployment is None:
         return TickReport(None, None, None)
     dep_replicas = int((deployment.get("spec") or {}).get("replicas") or 0)
