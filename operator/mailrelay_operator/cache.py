@@ -10,7 +10,9 @@ a second to the API server and about a fifth of the operator's CPU (bench/operat
   lists again when the stream breaks, ends with 410 Gone, or is refused. While it is not in sync (before
   the first list, after a failure) `Cache` reads from the API instead, so a broken watch costs requests,
   never correctness.
-- `Cache` is what reconcile reads through (`Reader`): `get` and `list_` with `kube.Kube`'s signatures.
+- `Cache` is what reconcile reads through (`Reader`): `get` and `list_` with `kube.Kube`'s signatures. It
+  hands out its own objects, not copies: callers must not change them (reconcile and the pure modules
+  only read; tests/operator/test_tick.py checks that the cache still equals the server after each tick).
 
 It must not decide anything (no scaling or drain logic) and makes no API call except through `kube`.
 """
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
@@ -86,8 +87,12 @@ class Store:
 
     MAX_TOMBSTONES = 4096
 
-    def __init__(self) -> None:
+    def __init__(self, index_label: str | None = None) -> None:
         self.objects: dict[Key, JSON] = {}
+        # Keys by (namespace, value of `index_label`): a list by that label (a MailRelay's pods, by
+        # instance) reads its few objects, not the whole store.
+        self.index_label = index_label
+        self._index: dict[tuple[str | None, str | None], set[Key]] = {}
         self.tombstones: dict[Key, JSON] = {}  # key -> metadata of the deletion, oldest first
         self.floor: JSON = {}  # metadata with the resourceVersion of the last list
 
@@ -106,8 +111,30 @@ class Store:
         floor, version = _version({"metadata": self.floor}), _version(obj)
         return floor is None or version is None or version > floor
 
+    def _index_key(self, key: Key, obj: Mapping[str, Any] | None) -> tuple[str | None, str | None] | None:
+        if self.index_label is None or obj is None:
+            return None
+        return key[0], ((obj.get("metadata") or {}).get("labels") or {}).get(self.index_label)
+
+    def _put(self, key: Key, obj: JSON | None) -> None:
+        """Store `obj` under `key` (None: remove it), keeping the index in step."""
+        old = self._index_key(key, self.objects.get(key))
+        if old is not None:
+            keys = self._index.get(old)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._index[old]
+        if obj is None:
+            self.objects.pop(key, None)
+            return
+        self.objects[key] = obj
+        new = self._index_key(key, obj)
+        if new is not None:
+            self._index.setdefault(new, set()).add(key)
+
     def _bury(self, key: Key, obj: Mapping[str, Any]) -> None:
-        self.objects.pop(key, None)
+        self._put(key, None)
         self.tombstones.pop(key, None)
         self.tombstones[key] = {"resourceVersion": (obj.get("metadata") or {}).get("resourceVersion")}
         while len(self.tombstones) > self.MAX_TOMBSTONES:
@@ -120,7 +147,9 @@ class Store:
             key = _key(item)
             held = self.objects.get(key)
             fresh[key] = held if held is not None and not newer_or_same(item, held) else _slim(item)
-        self.objects = fresh
+        self.objects, self._index = {}, {}
+        for key, obj in fresh.items():
+            self._put(key, obj)
         self.floor = {"resourceVersion": version} if version else {}
         self.tombstones = {key: meta for key, meta in self.tombstones.items() if key not in fresh}
 
@@ -134,7 +163,7 @@ class Store:
             self._bury(key, obj)
         elif event_type in ("ADDED", "MODIFIED"):
             self.tombstones.pop(key, None)
-            self.objects[key] = _slim(obj)
+            self._put(key, _slim(obj))
 
     def offer(self, obj: JSON, *, deleted: bool = False, now_iso: str = "") -> None:
         """What the API server answered to one of our writes. A DELETE's answer is kept as being deleted
@@ -144,28 +173,32 @@ class Store:
         key = _key(obj)
         if self._accepts(key, obj):
             self.tombstones.pop(key, None)
-            self.objects[key] = _slim(obj)
+            self._put(key, _slim(obj))
 
     def get(self, namespace: str | None, name: str) -> JSON | None:
         return self.objects.get((namespace, name))
 
     def list_(self, namespace: str | None, selector: Mapping[str, str]) -> list[JSON]:
-        return [obj for (ns, _), obj in self.objects.items()
-                if (namespace is None or ns == namespace)
-                and matches((obj.get("metadata") or {}).get("labels"), selector)]
+        if self.index_label is not None and namespace is not None and self.index_label in selector:
+            keys = sorted(self._index.get((namespace, selector[self.index_label])) or ())
+            candidates = [self.objects[key] for key in keys]
+        else:
+            candidates = [obj for (ns, _), obj in sorted(self.objects.items())
+                          if namespace is None or ns == namespace]
+        return [obj for obj in candidates if matches((obj.get("metadata") or {}).get("labels"), selector)]
 
 
 class Informer:
     """List, then watch, one resource in one namespace (None: all) by label selector, into a `Store`."""
 
     def __init__(self, client: kube.Kube, res: kube.Resource, namespace: str | None,
-                 selector: Mapping[str, str], *, watch_timeout: int = 300,
+                 selector: Mapping[str, str], *, index_label: str | None = None, watch_timeout: int = 300,
                  retry_delay: float = 1.0, max_retry_delay: float = 30.0) -> None:
         self.client = client
         self.res = res
         self.namespace = namespace
         self.selector = dict(selector)
-        self.store = Store()
+        self.store = Store(index_label)
         self.synced = False
         self.watch_timeout = watch_timeout
         self.retry_delay = retry_delay
@@ -270,19 +303,20 @@ class Cache:
         return None
 
     async def get(self, res: kube.Resource, namespace: str | None, name: str) -> JSON | None:
-        """The object (a copy), or None when it does not exist."""
+        """The object, or None when it does not exist. Read-only: the cache's own copy, not a duplicate
+        (copying every pod on every tick cost more CPU than the API call it replaces)."""
         informer = self._informer(res, namespace, None)
         found = informer.store.get(namespace, name) if informer is not None else None
         if found is None:
             # Not cached, or not carrying our labels (yet): the store is a partial view, so "absent" is
             # the API server's answer to give.
             return await self.client.get(res, namespace, name)
-        return copy.deepcopy(found)
+        return found
 
     async def list_(self, res: kube.Resource, namespace: str | None,
                     selector: Mapping[str, str] | None = None) -> list[JSON]:
-        """Objects by equality label selector (copies)."""
+        """Objects by equality label selector. Read-only, as with `get`."""
         informer = self._informer(res, namespace, selector or {})
         if informer is None:
             return await self.client.list_(res, namespace, selector)
-        return [copy.deepcopy(obj) for obj in informer.store.list_(namespace, selector or {})]
+        return informer.store.list_(namespace, selector or {})

@@ -219,7 +219,7 @@ async def run(
     relays = relayclient.RelayClient(timeout=options.relay_timeout)
     read_cache = cache.Cache.of(
         client, (kube.DEPLOYMENTS, kube.PODS), cache_namespaces(options.namespaces),
-        {manifests.NAME_LABEL: manifests.APP_NAME},
+        {manifests.NAME_LABEL: manifests.APP_NAME}, index_label=manifests.INSTANCE_LABEL,
     )
     runtime = reconcile.Runtime(
         kube=client,

@@ -10,23 +10,50 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from mailrelay_operator import drain, kube, manifests, reconcile, relayclient
+from mailrelay_operator import cache, drain, kube, manifests, reconcile, relayclient
 from mailrelay_sandbox import controlplane, kubeemu, scenario
 
-from tests.operator.conftest import NAMESPACE
+from tests.operator.conftest import NAMESPACE, eventually
 
 NAME = "tick"
 
 
-@pytest.fixture
-async def runtime(api: kubeemu.Running) -> AsyncIterator[reconcile.Runtime]:
+@pytest.fixture(params=["api", "cache"])
+async def runtime(api: kubeemu.Running, request: pytest.FixtureRequest) -> AsyncIterator[reconcile.Runtime]:
+    """Each test runs twice: reading Deployments and pods from the API server, and through the operator's
+    watch-fed cache. With the cache, the test ends by checking that every cached object still equals the
+    server's: the cache hands out its own objects, so a tick that changed one would show here."""
     client = await kube.Kube.connect(str(api.kubeconfig), None, kube.RetryPolicy(attempts=2, timeout=5))
     relays = relayclient.RelayClient(timeout=0.5)
+    reads = None
+    if request.param == "cache":
+        reads = cache.Cache.of(client, (kube.DEPLOYMENTS, kube.PODS), (NAMESPACE,),
+                               {manifests.NAME_LABEL: manifests.APP_NAME},
+                               index_label=manifests.INSTANCE_LABEL)
+        reads.start()
+        await eventually(lambda: reads is not None and reads.synced, within=20, what="the cache in sync")
     try:
-        yield reconcile.Runtime(kube=client, relays=relays, config=reconcile.Config(resync_seconds=3600))
+        yield reconcile.Runtime(kube=client, relays=relays, config=reconcile.Config(resync_seconds=3600),
+                                read_cache=reads)
+        if reads is not None:
+            await eventually(lambda: reads is not None and cache_equals_server(api, reads), within=10,
+                             what="every cached object equal to the server's")
     finally:
+        if reads is not None:
+            await reads.stop()
         await relays.close()
         await client.close()
+
+
+def cache_equals_server(api: kubeemu.Running, reads: cache.Cache) -> bool:
+    for informer in reads.informers:
+        resource = {kube.PODS: kubeemu.PODS, kube.DEPLOYMENTS: kubeemu.DEPLOYMENTS}[informer.res]
+        served = {(o["metadata"]["namespace"], o["metadata"]["name"]): o
+                  for o in api.emulator.peek_all(resource, NAMESPACE)
+                  if cache.matches(o["metadata"].get("labels"), informer.selector)}
+        if informer.store.objects != served:
+            return False
+    return True
 
 
 async def setup(api: kubeemu.Running, runtime: reconcile.Runtime, http: controlplane.Api,
