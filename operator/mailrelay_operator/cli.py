@@ -35,6 +35,7 @@ class Options:
     metrics_host: str = "0.0.0.0"
     relay_timeout: float = 2.0
     resync_seconds: float = 60.0
+    status_refresh_seconds: float = 15.0
     delete_wait_seconds: float | None = None
     api_retries: int = 5
     api_timeout: float = 10.0
@@ -123,6 +124,12 @@ def parser() -> argparse.ArgumentParser:
         help="how often owned objects are re-checked for drift",
     )
     p.add_argument(
+        "--status-refresh-seconds",
+        type=float,
+        default=float(_env("STATUS_REFRESH_SECONDS", "15") or 15),
+        help="how often status.sessions/queueMessages are written when nothing else in the status changed",
+    )
+    p.add_argument(
         "--delete-wait-seconds",
         type=float,
         default=_float_or_none(_env("DELETE_WAIT_SECONDS")),
@@ -182,6 +189,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         metrics_host=args.metrics_host,
         relay_timeout=args.relay_timeout,
         resync_seconds=args.resync_seconds,
+        status_refresh_seconds=args.status_refresh_seconds,
         delete_wait_seconds=args.delete_wait_seconds,
         api_retries=args.api_retries,
         api_timeout=args.api_timeout,
@@ -228,6 +236,7 @@ async def run(
             relay_image=options.relay_image,
             relay_timeout=options.relay_timeout,
             resync_seconds=options.resync_seconds,
+            status_refresh_seconds=options.status_refresh_seconds,
             delete_wait_seconds=options.delete_wait_seconds,
             operator_labels=options.operator_labels,
             operator_namespace=options.operator_namespace,

@@ -1,14 +1,16 @@
-"""Status conditions of a MailRelay (Ready, Scaling, Overloaded, Draining), in metav1.Condition form.
+"""Status conditions of a MailRelay (Ready, Scaling, Overloaded, Draining), in metav1.Condition form, and
+when a new status is worth a patch.
 
 `set_condition` returns a new list with one condition set. Its `lastTransitionTime` changes only when
-the status changes, so that `kubectl describe` shows since when a state holds. Pure: no I/O and no
-clock reads (the caller passes `now_iso`); it never mutates its input.
+the status changes, so that `kubectl describe` shows since when a state holds. `patch_due` says whether a
+status must be written now. Pure: no I/O and no clock reads (the caller passes the time); it never
+mutates its input.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 from mailrelay_operator import kubetypes
@@ -22,6 +24,27 @@ TYPES = (READY, SCALING, OVERLOADED, DRAINING)
 Status = Literal["True", "False", "Unknown"]
 _REASON = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
 MAX_MESSAGE = 32768
+
+
+# Status fields that follow the traffic and move on almost every tick. Written at most every
+# `--status-refresh-seconds` when nothing else changed: each status patch is a write to etcd and a watch
+# event for every client of MailRelays (Kopf included), and Prometheus has the live figures.
+VOLATILE_FIELDS = frozenset({"sessions", "queueMessages"})
+
+
+def patch_due(current: Mapping[str, object], wanted: Mapping[str, object], *, last_patch: float | None,
+              now: float, refresh_seconds: float) -> bool:
+    """Whether the status `wanted` must be written over `current` now.
+
+    Any change of a field outside VOLATILE_FIELDS (counts of relays, conditions, the stabilization
+    window, observedGeneration, ...) is written at once; a change of volatile fields only is written when
+    `refresh_seconds` have passed since the last patch (`last_patch`, None: none made by this process)."""
+    changed = {key for key, value in wanted.items() if current.get(key) != value}
+    if not changed:
+        return False
+    if not changed <= VOLATILE_FIELDS:
+        return True
+    return last_patch is None or now - last_patch >= refresh_seconds
 
 
 def get_condition(existing: Sequence[kubetypes.Condition], type_: str) -> kubetypes.Condition | None:

@@ -46,6 +46,7 @@ class Config:
     relay_image: str = "mailrelay-relay:latest"
     relay_timeout: float = 2.0  # per admin call
     resync_seconds: float = 60.0  # how often the scaling loop re-checks the owned objects for drift
+    status_refresh_seconds: float = 15.0  # sessions/queueMessages alone are written at most this often
     delete_wait_seconds: float | None = None  # bound of the finalizer's wait; None: spec drain timeout
     operator_labels: Mapping[str, str] = field(
         default_factory=lambda: {"app.kubernetes.io/name": "mailrelay-operator"}
@@ -80,6 +81,7 @@ class Memory:
     token: str | None = None
     last_resync: float = 0.0
     observed_generation: int | None = None
+    last_status_patch: float | None = None  # when this process last wrote the status (conditions.patch_due)
 
 
 def _meta(body: Mapping[str, Any]) -> tuple[str, str]:
@@ -219,6 +221,7 @@ async def tick(rt: Runtime, body: Mapping[str, Any], memory: Memory, now: float 
         await _patch_status(
             rt,
             body,
+            memory,
             {"observedGeneration": generation},
             [(conditions.READY, "False", "InvalidSpec", str(exc))],
             now,
@@ -310,6 +313,7 @@ async def tick(rt: Runtime, body: Mapping[str, Any], memory: Memory, now: float 
     await _patch_status(
         rt,
         body,
+        memory,
         status,
         [
             (conditions.READY, *ready_cond),
@@ -372,7 +376,8 @@ def _load_history(body: Mapping[str, Any], now: float) -> tuple[policy.Recommend
 
 
 async def _patch_status(
-    rt: Runtime, body: Mapping[str, Any], status: JSON, conds: Sequence[tuple[str, str, str, str]], now: float
+    rt: Runtime, body: Mapping[str, Any], memory: Memory, status: JSON,
+    conds: Sequence[tuple[str, str, str, str]], now: float,
 ) -> None:
     namespace, name = _meta(body)
     existing: list[kubetypes.Condition] = list((body.get("status") or {}).get("conditions") or [])
@@ -388,11 +393,13 @@ async def _patch_status(
             observed_generation=generation,
         )
     status = {**status, "conditions": existing}
-    current = body.get("status") or {}
-    if all(current.get(k) == v for k, v in status.items()):
+    due = conditions.patch_due(body.get("status") or {}, status, now=now, last_patch=memory.last_status_patch,
+                               refresh_seconds=rt.config.status_refresh_seconds)
+    if not due:
         return
     with contextlib.suppress(kube.NotFound):  # deleted meanwhile
         await rt.kube.patch(kube.MAILRELAYS, namespace, name, {"status": status}, subresource="status")
+    memory.last_status_patch = now
 
 
 def _endpoint(pod: kubetypes.Pod | None, token: str | None) -> relayclient.Endpoint | None:

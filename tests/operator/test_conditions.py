@@ -99,3 +99,45 @@ def test_transition_time_is_the_time_of_the_last_status_change(steps: list[tuple
         assert len(current) == len(last_change)
     for cond in current:
         assert (cond["status"], cond["lastTransitionTime"]) == last_change[cond["type"]]
+
+
+# -- when a status is written (conditions.patch_due) -------------------------------------------------
+
+BASE = {"replicas": 3, "readyReplicas": 3, "sessions": 12, "queueMessages": 4, "conditions": [{"type": "Ready"}]}
+
+
+@pytest.mark.parametrize(
+    ("change", "last_patch", "now", "due"),
+    [
+        ({}, 100.0, 200.0, False),                                  # nothing changed: never
+        ({"sessions": 13}, 100.0, 110.0, False),                    # traffic only, 10 s after a patch
+        ({"queueMessages": 0, "sessions": 1}, 100.0, 115.0, True),  # traffic only, refresh interval passed
+        ({"sessions": 13}, None, 110.0, True),                      # no patch yet by this process
+        ({"readyReplicas": 2}, 100.0, 101.0, True),                 # a relay count: at once
+        ({"conditions": [{"type": "Ready", "status": "False"}]}, 100.0, 101.0, True),
+        ({"sessions": 13, "replicas": 4}, 100.0, 101.0, True),       # traffic with something else: at once
+        ({"observedGeneration": 7}, 100.0, 101.0, True),            # a new field
+    ],
+)
+def test_patch_due(change: dict[str, object], last_patch: float | None, now: float, due: bool) -> None:
+    assert conditions.patch_due(BASE, {**BASE, **change}, last_patch=last_patch, now=now,
+                                refresh_seconds=15.0) is due
+
+
+@given(
+    sessions=st.integers(min_value=0, max_value=10_000),
+    queue=st.integers(min_value=0, max_value=10_000),
+    ready=st.integers(min_value=0, max_value=20),
+    since=st.floats(min_value=0, max_value=1_000, allow_nan=False),
+    refresh=st.floats(min_value=0, max_value=600, allow_nan=False),
+)
+def test_patch_due_delays_only_traffic_figures(sessions: int, queue: int, ready: int, since: float,
+                                               refresh: float) -> None:
+    wanted = {**BASE, "sessions": sessions, "queueMessages": queue, "readyReplicas": ready}
+    due = conditions.patch_due(BASE, wanted, last_patch=1_000.0, now=1_000.0 + since, refresh_seconds=refresh)
+    if wanted == BASE:
+        assert not due
+    elif ready != BASE["readyReplicas"]:
+        assert due  # a change users and tools act on is never held back
+    else:
+        assert due is (since >= refresh)
