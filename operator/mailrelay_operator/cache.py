@@ -147,6 +147,11 @@ class Store:
             key = _key(item)
             held = self.objects.get(key)
             fresh[key] = held if held is not None and not newer_or_same(item, held) else _slim(item)
+        listed_at = _version({"metadata": {"resourceVersion": version}})
+        for key, held in self.objects.items():  # written by us after the list was made: still there
+            held_at = _version(held)
+            if key not in fresh and listed_at is not None and held_at is not None and held_at > listed_at:
+                fresh[key] = held
         self.objects, self._index = {}, {}
         for key, obj in fresh.items():
             self._put(key, obj)
@@ -229,7 +234,7 @@ class Informer:
                 self.synced = True
                 failures = 0
                 await self._watch(version)
-            except kube.ApiError as exc:
+            except Exception as exc:  # whatever broke (API, stream, a malformed event): relist
                 self.synced = False
                 failures += 1
                 delay = min(self.max_retry_delay, self.retry_delay * 2 ** min(failures - 1, 10))

@@ -59,6 +59,10 @@ def pod(name: str, rv: int | None, *, labels: dict[str, str] | None = None, **me
         # A list at version 8 without "a": an answer at version 5 arriving later is older than the list.
         ([("list@8", [pod("b", 7)]), ("offer", pod("a", 5))], {"b": "7"}),
         ([("list@8", [pod("b", 7)]), ("offer", pod("a", 9))], {"a": "9", "b": "7"}),
+        # Our create (version 9) answered while a list made at version 8 was on its way: it stays.
+        ([("offer", pod("a", 9)), ("list@8", [pod("b", 7)])], {"a": "9", "b": "7"}),
+        # ... but what the list left out and we hold at an older version was deleted: it goes.
+        ([("offer", pod("a", 6)), ("list@8", [pod("b", 7)])], {"b": "7"}),
     ],
 )
 def test_store_keeps_the_newest_version(steps: list[tuple[str, Any]], expected: dict[str, str]) -> None:

@@ -103,7 +103,9 @@ def test_transition_time_is_the_time_of_the_last_status_change(steps: list[tuple
 
 # -- when a status is written (conditions.patch_due) -------------------------------------------------
 
-BASE = {"replicas": 3, "readyReplicas": 3, "sessions": 12, "queueMessages": 4, "conditions": [{"type": "Ready"}]}
+BASE = {
+    "replicas": 3, "readyReplicas": 3, "sessions": 12, "queueMessages": 4, "conditions": [{"type": "Ready"}],
+}
 
 
 @pytest.mark.parametrize(
