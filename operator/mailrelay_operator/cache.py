@@ -25,7 +25,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
-from mailrelay_operator import kube
+from mailrelay_operator import kube, metrics
 
 logger = logging.getLogger("mailrelay_operator.cache")
 
@@ -243,6 +243,7 @@ class Informer:
                                exc, delay)
                 await asyncio.sleep(delay)
             self.restarts += 1
+            metrics.CACHE_RELISTS.labels(self.res.plural).inc()
 
     async def _watch(self, version: str) -> None:
         """Follow the stream from `version`, and again from the last version seen each time the server

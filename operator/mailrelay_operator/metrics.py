@@ -35,6 +35,9 @@ SCRAPE_ERRORS = Counter("mailrelay_operator_scrape_errors", "Relay /status calls
                         _PER_RELAY, registry=REGISTRY)
 RECONCILE_ERRORS = Counter("mailrelay_operator_reconcile_errors", "Handler runs that failed, by handler.",
                            ("handler",), registry=REGISTRY)
+CACHE_RELISTS = Counter("mailrelay_operator_cache_relists",
+                        "Lists of the read cache after its watch broke, expired or was refused, by resource.",
+                        ("resource",), registry=REGISTRY)
 LAST_RECONCILE = Gauge("mailrelay_operator_last_reconcile_timestamp_seconds",
                        "Unix time of the last finished scaling tick.", _PER_RELAY, registry=REGISTRY)
 
@@ -49,6 +52,7 @@ HANDLERS = (HANDLER_OWNED, HANDLER_SCALING, HANDLER_DELETE)
 OUTCOME_CANCELLED = "cancelled"  # demand rose mid-drain: the relay resumed service
 DRAIN_OUTCOMES = (drain.OUTCOME_DRAINED, drain.OUTCOME_TIMEOUT, OUTCOME_CANCELLED)
 DIRECTIONS = ("up", "down")
+CACHED_RESOURCES = ("deployments", "pods")  # the read cache's informers (cache.py)
 
 
 def _initialise_operator_series() -> None:
@@ -56,6 +60,8 @@ def _initialise_operator_series() -> None:
         RECONCILE_ERRORS.labels(handler)
     for outcome in DRAIN_OUTCOMES:
         DRAIN_DURATION.labels(outcome)
+    for resource in CACHED_RESOURCES:
+        CACHE_RELISTS.labels(resource)
 
 
 _initialise_operator_series()

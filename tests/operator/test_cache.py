@@ -229,15 +229,22 @@ async def test_our_own_writes_are_read_back_at_once(api: kubeemu.Running) -> Non
         await theirs.close()
 
 
+def relists(resource: str) -> float:
+    return metrics.REGISTRY.get_sample_value("mailrelay_operator_cache_relists_total",
+                                             {"resource": resource}) or 0.0
+
+
 async def test_gone_410_lists_again(api: kubeemu.Running) -> None:
     ours, theirs = await connect(api), await connect(api)
     expired = {"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure",
                                            "reason": "Expired", "code": 410, "message": "too old"}}
     api.emulator[kmock.action.WATCH, kmock.resource(kubeemu.PODS.key)][:1] << (expired,)
+    relists_before = relists("pods")
     try:
         async with started(ours) as reads:
             informer = reads.informers[0]
             await eventually(lambda: informer.restarts >= 1, within=10, what="a new list after 410")
+            assert relists("pods") >= relists_before + 1
             await eventually(lambda: informer.synced, within=10, what="in sync again")
             await theirs.create(kube.PODS, NAMESPACE, pod("after", None))
             await eventually(lambda: informer.store.get(NAMESPACE, "after") is not None, within=10,

@@ -32,6 +32,12 @@ def test_drain_duration_exists_per_outcome(outcome: str) -> None:
     )
 
 
+@pytest.mark.parametrize("resource", ["deployments", "pods"])
+def test_cache_relists_exist_per_resource(resource: str) -> None:
+    prefix = f'mailrelay_operator_cache_relists_total{{resource="{resource}"}} '
+    assert any(line.startswith(prefix) for line in lines())
+
+
 def constant(expr: str) -> object:
     """The value of `module.NAME` as written in the code."""
     module, _, name = expr.partition(".")
