@@ -178,15 +178,33 @@ def pod_annotations(state: PodState) -> Mapping[str, str]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def outcome(pod: PodState, now: float, drain_timeout: float) -> str | None:
-    """ "drained" when the relay reports drained, "timeout" once the timeout passed, else None."""
+def outcome(pod: PodState, now: float, drain_timeout: float, keep_queued: bool = False) -> str | None:
+    """ "drained" when the relay reports drained, "timeout" once the timeout passed, else None.
+
+    With `keep_queued` (spec.drain.onTimeout KeepWhileQueued), a relay past the timeout whose queue is
+    not known to be empty is held instead: its spool is an emptyDir, and removing the pod would lose mail
+    already answered 250. It completes when the queue empties (as "timeout" if sessions are still open),
+    or as "drained"."""
     if pod.drain_started is None:
         return None
     if pod.drained is True:
         return OUTCOME_DRAINED
     if now - pod.drain_started >= drain_timeout:
+        if keep_queued and pod.queue_messages != 0:
+            return None
         return OUTCOME_TIMEOUT
     return None
+
+
+def held(pods: Sequence[PodState], now: float, drain_timeout: float, keep_queued: bool) -> tuple[str, ...]:
+    """Draining relays past the timeout that `outcome` holds because mail is (or may be) queued."""
+    if not keep_queued:
+        return ()
+    return tuple(sorted(
+        p.name for p in _replica_pods(pods)
+        if p.drain_started is not None and p.drained is not True
+        and now - p.drain_started >= drain_timeout and p.queue_messages != 0
+    ))
 
 
 def _victim_key(pod: PodState) -> tuple[bool, bool, float, float, float, str]:
@@ -253,6 +271,7 @@ def plan(
     now: float,
     drain_timeout: float,
     maintenance: bool,
+    keep_queued: bool = False,
 ) -> Plan:
     """The next drain step.
 
@@ -262,6 +281,7 @@ def plan(
     The Deployment's replicas are only ever lowered by the pods this plan deletes (drained, timed out,
     or never served); draining pods keep counting until they are gone.
     With `maintenance`, every running relay drains and stays, drained, until maintenance ends.
+    With `keep_queued`, a drain past its timeout completes only once its relay's queue is empty (`held`).
     """
     if desired < 0 or deployment_replicas < 0:
         raise ValueError("replica counts must not be negative")
@@ -296,7 +316,7 @@ def plan(
 
     completed: list[tuple[str, str]] = []
     for pod in draining:
-        result = outcome(pod, now, drain_timeout)
+        result = outcome(pod, now, drain_timeout, keep_queued)
         if result is not None:
             completed.append((pod.name, result))
 

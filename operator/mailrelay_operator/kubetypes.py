@@ -95,6 +95,7 @@ class ScalingSpec(TypedDict, total=False):
 
 class DrainSpec(TypedDict, total=False):
     timeoutSeconds: int
+    onTimeout: str  # KeepWhileQueued | Remove
 
 
 class SpoolSpec(TypedDict, total=False):

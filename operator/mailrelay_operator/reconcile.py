@@ -82,6 +82,7 @@ class Memory:
     last_resync: float = 0.0
     observed_generation: int | None = None
     last_status_patch: float | None = None  # when this process last wrote the status (conditions.patch_due)
+    held: set[str] = field(default_factory=set)  # drains held past their timeout, already announced
 
 
 def _meta(body: Mapping[str, Any]) -> tuple[str, str]:
@@ -255,11 +256,13 @@ async def tick(rt: Runtime, body: Mapping[str, Any], memory: Memory, now: float 
         memory.history = _load_history(body, now)
     decision = policy.decide(current, loads, parsed, now, memory.history)
     memory.history = decision.history
-    plan = drain.plan(
-        decision.desired, dep_replicas, states, now, float(parsed.drain_timeout_seconds), parsed.maintenance
-    )
+    keep_queued = parsed.drain_on_timeout == "KeepWhileQueued"
+    timeout = float(parsed.drain_timeout_seconds)
+    plan = drain.plan(decision.desired, dep_replicas, states, now, timeout, parsed.maintenance, keep_queued)
     by_name = {p["metadata"]["name"]: p for p in pods}
     new_replicas = await apply_plan(rt, body, plan, by_name, states, dep_replicas, now, token=memory.token)
+    held = [name for name in drain.held(states, now, timeout, keep_queued) if name not in plan.resume]
+    await _announce_held(rt, body, memory, held, {s.name: s for s in states}, parsed.drain_timeout_seconds)
 
     # -- report --
     replicas_now = new_replicas if new_replicas is not None else dep_replicas
@@ -306,6 +309,10 @@ async def tick(rt: Runtime, body: Mapping[str, Any], memory: Memory, now: float 
     )
     if parsed.maintenance:
         drain_cond = ("True", "Maintenance", f"{len(draining_now)} relays draining for maintenance")
+    elif held:
+        drain_cond = ("True", "HeldByQueuedMail",
+                      f"draining {', '.join(sorted(s.name for s in draining_now))}; past the drain timeout "
+                      f"and kept until their queue is empty (spec.drain.onTimeout): {', '.join(held)}")
     elif draining_now:
         drain_cond = ("True", "ScaleIn", f"draining {', '.join(sorted(s.name for s in draining_now))}")
     else:
@@ -340,6 +347,24 @@ async def tick(rt: Runtime, body: Mapping[str, Any], memory: Memory, now: float 
     metrics.OVERLOADED.labels(namespace, name).set(1 if decision.overloaded else 0)
     metrics.LAST_RECONCILE.labels(namespace, name).set(now)
     return TickReport(decision, plan, new_replicas)
+
+
+async def _announce_held(rt: Runtime, body: Mapping[str, Any], memory: Memory, held: Sequence[str],
+                         states: Mapping[str, drain.PodState], timeout_seconds: int) -> None:
+    """A Warning Event the first time this process sees a drain held past its timeout by queued mail."""
+    for name in held:
+        if name in memory.held:
+            continue
+        state = states.get(name)
+        queued = "an unknown number of" if state is None or state.queue_messages is None \
+            else str(state.queue_messages)
+        await rt.kube.post_event(
+            body, reason="DrainHeld", type_="Warning",
+            message=f"relay {name} is still draining after the {timeout_seconds}s drain timeout with "
+                    f"{queued} messages queued; it is kept until its queue is empty "
+                    "(spec.drain.onTimeout: KeepWhileQueued). Check its upstream.",
+        )
+    memory.held = set(held)
 
 
 HISTORY_GRID_SECONDS = 30.0

@@ -18,6 +18,9 @@ from mailrelay_operator import kubetypes
 
 TlsMode = Literal["none", "starttls", "tls"]
 TLS_MODES: tuple[TlsMode, ...] = ("none", "starttls", "tls")
+OnTimeout = Literal["KeepWhileQueued", "Remove"]
+ON_TIMEOUT_MODES: tuple[OnTimeout, ...] = ("KeepWhileQueued", "Remove")
+DEFAULT_ON_TIMEOUT: OnTimeout = "KeepWhileQueued"
 
 # Defaults; crds/mailrelay.yaml carries the same values (tests/chart/test_crd.py checks this).
 DEFAULT_UPSTREAM_PORT = 25
@@ -114,6 +117,9 @@ class MailRelaySpec:
     limits: Limits = Limits()
     scaling: Scaling = Scaling()
     drain_timeout_seconds: int = DEFAULT_DRAIN_TIMEOUT_SECONDS
+    # What a drain past its timeout does while its relay still holds mail: wait for the queue
+    # (KeepWhileQueued), or remove the relay and its spool anyway (Remove, DESIGN §7 as first written).
+    drain_on_timeout: OnTimeout = DEFAULT_ON_TIMEOUT
     maintenance: bool = False
     image: str | None = None  # overrides the operator's --relay-image
     # container resources as given (Kubernetes quantities), sorted for a stable config hash
@@ -317,10 +323,14 @@ def parse(raw_spec: kubetypes.MailRelaySpec | Mapping[str, Any]) -> MailRelaySpe
             "or relays refuse sessions before scaling starts"
         )
 
-    dr = _obj(raw, "drain", "spec", {"timeoutSeconds"})
+    dr = _obj(raw, "drain", "spec", {"timeoutSeconds", "onTimeout"})
     drain_timeout = _int(
         dr, "timeoutSeconds", "spec.drain", DEFAULT_DRAIN_TIMEOUT_SECONDS, 1, MAX_DRAIN_TIMEOUT_SECONDS
     )
+    on_timeout = dr.get("onTimeout", DEFAULT_ON_TIMEOUT)
+    if on_timeout not in ON_TIMEOUT_MODES:
+        modes = ", ".join(ON_TIMEOUT_MODES)
+        raise SpecError(f"spec.drain.onTimeout: expected one of {modes}, got {on_timeout!r}")
 
     maintenance = raw.get("maintenance", False)
     if not isinstance(maintenance, bool):
@@ -342,6 +352,7 @@ def parse(raw_spec: kubetypes.MailRelaySpec | Mapping[str, Any]) -> MailRelaySpe
         limits=limits,
         scaling=scaling,
         drain_timeout_seconds=drain_timeout,
+        drain_on_timeout=cast(OnTimeout, on_timeout),
         maintenance=maintenance,
         image=image,
         resources=_resources(raw),

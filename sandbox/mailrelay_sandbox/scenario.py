@@ -93,6 +93,7 @@ def mailrelay(
     scale_down_stabilization: int = 3,
     scale_down_step: int = 1,
     drain_timeout: int = 60,
+    drain_on_timeout: str | None = None,
     maintenance: bool = False,
 ) -> dict[str, Any]:
     return {
@@ -112,7 +113,8 @@ def mailrelay(
                 "scaleDown": {"stabilizationSeconds": scale_down_stabilization,
                               "maxPodsPerStep": scale_down_step},
             },
-            "drain": {"timeoutSeconds": drain_timeout},
+            "drain": {"timeoutSeconds": drain_timeout,
+                      **({"onTimeout": drain_on_timeout} if drain_on_timeout else {})},
             "maintenance": maintenance,
         },
     }

@@ -143,7 +143,7 @@ FULL = {
         "scaleUp": {"stabilizationSeconds": 0, "maxPodsPerStep": 4},
         "scaleDown": {"stabilizationSeconds": 300, "maxPodsPerStep": 1},
     },
-    "drain": {"timeoutSeconds": 600},
+    "drain": {"timeoutSeconds": 600, "onTimeout": "Remove"},
     "maintenance": False,
 }
 
@@ -277,6 +277,7 @@ def test_valid_samples_are_admitted(spec: dict[str, Any]) -> None:
         ("upstream.credentialsSecret", "Upstream_Auth", "does not match"),
         ("upstream.tls", "none", "would send the password in clear"),
         ("drain.timeoutSeconds", 0, "minimum"),
+        ("drain.onTimeout", "Wait", "is not one of"),
         ("spool.sizeLimit", "lots", "does not match"),
         ("acceptFrom", ["10.0.0.0/8", "10.0.0.0/8"], "non-unique"),
         ("acceptFrom", [f"10.0.{i}.0/24" for i in range(65)], "is too long"),
@@ -351,7 +352,8 @@ def test_defaults_fill_the_whole_spec() -> None:
                 "maxPodsPerStep": specmod.DEFAULT_SCALE_DOWN_STEP,
             },
         },
-        "drain": {"timeoutSeconds": specmod.DEFAULT_DRAIN_TIMEOUT_SECONDS},
+        "drain": {"timeoutSeconds": specmod.DEFAULT_DRAIN_TIMEOUT_SECONDS,
+                  "onTimeout": specmod.DEFAULT_ON_TIMEOUT},
         "maintenance": False,
     }
     assert "fixed" not in defaulted["spec"]["replicas"], "defaulting must leave autoscaling on"
@@ -405,7 +407,10 @@ _specs = st.fixed_dictionaries(
                 ),
             },
         ),
-        "drain": st.fixed_dictionaries({}, optional={"timeoutSeconds": st.integers(-1, 90000)}),
+        "drain": st.fixed_dictionaries({}, optional={
+            "timeoutSeconds": st.integers(-1, 90000),
+            "onTimeout": st.sampled_from(["KeepWhileQueued", "Remove", "Wait", ""]),
+        }),
         "maintenance": st.booleans(),
     },
 )

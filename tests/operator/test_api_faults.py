@@ -165,7 +165,49 @@ async def test_unreachable_admin_endpoint_blocks_scale_down_until_it_answers(
     await delivered_all(sink, accepted)
 
 
-async def test_drain_that_cannot_finish_ends_by_timeout_and_loses_the_spool(
+async def test_drain_past_its_timeout_is_held_while_mail_is_queued_and_loses_nothing(
+    api: kubeemu.Running,
+    operator: OperatorHarness,
+    cluster: controlplane.ControlPlane,
+    client: controlplane.Api,
+    sink: scenario.Upstream,
+    sessions: Sessions,
+) -> None:
+    """The default `drain.onTimeout: KeepWhileQueued`: a relay whose queue cannot flush (the upstream
+    answers 421) passes its 2 s drain timeout and is held, not removed: a `DrainHeld` Warning Event, the
+    Draining condition says HeldByQueuedMail, the count stays at 2. When the upstream is back the queue
+    flushes, the relay reports drained, the drain completes as drained, and then it is removed: every
+    message answered 250 reaches the upstream (the next test is the same story with `Remove`)."""
+    await start(
+        api, client, cluster, min_replicas=2, max_replicas=3, scale_down_stabilization=1, drain_timeout=2
+    )
+    a, b = sorted(live_pods(api))
+    sink.defer(421)  # the upstream is down: no queue can flush
+    try:
+        queued = await send(cluster, a, 3) | await send(cluster, b, 1)
+        await sessions.hold(cluster, b, 2)  # a is the idlest relay: the victim
+        before = timed_out_drains()
+        await client.patch(MR_PATH, {"spec": {"replicas": {"min": 1}}})
+        await eventually(lambda: "DrainHeld" in reasons(api), within=40, what="DrainHeld event")
+        assert condition(api, "Draining").get("reason") == "HeldByQueuedMail"
+        assert a in condition(api, "Draining").get("message", "")
+        await asyncio.sleep(3)  # several ticks past the timeout
+        assert a in live_pods(api) and replicas(api) == 2, "a relay holding mail was removed"
+        assert "DrainTimedOut" not in reasons(api) and "DrainCompleted" not in reasons(api)
+        assert reasons(api).count("DrainHeld") == 1, "the held drain is announced once"
+        assert timed_out_drains() == before
+    finally:
+        sink.defer(None)  # the upstream is back
+    await eventually(lambda: "DrainCompleted" in reasons(api), within=90, what="DrainCompleted event")
+    await eventually(lambda: replicas(api) == 1 and set(live_pods(api)) == {b}, within=30,
+                     what="only b left")
+    await eventually(lambda: any(t.pod == a for t in cluster.terminations), within=40, what="a ended")
+    ended = next(t for t in cluster.terminations if t.pod == a)
+    assert ended.spool_left == 0, f"mail left in a's spool: {ended}"
+    await delivered_all(sink, queued, within=60)
+
+
+async def test_drain_with_on_timeout_remove_ends_by_timeout_and_loses_the_spool(
     api: kubeemu.Running,
     operator: OperatorHarness,
     cluster: controlplane.ControlPlane,
@@ -175,19 +217,20 @@ async def test_drain_that_cannot_finish_ends_by_timeout_and_loses_the_spool(
 ) -> None:
     """A relay whose queue cannot flush (the upstream answers 421 to every DATA) never finishes draining.
 
-    Expected: with `drain.timeoutSeconds: 2` the drain ends by the timeout path — a `DrainTimedOut`
-    Warning Event, `drain_duration_seconds{outcome="timeout"}` observed, the pod deleted and the
-    Deployment lowered (ScaledDown) — instead of waiting forever.
+    Expected: with `drain.timeoutSeconds: 2` and `drain.onTimeout: Remove` (the design's first rule; the
+    default, KeepWhileQueued, holds such a relay: the test above), the drain ends by the timeout path —
+    a `DrainTimedOut` Warning Event, `drain_duration_seconds{outcome="timeout"}` observed, the pod deleted
+    and the Deployment lowered (ScaledDown) — instead of waiting forever.
 
-    KNOWN LOSS, asserted rather than hidden (docs/operator.md §4, "A timed-out relay is deleted with mail
-    still in its spool ... with the default emptyDir spool, whatever is still queued after that is lost
-    with the pod"): the messages the victim accepted with 250 while the upstream was down are still in its
-    spool when it is removed; the emptyDir goes with the pod (the control plane records them in
-    `Termination.spool_left`), and they never reach the upstream, even after it recovers. Every other
-    250 — mail delivered before the outage, and mail queued on the relay that stays — reaches the sink.
+    THE LOSS `Remove` accepts, asserted rather than hidden (docs/operator.md §4): the messages the victim
+    accepted with 250 while the upstream was down are still in its spool when it is removed; the emptyDir
+    goes with the pod (the control plane records them in `Termination.spool_left`), and they never reach
+    the upstream, even after it recovers. Every other 250 — mail delivered before the outage, and mail
+    queued on the relay that stays — reaches the sink.
     """
     await start(
-        api, client, cluster, min_replicas=2, max_replicas=3, scale_down_stabilization=1, drain_timeout=2
+        api, client, cluster, min_replicas=2, max_replicas=3, scale_down_stabilization=1, drain_timeout=2,
+        drain_on_timeout="Remove",
     )
     a, b = sorted(live_pods(api))
     delivered_first = await send(cluster, a, 2) | await send(cluster, b, 2)

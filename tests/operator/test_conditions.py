@@ -130,11 +130,11 @@ def test_patch_due(change: dict[str, object], last_patch: float | None, now: flo
     sessions=st.integers(min_value=0, max_value=10_000),
     queue=st.integers(min_value=0, max_value=10_000),
     ready=st.integers(min_value=0, max_value=20),
-    since=st.floats(min_value=0, max_value=1_000, allow_nan=False),
-    refresh=st.floats(min_value=0, max_value=600, allow_nan=False),
+    since=st.integers(min_value=0, max_value=1_000),  # whole seconds: no float rounding in the oracle
+    refresh=st.integers(min_value=0, max_value=600),
 )
-def test_patch_due_delays_only_traffic_figures(sessions: int, queue: int, ready: int, since: float,
-                                               refresh: float) -> None:
+def test_patch_due_delays_only_traffic_figures(sessions: int, queue: int, ready: int, since: int,
+                                               refresh: int) -> None:
     wanted = {**BASE, "sessions": sessions, "queueMessages": queue, "readyReplicas": ready}
     due = conditions.patch_due(BASE, wanted, last_patch=1_000.0, now=1_000.0 + since, refresh_seconds=refresh)
     if wanted == BASE:

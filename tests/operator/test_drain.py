@@ -118,6 +118,39 @@ def test_drain_times_out() -> None:
     assert p.deployment_replicas == 2
 
 
+@pytest.mark.parametrize(
+    ("since", "sessions", "queue", "drained", "completed", "held"),
+    [
+        # Past the timeout with mail queued: held (the spool would go with the pod).
+        (TIMEOUT, 4, 7, False, (), ("b",)),
+        # Past the timeout, scrape failed: the queue is unknown, so held too.
+        (TIMEOUT, None, None, None, (), ("b",)),
+        # Past the timeout with an empty queue but sessions open: removed (their clients retry).
+        (TIMEOUT, 4, 0, False, (("b", "timeout"),), ()),
+        # Drained, whenever: removed as drained.
+        (TIMEOUT * 3, 0, 0, True, (("b", "drained"),), ()),
+        # Before the timeout: nothing held yet.
+        (TIMEOUT - 1, 4, 7, False, (), ()),
+    ],
+)
+def test_keep_while_queued_holds_a_timed_out_drain_that_still_has_mail(
+        since: float, sessions: int | None, queue: int | None, drained: bool | None,
+        completed: tuple[tuple[str, str], ...], held: tuple[str, ...]) -> None:
+    pods = [pod("a"), draining("b", since=since, sessions=sessions, queue_messages=queue, drained=drained),
+            pod("c")]
+    p = drain.plan(2, 3, pods, NOW, TIMEOUT, False, keep_queued=True)
+    assert p.completed == completed
+    assert p.deployment_replicas == (2 if completed else None)
+    assert drain.held(pods, NOW, TIMEOUT, keep_queued=True) == held
+    assert drain.held(pods, NOW, TIMEOUT, keep_queued=False) == ()
+
+
+def test_a_held_drain_is_resumed_when_demand_comes_back() -> None:
+    p = drain.plan(3, 3, [pod("a"), draining("b", since=TIMEOUT, queue_messages=5), pod("c")], NOW, TIMEOUT,
+                   False, keep_queued=True)
+    assert p.resume == ("b",) and p.completed == ()
+
+
 def test_failed_scrape_never_completes_a_drain_early() -> None:
     p = plan(2, 3, [pod("a"), draining("b", sessions=None, queue_messages=None, drained=None), pod("c")])
     assert p.empty
@@ -425,6 +458,22 @@ def test_plan_invariants(cluster: tuple[int, int, list[drain.PodState], bool]) -
     serving_after = new - (len(draining_names) - len(p.resume) - len(p.completed) + len(p.start_drain))
     if serving_before != desired:
         assert abs(serving_after - desired) <= abs(serving_before - desired)
+
+
+@given(clusters())
+def test_keep_while_queued_never_removes_a_relay_that_may_hold_mail(
+        cluster: tuple[int, int, list[drain.PodState], bool]) -> None:
+    desired, replicas, pods, maintenance = cluster
+    p = drain.plan(desired, replicas, pods, NOW, TIMEOUT, maintenance, keep_queued=True)
+    by_name = {s.name: s for s in pods}
+    for name, result in p.completed:
+        state = by_name[name]
+        assert state.drained is True or state.queue_messages == 0, (name, result, state)
+    # and it changes nothing else: the plan equals Remove's, except the held drains it leaves running
+    removing = drain.plan(desired, replicas, pods, NOW, TIMEOUT, maintenance, keep_queued=False)
+    held = set(drain.held(pods, NOW, TIMEOUT, keep_queued=True))
+    assert {n for n, _ in removing.completed} - {n for n, _ in p.completed} <= held
+    assert p.start_drain == removing.start_drain or held
 
 
 @settings(max_examples=150, deadline=None)
