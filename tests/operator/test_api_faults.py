@@ -189,7 +189,9 @@ async def test_drain_past_its_timeout_is_held_while_mail_is_queued_and_loses_not
         before = timed_out_drains()
         await client.patch(MR_PATH, {"spec": {"replicas": {"min": 1}}})
         await eventually(lambda: "DrainHeld" in reasons(api), within=40, what="DrainHeld event")
-        assert condition(api, "Draining").get("reason") == "HeldByQueuedMail"
+        # The Event is posted before the same tick writes the status: wait for the condition too.
+        await eventually(lambda: condition(api, "Draining").get("reason") == "HeldByQueuedMail", within=20,
+                         what="the Draining condition HeldByQueuedMail")
         assert a in condition(api, "Draining").get("message", "")
         await asyncio.sleep(3)  # several ticks past the timeout
         assert a in live_pods(api) and replicas(api) == 2, "a relay holding mail was removed"
