@@ -131,3 +131,38 @@ async def test_status_counts_serving_relays_and_leave_evicted_pods_out(
     assert status["drainingPods"] == 1
     assert status["readyReplicas"] == 3  # a, b, d: ready pods, draining or not
     assert deployment_replicas(api) == 3
+
+
+def warning_reasons(api: kubeemu.Running) -> list[str]:
+    return [e.get("reason", "") for e in api.emulator.peek_all(kubeemu.EVENTS, NAMESPACE)
+            if e.get("type") == "Warning"]
+
+
+@pytest.mark.parametrize("maintenance", [False, True])
+async def test_a_drain_past_its_timeout_with_unknown_queue_is_held_except_in_maintenance(
+    api: kubeemu.Running, runtime: reconcile.Runtime, maintenance: bool
+) -> None:
+    """`b` has drained for an hour (timeout 60 s) and its relay does not answer, so its queue is unknown:
+    with the default onTimeout it is held (a DrainHeld Warning Event, once; the Draining condition), and
+    the count stays. In maintenance no drain completes anyway, so nothing is announced as held."""
+    marked = drain.drain_annotations(time.time() - 3600)
+    pods = [
+        {"name": f"{NAME}-a", "phase": "Running", "ready": True},
+        {"name": f"{NAME}-b", "phase": "Running", "ready": False, "annotations": marked},
+    ]
+    async with controlplane.Api(api.url) as http:
+        memory = await setup(api, runtime, http, pods, replicas=2)
+        if maintenance:
+            await http.patch(scenario.mailrelay_path(NAMESPACE, NAME), {"spec": {"maintenance": True}})
+    for _ in range(2):
+        await reconcile.tick(runtime, mailrelay(api), memory)
+    draining = next(c for c in mailrelay(api)["status"]["conditions"] if c["type"] == "Draining")
+    assert deployment_replicas(api) == 2
+    assert {p["metadata"]["name"] for p in api.emulator.peek_all(kubeemu.PODS, NAMESPACE)} \
+        == {f"{NAME}-a", f"{NAME}-b"}
+    if maintenance:
+        assert "DrainHeld" not in warning_reasons(api)
+        assert draining["reason"] == "Maintenance"
+    else:
+        assert warning_reasons(api).count("DrainHeld") == 1
+        assert draining["reason"] == "HeldByQueuedMail" and f"{NAME}-b" in draining["message"]
