@@ -61,6 +61,7 @@ class Plan:
     deployment_replicas: int | None  # new Deployment .spec.replicas after the deletions; None = keep
     delete_pods: tuple[str, ...]  # pods that never served (not Running yet): delete without a drain
     redrain: tuple[str, ...] = ()  # annotated pods whose relay is not draining (it restarted): POST /drain
+    held: tuple[str, ...] = ()  # draining past the timeout, kept because mail is queued (report only)
 
     @property
     def empty(self) -> bool:
@@ -196,15 +197,10 @@ def outcome(pod: PodState, now: float, drain_timeout: float, keep_queued: bool =
     return None
 
 
-def held(pods: Sequence[PodState], now: float, drain_timeout: float, keep_queued: bool) -> tuple[str, ...]:
-    """Draining relays past the timeout that `outcome` holds because mail is (or may be) queued."""
-    if not keep_queued:
-        return ()
-    return tuple(sorted(
-        p.name for p in _replica_pods(pods)
-        if p.drain_started is not None and p.drained is not True
-        and now - p.drain_started >= drain_timeout and p.queue_messages != 0
-    ))
+def _held(pod: PodState, now: float, drain_timeout: float, keep_queued: bool) -> bool:
+    """Past the timeout, and not completed by `outcome` because mail is (or may be) queued."""
+    return (keep_queued and pod.drain_started is not None and pod.drained is not True
+            and now - pod.drain_started >= drain_timeout and pod.queue_messages != 0)
 
 
 def _victim_key(pod: PodState) -> tuple[bool, bool, float, float, float, str]:
@@ -281,7 +277,8 @@ def plan(
     The Deployment's replicas are only ever lowered by the pods this plan deletes (drained, timed out,
     or never served); draining pods keep counting until they are gone.
     With `maintenance`, every running relay drains and stays, drained, until maintenance ends.
-    With `keep_queued`, a drain past its timeout completes only once its relay's queue is empty (`held`).
+    With `keep_queued`, a drain past its timeout completes only once its relay's queue is empty; until then
+    it is listed in `held` (in maintenance no drain completes, so none is held).
     """
     if desired < 0 or deployment_replicas < 0:
         raise ValueError("replica counts must not be negative")
@@ -319,6 +316,7 @@ def plan(
         result = outcome(pod, now, drain_timeout, keep_queued)
         if result is not None:
             completed.append((pod.name, result))
+    held = tuple(sorted(p.name for p in draining if _held(p, now, drain_timeout, keep_queued)))
 
     start: tuple[str, ...] = ()
     delete: tuple[str, ...] = ()
@@ -342,4 +340,5 @@ def plan(
         deployment_replicas=None if new_replicas == deployment_replicas else new_replicas,
         delete_pods=delete,
         redrain=tuple(name for name in redrain if name not in {n for n, _ in completed}),
+        held=held,
     )

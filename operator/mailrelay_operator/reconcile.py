@@ -261,10 +261,7 @@ async def tick(rt: Runtime, body: Mapping[str, Any], memory: Memory, now: float 
     plan = drain.plan(decision.desired, dep_replicas, states, now, timeout, parsed.maintenance, keep_queued)
     by_name = {p["metadata"]["name"]: p for p in pods}
     new_replicas = await apply_plan(rt, body, plan, by_name, states, dep_replicas, now, token=memory.token)
-    # In maintenance no drain completes, so none is "held" by its queue.
-    held = [] if parsed.maintenance else [
-        name for name in drain.held(states, now, timeout, keep_queued) if name not in plan.resume
-    ]
+    held = plan.held
     await _announce_held(rt, body, memory, held, {s.name: s for s in states}, parsed.drain_timeout_seconds)
 
     # -- report --

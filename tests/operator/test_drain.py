@@ -141,14 +141,15 @@ def test_keep_while_queued_holds_a_timed_out_drain_that_still_has_mail(
     p = drain.plan(2, 3, pods, NOW, TIMEOUT, False, keep_queued=True)
     assert p.completed == completed
     assert p.deployment_replicas == (2 if completed else None)
-    assert drain.held(pods, NOW, TIMEOUT, keep_queued=True) == held
-    assert drain.held(pods, NOW, TIMEOUT, keep_queued=False) == ()
+    assert p.held == held
+    assert drain.plan(2, 3, pods, NOW, TIMEOUT, False, keep_queued=False).held == ()
+    assert drain.plan(2, 3, pods, NOW, TIMEOUT, True, keep_queued=True).held == (), "maintenance holds none"
 
 
 def test_a_held_drain_is_resumed_when_demand_comes_back() -> None:
     p = drain.plan(3, 3, [pod("a"), draining("b", since=TIMEOUT, queue_messages=5), pod("c")], NOW, TIMEOUT,
                    False, keep_queued=True)
-    assert p.resume == ("b",) and p.completed == ()
+    assert p.resume == ("b",) and p.completed == () and p.held == ()
 
 
 def test_failed_scrape_never_completes_a_drain_early() -> None:
@@ -471,9 +472,11 @@ def test_keep_while_queued_never_removes_a_relay_that_may_hold_mail(
         assert state.drained is True or state.queue_messages == 0, (name, result, state)
     # and it changes nothing else: the plan equals Remove's, except the held drains it leaves running
     removing = drain.plan(desired, replicas, pods, NOW, TIMEOUT, maintenance, keep_queued=False)
-    held = set(drain.held(pods, NOW, TIMEOUT, keep_queued=True))
+    held = set(p.held)
     assert {n for n, _ in removing.completed} - {n for n, _ in p.completed} <= held
+    assert held.isdisjoint(n for n, _ in p.completed) and held.isdisjoint(p.resume)
     assert p.start_drain == removing.start_drain or held
+    assert removing.held == ()
 
 
 @settings(max_examples=150, deadline=None)
