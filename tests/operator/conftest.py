@@ -6,6 +6,7 @@ and the real operator run in-process by Kopf (`cli.run`), which a test can stop 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import threading
@@ -118,3 +119,43 @@ async def client(api: kubeemu.Running) -> AsyncIterator[controlplane.Api]:
         yield http
 
 
+class Sessions:
+    """Real SMTP sessions held open on relays (each counts in the relay's /status `sessions`)."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, list[asyncio.StreamWriter]] = {}
+
+    async def hold(self, cluster: controlplane.ControlPlane, pod: str, count: int) -> None:
+        runtime = cluster.runtimes[pod]
+        for _ in range(count):
+            reader, writer = await asyncio.open_connection(runtime.ip, runtime.smtp_port)
+            greeting = await asyncio.wait_for(reader.readline(), timeout=10)
+            assert greeting.startswith(b"220"), greeting
+            writer.write(b"EHLO loadtest.example\r\n")
+            await writer.drain()
+            while True:
+                line = await asyncio.wait_for(reader.readline(), timeout=10)
+                assert line.startswith(b"250"), line
+                if line[3:4] == b" ":
+                    break
+            self.open.setdefault(pod, []).append(writer)
+
+    async def release(self, pod: str | None = None) -> None:
+        pods = [pod] if pod else list(self.open)
+        for name in pods:
+            for writer in self.open.pop(name, []):
+                with contextlib.suppress(OSError):
+                    writer.write(b"QUIT\r\n")
+                    await writer.drain()
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+
+
+@pytest.fixture
+async def sessions() -> AsyncIterator[Sessions]:
+    held = Sessions()
+    try:
+        yield held
+    finally:
+        await held.release()

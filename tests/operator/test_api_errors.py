@@ -11,8 +11,8 @@ import kmock
 from mailrelay_operator import manifests
 from mailrelay_sandbox import controlplane, kubeemu, scenario
 
-from tests.operator.conftest import NAMESPACE, OperatorHarness, eventually
-from tests.operator.test_api_scaling import NAME, Sessions, condition, live_pods, replicas
+from tests.operator.conftest import NAMESPACE, OperatorHarness, Sessions, eventually
+from tests.operator.test_api_scaling import NAME, condition, live_pods, replicas
 
 OWNED = [
     (kubeemu.DEPLOYMENTS, NAME),

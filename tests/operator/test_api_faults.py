@@ -12,18 +12,15 @@ import asyncio
 import smtplib
 import time
 import uuid
-from collections.abc import AsyncIterator
 from email.message import EmailMessage
 
-import pytest
 from mailrelay_operator import drain, metrics
 from mailrelay_sandbox import controlplane, kubeemu, scenario
 
-from tests.operator.conftest import NAMESPACE, OperatorHarness, eventually
+from tests.operator.conftest import NAMESPACE, OperatorHarness, Sessions, eventually
 from tests.operator.test_api_scaling import (
     MR_PATH,
     NAME,
-    Sessions,
     condition,
     events,
     ever_annotated,
@@ -31,16 +28,6 @@ from tests.operator.test_api_scaling import (
     replicas,
     start,
 )
-
-
-@pytest.fixture
-async def sessions() -> AsyncIterator[Sessions]:
-    held = Sessions()
-    try:
-        yield held
-    finally:
-        await held.release()
-
 
 # -- helpers -----------------------------------------------------------------------------------------
 

@@ -4,64 +4,19 @@ server, real relays on 127.A.B.x (simulated ReplicaSet + kubelet), load as real 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import pytest
 from mailrelay_operator import drain, manifests
 from mailrelay_sandbox import controlplane, kubeemu, scenario
 
-from tests.operator.conftest import NAMESPACE, OperatorHarness, eventually
+from tests.operator.conftest import NAMESPACE, OperatorHarness, Sessions, eventually
 
 NAME = "outbound"
 MR_PATH = scenario.mailrelay_path(NAMESPACE, NAME)
 
 
 # -- helpers -----------------------------------------------------------------------------------------
-
-
-class Sessions:
-    """Real SMTP sessions held open on relays (each counts in the relay's /status `sessions`)."""
-
-    def __init__(self) -> None:
-        self.open: dict[str, list[asyncio.StreamWriter]] = {}
-
-    async def hold(self, cluster: controlplane.ControlPlane, pod: str, count: int) -> None:
-        runtime = cluster.runtimes[pod]
-        for _ in range(count):
-            reader, writer = await asyncio.open_connection(runtime.ip, runtime.smtp_port)
-            greeting = await asyncio.wait_for(reader.readline(), timeout=10)
-            assert greeting.startswith(b"220"), greeting
-            writer.write(b"EHLO loadtest.example\r\n")
-            await writer.drain()
-            while True:
-                line = await asyncio.wait_for(reader.readline(), timeout=10)
-                assert line.startswith(b"250"), line
-                if line[3:4] == b" ":
-                    break
-            self.open.setdefault(pod, []).append(writer)
-
-    async def release(self, pod: str | None = None) -> None:
-        pods = [pod] if pod else list(self.open)
-        for name in pods:
-            for writer in self.open.pop(name, []):
-                with contextlib.suppress(OSError):
-                    writer.write(b"QUIT\r\n")
-                    await writer.drain()
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
-
-
-@pytest.fixture
-async def sessions() -> AsyncIterator[Sessions]:
-    held = Sessions()
-    try:
-        yield held
-    finally:
-        await held.release()
 
 
 def mailrelay(api: kubeemu.Running) -> dict[str, Any] | None:
