@@ -515,13 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet=args.quiet,
         profile=args.profile,
     )
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    out = report.Report()
-    started_run = time.monotonic()
-    run(out, cfg, keep=args.keep)
-    out.line(f"done in {time.monotonic() - started_run:.0f} s; figures in {args.json}")
-    out.save(args.json)
-    return 0
+    return report.run_module(args.json, lambda out: run(out, cfg, keep=args.keep))
 
 
 if __name__ == "__main__":

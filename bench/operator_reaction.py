@@ -26,7 +26,6 @@ import os
 import pathlib
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -235,13 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     cfg = Config(interval=args.interval or cfg.interval, steps=args.steps or cfg.steps)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    out = report.Report()
-    started_run = time.monotonic()
-    run(out, cfg)
-    out.line(f"done in {time.monotonic() - started_run:.0f} s; figures in {args.json}")
-    out.save(args.json)
-    return 0
+    return report.run_module(args.json, lambda out: run(out, cfg))
 
 
 if __name__ == "__main__":

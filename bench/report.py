@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import pathlib
+import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -41,3 +43,15 @@ class Report:
     def save(self, path: pathlib.Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def run_module(json_path: pathlib.Path, measure: Callable[[Report], object]) -> int:
+    """The tail of a bench module's `main`: SIGTERM exits cleanly (so every part stops what it started),
+    `measure` fills a Report, the run time is printed and the figures are saved to `json_path`."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    out = Report()
+    started = time.monotonic()
+    measure(out)
+    out.line(f"done in {time.monotonic() - started:.0f} s; figures in {json_path}")
+    out.save(json_path)
+    return 0

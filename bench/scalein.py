@@ -31,7 +31,6 @@ import pathlib
 import random
 import secrets
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -265,13 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.defer_upstream is not None:
         cfg = Config(cfg.sessions, cfg.rate, max(cfg.warmup, 6.0), cfg.after, args.defer_upstream,
                      cfg.interval)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    out = report.Report()
-    started_run = time.monotonic()
-    run(out, cfg, keep=args.keep)
-    out.line(f"done in {time.monotonic() - started_run:.0f} s; figures in {args.json}")
-    out.save(args.json)
-    return 0
+    return report.run_module(args.json, lambda out: run(out, cfg, keep=args.keep))
 
 
 if __name__ == "__main__":
