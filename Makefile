@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 tools:
 	bash scripts/install-system-deps.sh
 	bash scripts/install-helm.sh
+	bash scripts/install-kube.sh
 
 test: setup
 	$(BIN)/python -m pytest -q -ra

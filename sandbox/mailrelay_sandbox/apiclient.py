@@ -1,0 +1,75 @@
+"""A small asyncio client of the Kubernetes API for the sandbox's own parts (kubelet, load generator,
+demo, tests): JSON in and out, merge patches, bearer tokens, the control plane's CA.
+
+It holds no policy and retries nothing: a failed call raises `ApiError` with the status. The operator
+has its own client (`mailrelay_operator.kube`); this one is never imported by `relay/` or `operator/`.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+MERGE_PATCH = "application/merge-patch+json"
+Obj = dict[str, Any]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(f"{status}: {text[:300]}")
+        self.status = status
+        self.text = text
+
+
+class Api:
+    """`async with Api(url, token, ca_file) as api`: requests to one API server as one identity."""
+
+    def __init__(self, base_url: str, token: str, ca_file: Path | None = None, *,
+                 timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        self._ssl: ssl.SSLContext | bool = (ssl.create_default_context(cafile=str(ca_file))
+                                            if ca_file is not None else False)
+        self._timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Api:
+        self._session = aiohttp.ClientSession(
+            headers=self._headers, timeout=aiohttp.ClientTimeout(total=self._timeout),
+            connector=aiohttp.TCPConnector(ssl=self._ssl))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request(self, method: str, path: str, body: Any = None, *,
+                      content_type: str = "application/json") -> Obj:
+        assert self._session is not None, "use `async with Api(...)`"
+        data = None if body is None else json.dumps(body)
+        async with self._session.request(method, self.base_url + path, data=data,
+                                         headers={"Content-Type": content_type}) as response:
+            text = await response.text()
+            if response.status >= 400:
+                raise ApiError(response.status, text)
+            result: Obj = json.loads(text) if text else {}
+            return result
+
+    async def items(self, path: str) -> list[Obj]:
+        return list((await self.request("GET", path)).get("items") or [])
+
+    async def patch(self, path: str, body: Obj) -> Obj:
+        return await self.request("PATCH", path, body, content_type=MERGE_PATCH)
+
+    async def get_or_none(self, path: str) -> Obj | None:
+        try:
+            return await self.request("GET", path)
+        except ApiError as exc:
+            if exc.status == 404:
+                return None
+            raise

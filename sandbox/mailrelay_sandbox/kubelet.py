@@ -1,0 +1,747 @@
+"""The sandbox's process kubelet: the one simulated part of the sandbox's Kubernetes.
+
+A `ProcessKubelet` is one Node of the real control plane (`kubecluster`). It registers its Node, and
+runs each pod the real scheduler binds to it as real processes:
+- the relay container as a `mailrelay-relay` process on the pod's own loopback address 127.A.B.C (its
+  pod IP), with the ports of the container ports named `smtp` and `admin`, and the pod template's
+  env/args (MAILRELAY_*); the upstream is pointed at the sandbox's sink;
+- volumes as folders under the pod's work folder: emptyDir (gone with the pod, as in a cluster), Secret
+  and ConfigMap (their keys as files), projected service-account tokens (TokenRequest), and
+  persistentVolumeClaim (one folder per claim that outlives its pods);
+- probes from the pod spec (startup, readiness, liveness; httpGet and tcpSocket): Ready comes from the
+  readiness probe, a failed liveness or startup probe restarts the container;
+- container states, restarts (restartPolicy Always, with a short back-off) and the pod IP in the pod's
+  status;
+- graceful deletion as the real kubelet does it: SIGTERM, then the pod's deletion grace period, then
+  SIGKILL, then the final DELETE (grace 0, with the pod's uid as precondition). What the relay left in
+  its spool is recorded (`terminations`).
+
+`ServiceEndpoints` is the node's view of a Service, as kube-proxy has it: the ready endpoints of the
+Service's EndpointSlices, which the real EndpointSlice controller writes.
+
+It must not make scaling or drain decisions (the operator's job), nor do any controller's work (the
+real controllers do). It is never imported by `relay/` or `operator/`. Not simulated: images, resource
+limits, exec probes, networking rules (NetworkPolicy has no effect on loopback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import datetime
+import logging
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from mailrelay_sandbox import apiclient, loadgen
+
+log = logging.getLogger("mailrelay_sandbox.kubelet")
+
+Obj = dict[str, Any]
+# Flags the sandbox sets itself (the pod's network and upstream are the sandbox's, not the template's).
+_OVERRIDDEN_FLAGS = ("--listen", "--admin-listen", "--upstream", "--upstream-tls", "--upstream-user",
+                     "--upstream-password-file", "--hostname")
+_OVERRIDDEN_ENV = ("MAILRELAY_UPSTREAM_USER", "MAILRELAY_UPSTREAM_PASSWORD_FILE")
+NODE_CAPACITY = {"cpu": "1000", "memory": "1Ti", "pods": "5000", "ephemeral-storage": "1Ti"}
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def is_ready(pod: Mapping[str, Any]) -> bool:
+    for cond in pod.get("status", {}).get("conditions") or []:
+        if cond.get("type") == "Ready":
+            return bool(cond.get("status") == "True")
+    return False
+
+
+def strip_flags(args: Sequence[str], flags: Sequence[str]) -> list[str]:
+    """Remove `--flag value` and `--flag=value` for each of `flags` (pure)."""
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in flags:
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
+def rewrite_path(value: str, mounts: Mapping[str, Path]) -> str:
+    """Map a container path onto its host folder, longest mount path first (pure)."""
+    for mount_path in sorted(mounts, key=len, reverse=True):
+        if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
+            return str(mounts[mount_path]) + value[len(mount_path.rstrip("/")):]
+    return value
+
+
+@dataclasses.dataclass
+class Termination:
+    """How a pod ended, for the tests and the demo."""
+
+    pod: str
+    signalled_at: float
+    exited_at: float
+    returncode: int | None
+    killed: bool                  # SIGKILL after the grace period
+    spool_left: int               # spool files still there when the pod's emptyDir went away
+    was_drained: bool | None      # the relay's last /status said drained before SIGTERM
+    last_status: Obj | None
+    served: bool = False          # the pod was Ready at some point (it took traffic)
+    finalized_at: float = 0.0     # the pod object was removed from the API
+
+
+@dataclasses.dataclass
+class Probe:
+    """One probe of the container spec and its running tally."""
+
+    spec: Obj
+    successes: int = 0
+    failures: int = 0
+    due: float = 0.0
+
+    @property
+    def period(self) -> float:
+        return float(self.spec.get("periodSeconds", 10))
+
+    def record(self, ok: bool) -> None:
+        if ok:
+            self.successes, self.failures = self.successes + 1, 0
+        else:
+            self.successes, self.failures = 0, self.failures + 1
+
+    @property
+    def failed(self) -> bool:
+        return self.failures >= int(self.spec.get("failureThreshold", 3))
+
+    @property
+    def passed(self) -> bool:
+        return self.successes >= int(self.spec.get("successThreshold", 1))
+
+
+@dataclasses.dataclass
+class PodRuntime:
+    name: str
+    namespace: str
+    uid: str
+    ip: str
+    ports: dict[str, int]
+    workdir: Path
+    spool: Path
+    token_file: Path | None
+    grace: float
+    process: asyncio.subprocess.Process | None = None
+    ready: bool = False
+    started: bool = False
+    terminating: bool = False
+    restarts: int = 0
+    served: bool = False
+    started_at: float = 0.0
+    last_exit: Obj | None = None
+    last_status: Obj | None = None
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def smtp_port(self) -> int:
+        return self.ports.get("smtp", 2525)
+
+    @property
+    def admin_port(self) -> int:
+        return self.ports.get("admin", 8025)
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.ip}:{self.admin_port}"
+
+    def token(self) -> str | None:
+        if self.token_file is None:
+            return None
+        try:
+            return self.token_file.read_text().strip()
+        except OSError:
+            return None
+
+
+def _count_files(folder: Path) -> int:
+    if not folder.exists():
+        return 0
+    return sum(1 for p in folder.rglob("*") if p.is_file())
+
+
+class ProcessKubelet:
+    """`async with ProcessKubelet(...)`: registers Node `node` and runs the pods bound to it until closed."""
+
+    def __init__(
+        self,
+        api_url: str,
+        token: str,
+        ca_file: Path,
+        node: str,
+        workdir: Path,
+        upstream: str,
+        *,
+        sync_period: float = 0.3,
+        probe_period: float = 0.5,
+        extra_env: Mapping[str, str] | None = None,
+        relay_command: Sequence[str] | None = None,
+        subnet: tuple[int, int] | None = None,
+        max_grace_seconds: float | None = None,
+        observe_status: bool = True,
+    ) -> None:
+        self.api = apiclient.Api(api_url, token, ca_file)
+        self.node = node
+        self.workdir = workdir
+        self.upstream = upstream
+        self.sync_period = sync_period
+        self.probe_period = probe_period
+        self.extra_env = dict(extra_env or {})
+        self.relay_command = list(relay_command or [str(Path(sys.executable).parent / "mailrelay-relay")])
+        a, b = subnet or (random.randint(100, 250), random.randint(0, 200))
+        self._subnet = (a, b)
+        self._next_host = 0
+        self.max_grace_seconds = max_grace_seconds
+        self.observe_status = observe_status
+        self.runtimes: dict[str, PodRuntime] = {}
+        self.terminations: list[Termination] = []
+        self.pods: list[Obj] = []
+        self._task: asyncio.Task[None] | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self.errors = 0
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def __aenter__(self) -> ProcessKubelet:
+        await self.api.__aenter__()
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        await self.register()
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def register(self) -> None:
+        """Create (or take over) this kubelet's Node, Ready, with room for every sandbox pod."""
+        labels = {"kubernetes.io/hostname": self.node, "kubernetes.io/os": "linux",
+                  "kubernetes.io/arch": "amd64", "sandbox.mailrelay.dev/process-kubelet": "true"}
+        node = {"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": self.node, "labels": labels}}
+        with contextlib.suppress(apiclient.ApiError):
+            await self.api.request("POST", "/api/v1/nodes", node)
+        await self.api.patch(f"/api/v1/nodes/{self.node}/status", {"status": self._node_status()})
+
+    def _node_status(self) -> Obj:
+        now = now_iso()
+        return {
+            "capacity": NODE_CAPACITY, "allocatable": NODE_CAPACITY,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                            "message": "the sandbox's process kubelet is running",
+                            "lastHeartbeatTime": now, "lastTransitionTime": now}],
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
+                          {"type": "Hostname", "address": self.node}],
+            "nodeInfo": {"machineID": self.node, "systemUUID": self.node, "bootID": self.node,
+                         "kernelVersion": os.uname().release, "osImage": "sandbox",
+                         "containerRuntimeVersion": "process://sandbox", "kubeletVersion": "sandbox",
+                         "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"},
+        }
+
+    async def close(self, *, delete_node: bool = True) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for task in list(self._background):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, timeout=10)
+        for runtime in list(self.runtimes.values()):
+            if runtime.task is not None:
+                runtime.task.cancel()
+            await self._stop_process(runtime, grace=3.0)
+            with contextlib.suppress(apiclient.ApiError, aiohttp.ClientError, TimeoutError):
+                await self._finalize(runtime.namespace, runtime.name, runtime.uid)
+        self.runtimes.clear()
+        if delete_node:
+            with contextlib.suppress(apiclient.ApiError, aiohttp.ClientError, TimeoutError):
+                await self.api.request("DELETE", f"/api/v1/nodes/{self.node}")
+        if self._http is not None:
+            await self._http.close()
+        await self.api.__aexit__()
+
+    # -- views -------------------------------------------------------------------------------------
+    def pod(self, name: str) -> Obj | None:
+        for pod in self.pods:
+            if pod.get("metadata", {}).get("name") == name:
+                return pod
+        return None
+
+    def running_endpoints(self) -> list[loadgen.Endpoint]:
+        """Ready, non-terminating pods as this kubelet knows them (no Service needed)."""
+        return [loadgen.Endpoint(r.ip, r.smtp_port) for r in self.runtimes.values()
+                if r.ready and not r.terminating]
+
+    # -- the loop ----------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        beat = 0.0
+        while True:
+            try:
+                await self.sync()
+                if time.monotonic() - beat > 20:
+                    await self.api.patch(f"/api/v1/nodes/{self.node}/status",
+                                         {"status": self._node_status()})
+                    beat = time.monotonic()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep going, as a kubelet does
+                self.errors += 1
+                log.warning("kubelet %s sync failed: %s", self.node, exc)
+            await asyncio.sleep(self.sync_period)
+
+    async def sync(self) -> None:
+        self.pods = await self.api.items(f"/api/v1/pods?fieldSelector=spec.nodeName%3D{self.node}")
+        seen: set[str] = set()
+        for pod in self.pods:
+            meta = pod["metadata"]
+            name = meta["name"]
+            seen.add(name)
+            runtime = self.runtimes.get(name)
+            if runtime is not None and runtime.uid != meta.get("uid"):
+                continue  # an older pod of the same name is still being torn down
+            if meta.get("deletionTimestamp"):
+                if runtime is None:
+                    await self._finalize(meta["namespace"], name, meta.get("uid"))
+                elif not runtime.terminating:
+                    runtime.terminating = True
+                    grace = float(meta.get("deletionGracePeriodSeconds")
+                                  or pod["spec"].get("terminationGracePeriodSeconds", 30))
+                    self._spawn(self._terminate(runtime, grace, finalize=True))
+            elif runtime is None and pod.get("status", {}).get("phase") not in ("Succeeded", "Failed"):
+                await self._start_pod(pod)
+        for name, runtime in list(self.runtimes.items()):
+            if name not in seen and not runtime.terminating:
+                # gone from the API without grace (force deletion): the process is stopped anyway
+                runtime.terminating = True
+                self._spawn(self._terminate(runtime, runtime.grace, finalize=False))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _allocate_ip(self) -> str:
+        a, b = self._subnet
+        used = {r.ip for r in self.runtimes.values()}
+        while True:
+            index = self._next_host
+            self._next_host = (self._next_host + 1) % (253 * 50)
+            ip = f"127.{a}.{b + index // 253}.{2 + index % 253}"
+            if ip not in used:
+                return ip
+
+    async def _start_pod(self, pod: Obj) -> None:
+        meta = pod["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        spec = pod["spec"]
+        containers = spec.get("containers") or []
+        container = next((c for c in containers
+                          if any(p.get("name") == "smtp" for p in c.get("ports") or [])),
+                         containers[0] if containers else {})
+        ports = {str(p.get("name")): int(p["containerPort"]) for p in container.get("ports") or []}
+        workdir = self.workdir / namespace / name
+        workdir.mkdir(parents=True, exist_ok=True)
+        mounts = await self._volumes(pod, container, workdir)
+        ip = self._allocate_ip()
+        env: dict[str, str] = {}
+        for item in container.get("env") or []:
+            value = await self._env_value(pod, item, ip)
+            if value is not None:
+                env[item["name"]] = rewrite_path(value, mounts)
+        for key in _OVERRIDDEN_ENV:
+            env.pop(key, None)
+        smtp_port = ports.get("smtp", 2525)
+        admin_port = ports.get("admin", 8025)
+        spool = Path(rewrite_path(env.get("MAILRELAY_SPOOL", "/var/spool/mailrelay"), mounts))
+        if not str(spool).startswith(str(workdir)) and not str(spool).startswith(str(self.workdir)):
+            spool = workdir / "spool"
+        tmp = mounts.get("/tmp")
+        accept = env.get("MAILRELAY_ACCEPT_FROM", "")
+        env.update({
+            "MAILRELAY_LISTEN": f"{ip}:{smtp_port}",
+            "MAILRELAY_ADMIN_LISTEN": f"{ip}:{admin_port}",
+            "MAILRELAY_UPSTREAM": self.upstream,
+            "MAILRELAY_UPSTREAM_TLS": "none",
+            "MAILRELAY_HOSTNAME": name,
+            "MAILRELAY_SPOOL": str(spool),
+            # the sandbox's pod network is loopback: clients come from 127.0.0.0/8
+            "MAILRELAY_ACCEPT_FROM": ",".join(x for x in (accept, "127.0.0.0/8") if x),
+        })
+        if tmp is not None:
+            env["TMPDIR"] = str(tmp)
+        env.update(self.extra_env)
+        args = [rewrite_path(a, mounts) for a in strip_flags(container.get("args") or [], _OVERRIDDEN_FLAGS)]
+        token_file = env.get("MAILRELAY_ADMIN_TOKEN_FILE")
+        runtime = PodRuntime(name=name, namespace=namespace, uid=str(meta.get("uid")), ip=ip, ports=ports,
+                             workdir=workdir, spool=spool,
+                             token_file=Path(token_file) if token_file else None,
+                             grace=float(spec.get("terminationGracePeriodSeconds", 30)))
+        self.runtimes[name] = runtime
+        runtime.task = asyncio.create_task(self._run(runtime, container, env, args))
+
+    async def _volumes(self, pod: Obj, container: Obj, workdir: Path) -> dict[str, Path]:
+        namespace = pod["metadata"]["namespace"]
+        folders: dict[str, Path] = {}
+        for volume in pod["spec"].get("volumes") or []:
+            claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
+            folder = (self.workdir / "claims" / namespace / claim if claim
+                      else workdir / "volumes" / volume["name"])
+            folder.mkdir(parents=True, exist_ok=True)
+            folders[volume["name"]] = folder
+            for source in [volume, *((volume.get("projected") or {}).get("sources") or [])]:
+                await self._fill(namespace, pod, source, folder)
+        mounts: dict[str, Path] = {}
+        for mount in container.get("volumeMounts") or []:
+            if mount["name"] in folders:
+                host = folders[mount["name"]]
+                if mount.get("subPath"):
+                    host = host / mount["subPath"]
+                mounts[mount["mountPath"]] = host
+        return mounts
+
+    async def _fill(self, namespace: str, pod: Obj, source: Obj, folder: Path) -> None:
+        """Write the files of one Secret, ConfigMap or service-account token volume source."""
+        if "serviceAccountToken" in source:
+            sa = pod["spec"].get("serviceAccountName") or "default"
+            spec = source["serviceAccountToken"]
+            answer = await self.api.request(
+                "POST", f"/api/v1/namespaces/{namespace}/serviceaccounts/{sa}/token",
+                {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                 "spec": {"expirationSeconds": int(spec.get("expirationSeconds", 3600))}})
+            (folder / spec.get("path", "token")).write_text(answer["status"]["token"])
+            return
+        ref = source.get("secret") or source.get("configMap")
+        if ref is None:
+            return  # emptyDir, a claim, downwardAPI and anything else: a folder
+        kind = "secrets" if "secret" in source else "configmaps"
+        name = ref.get("secretName") or ref.get("name")
+        obj = await self.api.get_or_none(f"/api/v1/namespaces/{namespace}/{kind}/{name}")
+        if obj is None:
+            return
+        data = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+        data.update({k: v.encode() for k, v in (obj.get("stringData") or {}).items()})
+        items = ref.get("items")
+        paths = {i["key"]: i["path"] for i in items} if items else {k: k for k in data}
+        for key, rel in paths.items():
+            if key in data:
+                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                (folder / rel).write_bytes(data[key])
+
+    async def _env_value(self, pod: Obj, item: Obj, ip: str) -> str | None:
+        if "value" in item:
+            return str(item["value"])
+        namespace = pod["metadata"]["namespace"]
+        source = item.get("valueFrom") or {}
+        if "fieldRef" in source:
+            path = str(source["fieldRef"].get("fieldPath"))
+            fields: dict[str, str] = {"metadata.name": pod["metadata"]["name"],
+                                      "metadata.namespace": namespace, "status.podIP": ip,
+                                      "spec.nodeName": self.node, "status.hostIP": "127.0.0.1",
+                                      "metadata.uid": str(pod["metadata"].get("uid"))}
+            return fields.get(path, "")
+        ref = source.get("secretKeyRef") or source.get("configMapKeyRef")
+        if ref is not None:
+            kind = "secrets" if "secretKeyRef" in source else "configmaps"
+            obj = await self.api.get_or_none(f"/api/v1/namespaces/{namespace}/{kind}/{ref['name']}")
+            if obj is None:
+                return None
+            if kind == "configmaps":
+                value = (obj.get("data") or {}).get(ref["key"])
+                return None if value is None else str(value)
+            raw = (obj.get("data") or {}).get(ref["key"])
+            return base64.b64decode(raw).decode() if raw is not None else None
+        return None
+
+    # -- one pod: its container, probes and status ---------------------------------------------------
+    async def _run(self, runtime: PodRuntime, container: Obj, env: dict[str, str], args: list[str]) -> None:
+        """Start the container, probe it, keep its status in the API, restart it when it dies."""
+        full_env = {**os.environ, **env}
+        runtime.started_at = time.time()
+        started_iso = now_iso()
+        container_started = started_iso
+        reported: tuple[Any, ...] | None = None
+        probes = {kind: Probe(container[kind]) for kind in ("startupProbe", "readinessProbe", "livenessProbe")
+                  if isinstance(container.get(kind), dict)}
+        while not runtime.terminating:
+            if runtime.process is None or runtime.process.returncode is not None:
+                if runtime.process is not None:
+                    runtime.restarts += 1
+                    runtime.last_exit = {"terminated": {"exitCode": runtime.process.returncode,
+                                                        "startedAt": container_started,
+                                                        "finishedAt": now_iso(), "reason": "Error"}}
+                    runtime.ready = runtime.started = False
+                    log.warning("relay %s exited with %s; restarting", runtime.name,
+                                runtime.process.returncode)
+                    await self._report(runtime, started_iso, container_started, waiting=True)
+                    await asyncio.sleep(min(5.0, 0.5 * runtime.restarts))
+                    if runtime.terminating:
+                        break
+                    probes = {kind: Probe(p.spec) for kind, p in probes.items()}
+                with (runtime.workdir / "relay.log").open("ab") as logfile:
+                    runtime.process = await asyncio.create_subprocess_exec(
+                        *self.relay_command, *args, env=full_env, stdout=logfile, stderr=logfile,
+                        stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
+                container_started = now_iso()
+                now = time.monotonic()
+                for probe in probes.values():
+                    probe.due = now + float(probe.spec.get("initialDelaySeconds", 0))
+            restart = await self._probe_all(runtime, probes)
+            if restart and not runtime.terminating:
+                log.warning("relay %s failed its %s probe; restarting", runtime.name, restart)
+                await self._stop_process(runtime, runtime.grace)
+                continue
+            if self.observe_status:
+                await self._observe(runtime)
+            state = (runtime.ready, runtime.started, runtime.restarts)
+            if state != reported and not runtime.terminating:
+                if await self._report(runtime, started_iso, container_started):
+                    reported = state
+            await asyncio.sleep(self.probe_period)
+
+    async def _probe_all(self, runtime: PodRuntime, probes: dict[str, Probe]) -> str | None:
+        """Run the probes that are due; returns the kind of a probe that calls for a restart."""
+        now = time.monotonic()
+        startup = probes.get("startupProbe")
+        if startup is not None and not runtime.started:
+            if now >= startup.due:
+                startup.due = now + startup.period
+                startup.record(await self._check(runtime, startup.spec))
+                if startup.passed:
+                    runtime.started = True
+                elif startup.failed:
+                    return "startup"
+            if not runtime.started:
+                return None
+        runtime.started = True
+        liveness = probes.get("livenessProbe")
+        if liveness is not None and now >= liveness.due:
+            liveness.due = now + liveness.period
+            liveness.record(await self._check(runtime, liveness.spec))
+            if liveness.failed:
+                return "liveness"
+        readiness = probes.get("readinessProbe")
+        if readiness is None:
+            runtime.ready = True
+        elif now >= readiness.due:
+            readiness.due = now + readiness.period
+            readiness.record(await self._check(runtime, readiness.spec))
+            if readiness.passed:
+                runtime.ready = True
+            elif readiness.failed:
+                runtime.ready = False
+        runtime.served = runtime.served or runtime.ready
+        return None
+
+    async def _check(self, runtime: PodRuntime, spec: Obj) -> bool:
+        timeout = float(spec.get("timeoutSeconds", 1))
+        try:
+            if "httpGet" in spec:
+                action = spec["httpGet"]
+                port = self._port(runtime, action.get("port"))
+                assert self._http is not None
+                async with self._http.get(f"http://{runtime.ip}:{port}{action.get('path', '/')}",
+                                          timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                    return 200 <= response.status < 400
+            if "tcpSocket" in spec:
+                port = self._port(runtime, spec["tcpSocket"].get("port"))
+                _, writer = await asyncio.wait_for(asyncio.open_connection(runtime.ip, port), timeout)
+                writer.close()
+                return True
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            return False
+        return True  # exec and grpc probes are not simulated: they pass
+
+    @staticmethod
+    def _port(runtime: PodRuntime, port: Any) -> int:
+        if isinstance(port, int) or str(port).isdigit():
+            return int(port)
+        return runtime.ports[str(port)]
+
+    async def _observe(self, runtime: PodRuntime) -> None:
+        """The relay's own /status, kept for the record of how the pod ended (not a kubelet's job)."""
+        token = runtime.token()
+        if not token or self._http is None:
+            return
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            async with self._http.get(f"{runtime.admin_url}/status",
+                                      headers={"Authorization": f"Bearer {token}"}) as response:
+                if response.status == 200:
+                    runtime.last_status = await response.json()
+
+    async def _report(self, runtime: PodRuntime, started: str, container_started: str, *,
+                      waiting: bool = False) -> bool:
+        try:
+            await self.api.patch(f"/api/v1/namespaces/{runtime.namespace}/pods/{runtime.name}/status",
+                                 {"status": self._pod_status(runtime, started, container_started,
+                                                             waiting=waiting)})
+            return True
+        except (apiclient.ApiError, aiohttp.ClientError, TimeoutError):
+            return False
+
+    def _pod_status(self, runtime: PodRuntime, started: str, container_started: str, *,
+                    waiting: bool = False) -> Obj:
+        ready = runtime.ready and not waiting
+        flag = "True" if ready else "False"
+        state: Obj = ({"waiting": {"reason": "CrashLoopBackOff"}} if waiting
+                      else {"running": {"startedAt": container_started}})
+        status: Obj = {"name": "relay", "ready": ready, "started": runtime.started and not waiting,
+                       "restartCount": runtime.restarts, "state": state, "image": "mailrelay-relay",
+                       "imageID": "", "containerID": f"process://{runtime.uid}"}
+        if runtime.last_exit is not None:
+            status["lastState"] = runtime.last_exit
+        return {
+            "phase": "Running",
+            "podIP": runtime.ip,
+            "podIPs": [{"ip": runtime.ip}],
+            "hostIP": "127.0.0.1",
+            "hostIPs": [{"ip": "127.0.0.1"}],
+            "startTime": started,
+            "conditions": [
+                {"type": "PodScheduled", "status": "True"},
+                {"type": "Initialized", "status": "True"},
+                {"type": "ContainersReady", "status": flag, "lastTransitionTime": now_iso()},
+                {"type": "Ready", "status": flag, "lastTransitionTime": now_iso()},
+            ],
+            "containerStatuses": [status],
+        }
+
+    # -- the end of a pod ----------------------------------------------------------------------------
+    async def _terminate(self, runtime: PodRuntime, grace: float, *, finalize: bool) -> None:
+        runtime.ready = False
+        if self.max_grace_seconds is not None:
+            grace = min(grace, self.max_grace_seconds)
+        with contextlib.suppress(apiclient.ApiError, aiohttp.ClientError, TimeoutError):
+            await self.api.patch(f"/api/v1/namespaces/{runtime.namespace}/pods/{runtime.name}/status",
+                                 {"status": {"conditions": [{"type": "Ready", "status": "False"},
+                                                            {"type": "ContainersReady", "status": "False"},
+                                                            {"type": "PodScheduled", "status": "True"},
+                                                            {"type": "Initialized", "status": "True"}]}})
+        if runtime.task is not None:
+            runtime.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await runtime.task
+        last = runtime.last_status
+        termination = await self._stop_process(runtime, grace)
+        termination.was_drained = bool(last.get("drained")) if last else None
+        termination.last_status = last
+        termination.served = runtime.served
+        self.terminations.append(termination)
+        log.info("pod %s ended: %s", runtime.name, termination)
+        # The pod's own volumes (its spool, an emptyDir) go with it; claims and the relay's log stay.
+        shutil.rmtree(runtime.workdir / "volumes", ignore_errors=True)
+        if str(runtime.spool).startswith(str(runtime.workdir)):
+            shutil.rmtree(runtime.spool, ignore_errors=True)
+        if finalize:
+            with contextlib.suppress(apiclient.ApiError, aiohttp.ClientError, TimeoutError):
+                await self._finalize(runtime.namespace, runtime.name, runtime.uid)
+        self.runtimes.pop(runtime.name, None)
+        termination.finalized_at = time.time()
+
+    async def _finalize(self, namespace: str, name: str, uid: str | None) -> None:
+        """The kubelet's last word on a pod: DELETE with grace 0, for this uid only."""
+        options: Obj = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0}
+        if uid:
+            options["preconditions"] = {"uid": uid}
+        try:
+            await self.api.request("DELETE", f"/api/v1/namespaces/{namespace}/pods/{name}", options)
+        except apiclient.ApiError as exc:
+            if exc.status not in (404, 409):
+                raise
+
+    async def _stop_process(self, runtime: PodRuntime, grace: float) -> Termination:
+        signalled = time.time()
+        process = runtime.process
+        killed = False
+        if process is not None and process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), timeout=grace)
+            except TimeoutError:
+                killed = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await process.wait()
+        if process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)  # workers left behind, if any
+        queue = runtime.spool / "queue"
+        return Termination(pod=runtime.name, signalled_at=signalled, exited_at=time.time(),
+                           returncode=process.returncode if process else None, killed=killed,
+                           spool_left=_count_files(queue if queue.exists() else runtime.spool),
+                           was_drained=None, last_status=None)
+
+
+class ServiceEndpoints:
+    """The ready endpoints of one Service, from its EndpointSlices, refreshed in the background:
+    what kube-proxy would send new connections to. `endpoints()` is the load generator's callable."""
+
+    def __init__(self, api: apiclient.Api, namespace: str, service: str, *, port_name: str = "smtp",
+                 period: float = 0.3) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.service = service
+        self.port_name = port_name
+        self.period = period
+        self._current: list[loadgen.Endpoint] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def endpoints(self) -> list[loadgen.Endpoint]:
+        return list(self._current)
+
+    async def refresh(self) -> list[loadgen.Endpoint]:
+        slices = await self.api.items(
+            f"/apis/discovery.k8s.io/v1/namespaces/{self.namespace}/endpointslices"
+            f"?labelSelector=kubernetes.io%2Fservice-name%3D{self.service}")
+        found: list[loadgen.Endpoint] = []
+        for item in slices:
+            ports = [p for p in item.get("ports") or [] if p.get("name") == self.port_name]
+            if not ports:
+                continue
+            for endpoint in item.get("endpoints") or []:
+                if (endpoint.get("conditions") or {}).get("ready") is True:
+                    found.extend(loadgen.Endpoint(address, int(ports[0]["port"]))
+                                 for address in endpoint.get("addresses") or [])
+        self._current = sorted(found, key=lambda e: (e.host, e.port))
+        return self.endpoints()
+
+    async def __aenter__(self) -> ServiceEndpoints:
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            with contextlib.suppress(apiclient.ApiError, aiohttp.ClientError, TimeoutError):
+                await self.refresh()
+            await asyncio.sleep(self.period)
