@@ -11,11 +11,13 @@ import copy
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests import kubeenv
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOOLS_BIN = REPO_ROOT / ".tools" / "bin"
@@ -64,3 +66,33 @@ def with_field(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         node = node.setdefault(key, {})
     node[keys[-1]] = value
     return out
+
+
+# -- the real Kubernetes control plane (tests/kubeenv.py) -------------------------------------------
+
+@pytest.fixture(scope="session")
+def kube_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kubeenv.SessionCluster]:
+    """One real control plane for the whole run, with the CRD and the chart's RBAC installed."""
+    from mailrelay_sandbox import kubecluster
+
+    if kubecluster.find_binaries() is None:
+        message = "the control plane's binaries are not built (run `make tools` or scripts/install-kube.sh)"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    require_tool("helm")
+    session = kubeenv.start_session_cluster(tmp_path_factory.mktemp("kube"))
+    try:
+        yield session
+    finally:
+        session.cluster.stop()
+
+
+@pytest.fixture
+def kube(kube_session: kubeenv.SessionCluster) -> Iterator[kubeenv.KubeEnv]:
+    """This test's namespace (and the node its pods are pinned to) on the session's control plane."""
+    env = kubeenv.new_env(kube_session)
+    try:
+        yield env
+    finally:
+        kubeenv.end_env(env)

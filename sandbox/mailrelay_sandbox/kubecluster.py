@@ -57,7 +57,7 @@ CONTROLLERS = (
     "garbage-collector-controller", "disruption-controller", "endpointslice-controller",
     "namespace-controller", "serviceaccount-controller", "serviceaccount-token-controller",
     "root-ca-certificate-publisher-controller", "persistentvolume-binder-controller",
-    "pod-garbage-collector-controller",
+    "pod-garbage-collector-controller", "node-lifecycle-controller",
 )
 SERVICE_CIDR = "10.96.0.0/16"
 NODE_SELECTOR_ANNOTATION = "scheduler.alpha.kubernetes.io/node-selector"
@@ -446,7 +446,10 @@ def start(workdir: Path, *, binaries: Path | None = None,
             str(bin_ / "kube-apiserver"), f"--etcd-servers={etcd_url}",
             "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={api_port}",
             f"--tls-cert-file={pki['serving']}", f"--tls-private-key-file={pki['serving-key']}",
-            f"--client-ca-file={pki['ca']}", f"--token-auth-file={workdir / 'tokens.csv'}",
+            f"--client-ca-file={pki['ca']}", f"--requestheader-client-ca-file={pki['ca']}",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group",
+            f"--token-auth-file={workdir / 'tokens.csv'}",
             "--authorization-mode=RBAC", f"--service-cluster-ip-range={SERVICE_CIDR}",
             f"--service-account-issuer={ISSUER}", f"--service-account-key-file={pki['sa-pub']}",
             f"--service-account-signing-key-file={pki['sa-key']}",

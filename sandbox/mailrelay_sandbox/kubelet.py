@@ -2,8 +2,8 @@
 
 A `ProcessKubelet` is one Node of the real control plane (`kubecluster`). It registers its Node, and
 runs each pod the real scheduler binds to it as real processes:
-- the relay container as a `mailrelay-relay` process on the pod's own loopback address 127.A.B.C (its
-  pod IP), with the ports of the container ports named `smtp` and `admin`, and the pod template's
+- the relay container as a `mailrelay-relay` process on the pod's own address in POD_CIDR (its pod IP,
+  a local address of this host), with the ports of the container ports named `smtp` and `admin`, and the pod template's
   env/args (MAILRELAY_*); the upstream is pointed at the sandbox's sink;
 - volumes as folders under the pod's work folder: emptyDir (gone with the pod, as in a cluster), Secret
   and ConfigMap (their keys as files), projected service-account tokens (TokenRequest), and
@@ -36,6 +36,8 @@ import os
 import random
 import shutil
 import signal
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -53,7 +55,34 @@ Obj = dict[str, Any]
 _OVERRIDDEN_FLAGS = ("--listen", "--admin-listen", "--upstream", "--upstream-tls", "--upstream-user",
                      "--upstream-password-file", "--hostname")
 _OVERRIDDEN_ENV = ("MAILRELAY_UPSTREAM_USER", "MAILRELAY_UPSTREAM_PASSWORD_FILE")
+# The pod network: 198.18.0.0/15, the range set aside for network benchmarks (RFC 2544), routed as
+# local addresses on the loopback interface, so that a process can listen on any address in it. Not
+# 127.0.0.0/8: the API server refuses loopback addresses in EndpointSlices.
+POD_CIDR = "198.18.0.0/15"
 NODE_CAPACITY = {"cpu": "1000", "memory": "1Ti", "pods": "5000", "ephemeral-storage": "1Ti"}
+
+
+def ensure_pod_network() -> None:
+    """Route POD_CIDR locally (`ip route add local POD_CIDR dev lo`) unless it already is. Needs root or
+    CAP_NET_ADMIN once per boot; raises with the command to run when it cannot."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((pod_ip(0, 0, 0), 0))
+            return
+        except OSError:
+            pass
+    command = ["ip", "route", "add", "local", POD_CIDR, "dev", "lo"]
+    if os.geteuid() != 0 and shutil.which("sudo"):
+        command = ["sudo", "-n", *command]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0 and "File exists" not in result.stderr:
+        raise RuntimeError(f"the sandbox's pod network needs `{' '.join(command[-7:])}` as root "
+                           f"(it failed: {result.stderr.strip()})")
+
+
+def pod_ip(a: int, b: int, index: int) -> str:
+    """The index-th pod address of subnet (a, b) in POD_CIDR: 198.(18 + a % 2).(b + index // 253).x"""
+    return f"198.{18 + a % 2}.{(b + index // 253) % 256}.{2 + index % 253}"
 
 
 def now_iso() -> str:
@@ -212,7 +241,7 @@ class ProcessKubelet:
         self.probe_period = probe_period
         self.extra_env = dict(extra_env or {})
         self.relay_command = list(relay_command or [str(Path(sys.executable).parent / "mailrelay-relay")])
-        a, b = subnet or (random.randint(100, 250), random.randint(0, 200))
+        a, b = subnet or (random.randint(0, 1), random.randint(0, 200))
         self._subnet = (a, b)
         self._next_host = 0
         self.max_grace_seconds = max_grace_seconds
@@ -227,6 +256,7 @@ class ProcessKubelet:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def __aenter__(self) -> ProcessKubelet:
+        await asyncio.to_thread(ensure_pod_network)
         await self.api.__aenter__()
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -245,7 +275,23 @@ class ProcessKubelet:
                 "metadata": {"name": self.node, "labels": labels}}
         with contextlib.suppress(apiclient.ApiError):
             await self.api.request("POST", "/api/v1/nodes", node)
+        await self.heartbeat()
+
+    async def heartbeat(self) -> None:
+        """Node status and the node's Lease, as a kubelet renews them: the node lifecycle controller
+        takes the not-ready taint off a Ready node, and would mark it unreachable without them."""
         await self.api.patch(f"/api/v1/nodes/{self.node}/status", {"status": self._node_status()})
+        now = datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{self.node}"
+        lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                 "metadata": {"name": self.node, "namespace": "kube-node-lease"},
+                 "spec": {"holderIdentity": self.node, "leaseDurationSeconds": 40, "renewTime": now}}
+        try:
+            await self.api.patch(path, {"spec": lease["spec"]})
+        except apiclient.ApiError as exc:
+            if exc.status != 404:
+                raise
+            await self.api.request("POST", path.rsplit("/", 1)[0], lease)
 
     def _node_status(self) -> Obj:
         now = now_iso()
@@ -303,9 +349,8 @@ class ProcessKubelet:
         while True:
             try:
                 await self.sync()
-                if time.monotonic() - beat > 20:
-                    await self.api.patch(f"/api/v1/nodes/{self.node}/status",
-                                         {"status": self._node_status()})
+                if time.monotonic() - beat > 10:
+                    await self.heartbeat()
                     beat = time.monotonic()
             except asyncio.CancelledError:
                 raise
@@ -351,7 +396,7 @@ class ProcessKubelet:
         while True:
             index = self._next_host
             self._next_host = (self._next_host + 1) % (253 * 50)
-            ip = f"127.{a}.{b + index // 253}.{2 + index % 253}"
+            ip = pod_ip(a, b, index)
             if ip not in used:
                 return ip
 
@@ -389,8 +434,8 @@ class ProcessKubelet:
             "MAILRELAY_UPSTREAM_TLS": "none",
             "MAILRELAY_HOSTNAME": name,
             "MAILRELAY_SPOOL": str(spool),
-            # the sandbox's pod network is loopback: clients come from 127.0.0.0/8
-            "MAILRELAY_ACCEPT_FROM": ",".join(x for x in (accept, "127.0.0.0/8") if x),
+            # the sandbox's clients come from the host: loopback or the pod network
+            "MAILRELAY_ACCEPT_FROM": ",".join(x for x in (accept, "127.0.0.0/8", POD_CIDR) if x),
         })
         if tmp is not None:
             env["TMPDIR"] = str(tmp)
@@ -443,8 +488,11 @@ class ProcessKubelet:
         obj = await self.api.get_or_none(f"/api/v1/namespaces/{namespace}/{kind}/{name}")
         if obj is None:
             return
-        data = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
-        data.update({k: v.encode() for k, v in (obj.get("stringData") or {}).items()})
+        if kind == "secrets":
+            data = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+        else:
+            data = {k: str(v).encode() for k, v in (obj.get("data") or {}).items()}
+            data.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
         items = ref.get("items")
         paths = {i["key"]: i["path"] for i in items} if items else {k: k for k in data}
         for key, rel in paths.items():

@@ -140,6 +140,7 @@ def relay_deployment(name: str, namespace: str, *, replicas: int, token_secret: 
                 "metadata": {"labels": labels},
                 "spec": {
                     "terminationGracePeriodSeconds": grace_seconds,
+                    "automountServiceAccountToken": False,
                     "containers": [{
                         "name": "relay",
                         "image": "mailrelay-relay:sandbox",
@@ -152,6 +153,8 @@ def relay_deployment(name: str, namespace: str, *, replicas: int, token_secret: 
                             {"name": "MAILRELAY_ADMIN_TOKEN_FILE", "value": "/etc/mailrelay/admin/token"},
                             {"name": "MAILRELAY_DRAIN_TIMEOUT", "value": "60"},
                         ],
+                        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "admin"},
+                                           "periodSeconds": 1, "failureThreshold": 1},
                         "volumeMounts": [{"name": "spool", "mountPath": "/var/spool/mailrelay"},
                                          {"name": "admin-token", "mountPath": "/etc/mailrelay/admin"}],
                     }],

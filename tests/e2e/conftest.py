@@ -1,30 +1,18 @@
-"""Fixtures for the end-to-end tests on the sandbox: emulated API, upstream sink, control plane."""
+"""Fixtures for the end-to-end tests: this test's namespace on the real control plane (`kube`, from
+tests/conftest.py), an upstream sink, and the test's node: a process kubelet running the relays."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mailrelay_sandbox import controlplane, kubeemu, scenario
+from mailrelay_sandbox import kubelet, scenario
 
+from tests import kubeenv
 from tests.conftest import eventually as eventually  # re-exported for the tests here
-
-NAMESPACE = "mail"
-
-
-@pytest.fixture
-async def emulator() -> AsyncIterator[kubeemu.Running]:
-    async with kubeemu.serve(namespaces=[NAMESPACE], graceful_pod_deletion=True) as running:
-        trimmer = asyncio.create_task(scenario.trim_request_log(running.emulator))
-        try:
-            yield running
-        finally:
-            trimmer.cancel()
 
 
 @pytest.fixture
@@ -34,19 +22,16 @@ async def sink() -> AsyncIterator[scenario.Upstream]:
 
 
 @pytest.fixture
-async def control_plane(
-    emulator: kubeemu.Running, sink: scenario.Upstream, tmp_path: Path
-) -> AsyncIterator[controlplane.ControlPlane]:
-    subnet = (random.randint(100, 250), random.randint(0, 255))
-    async with controlplane.ControlPlane(
-        emulator.url, NAMESPACE, tmp_path / "pods", sink.address, subnet=subnet,
+async def node(kube: kubeenv.KubeEnv, sink: scenario.Upstream,
+               tmp_path: Path) -> AsyncIterator[kubelet.ProcessKubelet]:
+    """The test's node: the pods the scheduler binds to it run as real relay processes."""
+    async with kubelet.ProcessKubelet(
+        kube.url, kube.cluster.kubelet_token, kube.ca_file, kube.node, tmp_path / "pods", sink.address,
         extra_env={"MAILRELAY_LOG_LEVEL": "warning"},
-    ) as plane:
-        yield plane
+    ) as running:
+        yield running
 
 
 def secret(name: str, token: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NAMESPACE},
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
             "data": {"token": base64.b64encode(token.encode()).decode()}}
-
-

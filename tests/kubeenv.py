@@ -1,0 +1,158 @@
+"""The real control plane as the tests see it: one per test session, one namespace and one node per test.
+
+`start_session_cluster()` starts etcd, kube-apiserver, kube-controller-manager and kube-scheduler
+(`mailrelay_sandbox.kubecluster`), applies `crds/` with kubectl exactly as the README says, and installs
+the chart's ServiceAccount, ClusterRole and ClusterRoleBinding (rendered by the real `helm template`) in
+`mailrelay-system`. The operator under test always runs with a token of that ServiceAccount, so RBAC is
+enforced on every call it makes.
+
+`KubeEnv` is one test's share: a namespace of its own, pinned (PodNodeSelector) to a node of its own
+that the test's process kubelet registers, and deleted at the end. Tests therefore never see each
+other's objects, and the control plane starts once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import secrets
+import subprocess
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mailrelay_operator import kube
+from mailrelay_sandbox import apiclient, kubecluster
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CHART = REPO_ROOT / "charts" / "mailrelay-operator"
+OPERATOR_NAMESPACE = "mailrelay-system"
+RELEASE = "mailrelay"
+RBAC_TEMPLATES = ("templates/serviceaccount.yaml", "templates/clusterrole.yaml",
+                  "templates/clusterrolebinding.yaml")
+
+
+@dataclasses.dataclass
+class SessionCluster:
+    """The session's control plane with the CRD and the operator's identity installed."""
+
+    cluster: kubecluster.Cluster
+    operator_account: str
+    operator_kubeconfig: Path
+
+    @property
+    def url(self) -> str:
+        return self.cluster.url
+
+
+def helm(*args: str) -> str:
+    binary = REPO_ROOT / ".tools" / "bin" / "helm"
+    result = subprocess.run([str(binary), *args], check=True, capture_output=True, text=True, timeout=120)
+    return result.stdout
+
+
+def chart_rbac(namespace: str = OPERATOR_NAMESPACE, release: str = RELEASE) -> list[dict[str, Any]]:
+    """The chart's ServiceAccount, ClusterRole and ClusterRoleBinding, as `helm template` renders them."""
+    shows = [arg for template in RBAC_TEMPLATES for arg in ("--show-only", template)]
+    rendered = helm("template", release, str(CHART), "-n", namespace, *shows)
+    return [doc for doc in yaml.safe_load_all(rendered) if doc]
+
+
+def start_session_cluster(workdir: Path) -> SessionCluster:
+    cluster = kubecluster.start(workdir)
+    try:
+        applied = cluster.kubectl("apply", "-f", str(REPO_ROOT / "crds"))
+        assert "mailrelays.mailrelay.dev" in applied.stdout, applied
+        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                        "crd/mailrelays.mailrelay.dev")
+        cluster.create_namespace(OPERATOR_NAMESPACE)
+        docs = chart_rbac()
+        for doc in docs:
+            cluster.apply(doc)
+        account = next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]["name"]
+        token = cluster.service_account_token(OPERATOR_NAMESPACE, account)
+        kubeconfig = cluster.kubeconfig_for(workdir / "operator.kubeconfig", token,
+                                            user=f"system:serviceaccount:{OPERATOR_NAMESPACE}:{account}")
+    except BaseException:
+        cluster.stop()
+        raise
+    return SessionCluster(cluster, account, kubeconfig)
+
+
+@dataclasses.dataclass
+class KubeEnv:
+    """One test's namespace and node on the session's control plane."""
+
+    session: SessionCluster
+    namespace: str
+    node: str
+
+    @property
+    def cluster(self) -> kubecluster.Cluster:
+        return self.session.cluster
+
+    @property
+    def url(self) -> str:
+        return self.cluster.url
+
+    @property
+    def kubeconfig(self) -> Path:
+        """The admin's kubeconfig (for set-up and for looking; the operator never uses it)."""
+        return self.cluster.kubeconfig
+
+    @property
+    def operator_kubeconfig(self) -> Path:
+        return self.session.operator_kubeconfig
+
+    @property
+    def ca_file(self) -> Path:
+        return self.cluster.ca_file
+
+    def api(self) -> apiclient.Api:
+        """An admin client: `async with env.api() as api`."""
+        return apiclient.Api(self.url, self.cluster.admin_token, self.ca_file)
+
+    def path(self, resource: kube.Resource, name: str | None = None, subresource: str | None = None) -> str:
+        return resource.path(self.namespace, name, subresource)
+
+    def get(self, resource: kube.Resource, name: str) -> dict[str, Any] | None:
+        """The object as the server has it now, or None (a blocking call: quick, for assertions)."""
+        try:
+            result: dict[str, Any] = self.cluster.request("GET", self.path(resource, name))
+        except kubecluster.ApiStatus as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return result
+
+    def list(self, resource: kube.Resource, selector: str | None = None) -> list[dict[str, Any]]:
+        query = f"?labelSelector={urllib.parse.quote(selector)}" if selector else ""
+        return list(self.cluster.request("GET", self.path(resource) + query).get("items") or [])
+
+    def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.cluster.kubectl("-n", self.namespace, *args, check=check)
+
+    def events(self) -> list[dict[str, Any]]:
+        return self.list(kube.EVENTS)
+
+    def describe_failure(self) -> str:
+        """What a failed test should print: the namespace's events and the state of its pods."""
+        try:
+            pods = [(p["metadata"]["name"], p.get("status", {}).get("phase"),
+                     p["metadata"].get("deletionTimestamp")) for p in self.list(kube.PODS)]
+            events = [(e.get("reason"), e.get("message")) for e in self.events()][-20:]
+        except Exception as exc:  # best effort while reporting another failure
+            return f"(could not read the namespace: {exc})"
+        return json.dumps({"pods": pods, "events": events}, indent=1)
+
+
+def new_env(session: SessionCluster) -> KubeEnv:
+    suffix = secrets.token_hex(3)
+    env = KubeEnv(session, namespace=f"t-{suffix}", node=f"node-{suffix}")
+    session.cluster.create_namespace(env.namespace, node=env.node)
+    return env
+
+
+def end_env(env: KubeEnv) -> None:
+    env.cluster.delete_namespace(env.namespace)
