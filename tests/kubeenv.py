@@ -39,6 +39,7 @@ class SessionCluster:
 
     cluster: kubecluster.Cluster
     operator_account: str
+    operator_token: str
     operator_kubeconfig: Path
 
     @property
@@ -77,7 +78,7 @@ def start_session_cluster(workdir: Path) -> SessionCluster:
     except BaseException:
         cluster.stop()
         raise
-    return SessionCluster(cluster, account, kubeconfig)
+    return SessionCluster(cluster, account, token, kubeconfig)
 
 
 @dataclasses.dataclass
@@ -145,6 +146,16 @@ class KubeEnv:
         except Exception as exc:  # best effort while reporting another failure
             return f"(could not read the namespace: {exc})"
         return json.dumps({"pods": pods, "events": events}, indent=1)
+
+
+def plain_kubeconfig(path: Path, url: str, token: str) -> Path:
+    """A kubeconfig for a plain-HTTP endpoint on loopback (the fault proxy) with a bearer token."""
+    config = {"apiVersion": "v1", "kind": "Config", "current-context": "proxy",
+              "clusters": [{"name": "proxy", "cluster": {"server": url}}],
+              "users": [{"name": "user", "user": {"token": token}}],
+              "contexts": [{"name": "proxy", "context": {"cluster": "proxy", "user": "user"}}]}
+    path.write_text(json.dumps(config))
+    return path
 
 
 def new_env(session: SessionCluster) -> KubeEnv:

@@ -91,6 +91,7 @@ class FaultProxy:
         self._rules: list[Rule] = []
         self.records: list[Record] = []
         self.url = ""
+        self.kubeconfig: Path | None = None   # set by whoever hands the proxy to a client
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stop: asyncio.Event | None = None

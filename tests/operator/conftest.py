@@ -1,6 +1,7 @@
-"""Fixtures for the operator's API-level tests: the emulated API server (kubeemu), an upstream SMTP sink,
-the simulated control plane (ReplicaSet + kubelet running real `mailrelay-relay` processes on 127.A.B.x),
-and the real operator run in-process by Kopf (`cli.run`), which a test can stop and start again.
+"""Fixtures for the operator's API-level tests on the real control plane: this test's namespace (`kube`,
+from tests/conftest.py), an upstream SMTP sink, the test's node (a process kubelet running real
+`mailrelay-relay` processes), and the real operator run in-process by Kopf (`cli.run`) with the chart's
+ServiceAccount token, which a test can stop and start again.
 """
 
 from __future__ import annotations
@@ -8,25 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mailrelay_operator import cli
-from mailrelay_sandbox import controlplane, kubeemu, scenario
+from mailrelay_sandbox import apiclient, faultproxy, kubelet, scenario
 
+from tests import kubeenv
 from tests.conftest import eventually as eventually  # re-exported for the tests here
-
-NAMESPACE = "mail"
-
-
-@pytest.fixture
-async def api() -> AsyncIterator[kubeemu.Running]:
-    async with kubeemu.serve(namespaces=[NAMESPACE], graceful_pod_deletion=True) as running:
-        yield running
 
 
 @pytest.fixture
@@ -36,30 +29,32 @@ async def sink() -> AsyncIterator[scenario.Upstream]:
 
 
 @pytest.fixture
-async def cluster(api: kubeemu.Running, sink: scenario.Upstream,
-                  tmp_path: Path) -> AsyncIterator[controlplane.ControlPlane]:
-    """ReplicaSet + kubelet: pods of the operator's Deployment run as real relays on 127.A.B.x."""
-    subnet = (random.randint(100, 250), random.randint(0, 255))
-    async with controlplane.ControlPlane(
-        api.url, NAMESPACE, tmp_path / "pods", sink.address, subnet=subnet,
+async def node(kube: kubeenv.KubeEnv, sink: scenario.Upstream,
+               tmp_path: Path) -> AsyncIterator[kubelet.ProcessKubelet]:
+    """The test's node: pods of the operator's Deployment run as real relays on their pod IPs."""
+    async with kubelet.ProcessKubelet(
+        kube.url, kube.cluster.kubelet_token, kube.ca_file, kube.node, tmp_path / "pods", sink.address,
         # A long drain grace: the tests' idle SMTP sessions stand for clients mid-transaction, which a
         # draining relay must let finish (by default it sends idle sessions a 421 after 2 s).
         extra_env={"MAILRELAY_LOG_LEVEL": "warning", "MAILRELAY_DRAIN_GRACE": "600"}, max_grace_seconds=15,
-    ) as plane:
-        yield plane
+    ) as running:
+        yield running
 
 
 class OperatorHarness:
-    """The real operator (cli.run: Kopf + handlers) in this process, on its own thread and event loop.
+    """The real operator (cli.run: Kopf + handlers) in this process, on its own thread and event loop,
+    with the chart's ServiceAccount token (RBAC enforced) and this test's namespace.
 
     Kopf cancels every task of its loop that it did not find at start when it stops, so sharing the
     test's loop would cancel the test's own teardown; a thread (as kopf.testing.KopfRunner does) avoids
     that and lets a test stop and start the operator again.
     """
 
-    def __init__(self, api: kubeemu.Running, *, serve_metrics: bool = False, **overrides: Any) -> None:
+    def __init__(self, kube: kubeenv.KubeEnv, *, serve_metrics: bool = False,
+                 kubeconfig: Path | None = None, **overrides: Any) -> None:
         settings: dict[str, Any] = dict(
-            namespaces=(NAMESPACE,), standalone=True, kubeconfig=str(api.kubeconfig), liveness=None,
+            namespaces=(kube.namespace,), standalone=True,
+            kubeconfig=str(kubeconfig or kube.operator_kubeconfig), liveness=None,
             metrics_port=None, relay_timeout=1.0, resync_seconds=1.0, delete_wait_seconds=30.0,
             api_retries=6, api_timeout=5.0, relay_image="mailrelay-relay:test",
         )
@@ -103,9 +98,9 @@ class OperatorHarness:
 
 
 @pytest.fixture
-async def operator(api: kubeemu.Running) -> AsyncIterator[OperatorHarness]:
+async def operator(kube: kubeenv.KubeEnv) -> AsyncIterator[OperatorHarness]:
     logging.getLogger("kopf").setLevel(logging.WARNING)
-    harness = OperatorHarness(api)
+    harness = OperatorHarness(kube)
     await harness.start()
     try:
         yield harness
@@ -114,9 +109,20 @@ async def operator(api: kubeemu.Running) -> AsyncIterator[OperatorHarness]:
 
 
 @pytest.fixture
-async def client(api: kubeemu.Running) -> AsyncIterator[controlplane.Api]:
-    async with controlplane.Api(api.url) as http:
+async def client(kube: kubeenv.KubeEnv) -> AsyncIterator[apiclient.Api]:
+    """An admin client of the API server, for the test's own reads and writes."""
+    async with kube.api() as http:
         yield http
+
+
+@pytest.fixture
+def proxy(kube: kubeenv.KubeEnv, tmp_path: Path) -> Iterator[faultproxy.FaultProxy]:
+    """A fault-injecting proxy in front of the API server; `proxy.kubeconfig` carries the operator's
+    own ServiceAccount token, so RBAC still applies to everything forwarded."""
+    token = kube.session.operator_token
+    with faultproxy.FaultProxy(kube.url, kube.ca_file) as running:
+        running.kubeconfig = kubeenv.plain_kubeconfig(tmp_path / "proxy.kubeconfig", running.url, token)
+        yield running
 
 
 class Sessions:
@@ -125,8 +131,8 @@ class Sessions:
     def __init__(self) -> None:
         self.open: dict[str, list[asyncio.StreamWriter]] = {}
 
-    async def hold(self, cluster: controlplane.ControlPlane, pod: str, count: int) -> None:
-        runtime = cluster.runtimes[pod]
+    async def hold(self, node: kubelet.ProcessKubelet, pod: str, count: int) -> None:
+        runtime = node.runtimes[pod]
         for _ in range(count):
             reader, writer = await asyncio.open_connection(runtime.ip, runtime.smtp_port)
             greeting = await asyncio.wait_for(reader.readline(), timeout=10)
