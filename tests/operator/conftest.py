@@ -41,6 +41,22 @@ async def node(kube: kubeenv.KubeEnv, sink: scenario.Upstream,
         yield running
 
 
+class ForbiddenLog(logging.Handler):
+    """Collects every log record that mentions Forbidden (an RBAC refusal): the operator must never get one."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:  # a malformed record is not ours to judge
+            return
+        if "Forbidden" in text or "forbidden" in text:
+            self.records.append(f"{record.name}: {text[:500]}")
+
+
 class OperatorHarness:
     """The real operator (cli.run: Kopf + handlers) in this process, on its own thread and event loop,
     with the chart's ServiceAccount token (RBAC enforced) and this test's namespace.
@@ -65,13 +81,20 @@ class OperatorHarness:
         self.error: BaseException | None = None
         self.starts = 0
         self.serve_metrics = serve_metrics
+        self.forbidden = ForbiddenLog()
 
     def _main(self, ready: threading.Event) -> None:
+        logging.getLogger().addHandler(self.forbidden)
         try:
             asyncio.run(cli.run(self.options, stop_flag=self.stop_flag, ready_flag=ready,
                                 serve_metrics=self.serve_metrics))
         except BaseException as exc:  # reported by start()/stop()
             self.error = exc
+        finally:
+            logging.getLogger().removeHandler(self.forbidden)
+
+    def assert_never_forbidden(self) -> None:
+        assert not self.forbidden.records, "RBAC refused the operator:\n" + "\n".join(self.forbidden.records)
 
     async def start(self) -> None:
         assert self.thread is None or not self.thread.is_alive()
@@ -106,6 +129,7 @@ async def operator(kube: kubeenv.KubeEnv) -> AsyncIterator[OperatorHarness]:
         yield harness
     finally:
         await harness.stop()
+    harness.assert_never_forbidden()
 
 
 @pytest.fixture

@@ -58,6 +58,7 @@ async def operator_with_endpoints(kube: kubeenv.KubeEnv) -> AsyncIterator[tuple[
         yield harness, liveness, metrics_port
     finally:
         await harness.stop()
+    harness.assert_never_forbidden()
 
 
 async def test_create_makes_owned_objects_and_ready_relays(
