@@ -1,17 +1,21 @@
-"""`make demo`: the real operator scaling real relays under real SMTP load, with no cluster.
+"""`make demo`: the real operator scaling real relays under real SMTP load, on a real control plane.
 
-`python -m mailrelay_sandbox.demo` starts the emulated API server (kubeemu), the simulated control plane
-(ReplicaSet + kubelet running `mailrelay-relay` processes on 127.A.B.x), the upstream sink, the real
-`mailrelay-operator` as a subprocess with the sandbox's kubeconfig, and the MTA-like load generator. It
+`python -m mailrelay_sandbox.demo` starts a real Kubernetes control plane on loopback (`kubecluster`:
+etcd, kube-apiserver with RBAC, kube-controller-manager, kube-scheduler; built once by
+scripts/install-kube.sh), applies `crds/` with kubectl and installs the chart with helm, as the README
+tells a user to. The operator runs as a local process with a token of the chart's ServiceAccount (the
+chart's own operator Deployment is installed with replicaCount 0: no image is built here). The relay
+pods run as `mailrelay-relay` processes under the sandbox's process kubelet (`kubelet`, the one simulated
+part); the load generator reaches them through the Service's EndpointSlices, as kube-proxy would. It
 plays a scripted scenario of about 2.5 minutes: ramp-up (scale-up), overload beyond max (421 shedding,
 Overloaded), ramp-down (drain, then scale-in), maintenance on and off. Each second it redraws one line;
 at the end it prints `sent / accepted / delivered / lost / sessions reset` and writes a PNG chart.
 
 `--compare-naive` plays the same load again with drain turned off, as plain HPA scaling does it: no
 operator; an HPA-like scaler runs the operator's own pure policy on the same metrics and sets the
-Deployment's replicas directly; the ReplicaSet picks victims by its own rule; the kubelet sends SIGTERM to
-relays started with `--drain-timeout 0` (so SIGTERM stops them at once), and a removed pod's spool (an
-emptyDir) goes with it. Its resets and losses are printed beside ours.
+Deployment's replicas directly; the real ReplicaSet controller picks victims by its own rule; the kubelet
+sends SIGTERM to relays started with `--drain-timeout 0` (so SIGTERM stops them at once), and a removed
+pod's spool (an emptyDir) goes with it. Its resets and losses are printed beside ours.
 
 This module is the demo's shell only: the decisions it shows are the operator's and the relays'. It must
 not be imported by `relay/` or `operator/`.
@@ -34,11 +38,49 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mailrelay_sandbox import controlplane, kubeemu, loadgen, scenario, timeline
+from mailrelay_sandbox import apiclient, kubecluster, kubelet, loadgen, scenario, timeline
 
-NAMESPACE = "mail"
+NAMESPACES = {"operator": "mail", "naive": "mail-naive"}
 NAME = "outbound"
-DEPLOYMENTS = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments"
+DRAIN_STARTED = "mailrelay.dev/drain-started"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RELEASE, OPERATOR_NAMESPACE = "mailrelay", "mailrelay-system"
+
+
+def deployment_path(namespace: str) -> str:
+    return f"/apis/apps/v1/namespaces/{namespace}/deployments"
+
+
+@dataclasses.dataclass
+class Platform:
+    """The control plane the demo runs on, with the CRD and the chart installed."""
+
+    cluster: kubecluster.Cluster
+    operator_kubeconfig: Path
+
+
+def install(cluster: kubecluster.Cluster, workdir: Path) -> Platform:
+    """`kubectl apply -f crds/` and `helm install` of the chart, as the README's install section does
+    (the chart's operator Deployment at replicaCount 0: the operator runs as a process here), then a
+    token of the chart's ServiceAccount for the operator."""
+    import subprocess
+
+    cluster.kubectl("apply", "-f", str(REPO_ROOT / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/mailrelays.mailrelay.dev")
+    helm = shutil.which("helm", path=f"{REPO_ROOT / '.tools' / 'bin'}:{os.environ.get('PATH', '')}")
+    if helm is None:
+        raise RuntimeError("helm is not installed (run `make tools`)")
+    subprocess.run([helm, "install", RELEASE, str(REPO_ROOT / "charts" / "mailrelay-operator"),
+                    "-n", OPERATOR_NAMESPACE, "--create-namespace", "--set", "replicaCount=0", "--wait=false"],
+                   env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}, check=True,
+                   capture_output=True, text=True)
+    account = f"{RELEASE}-mailrelay-operator"
+    cluster.wait(lambda: cluster.exists(f"/api/v1/namespaces/{OPERATOR_NAMESPACE}/serviceaccounts/{account}"),
+                 what="the chart's ServiceAccount")
+    token = cluster.service_account_token(OPERATOR_NAMESPACE, account)
+    kubeconfig = cluster.kubeconfig_for(workdir / "operator.kubeconfig", token,
+                                        user=f"system:serviceaccount:{OPERATOR_NAMESPACE}:{account}")
+    return Platform(cluster, kubeconfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +159,7 @@ class RunResult:
     mode: str
     summary: loadgen.Summary
     samples: list[timeline.Sample]
-    terminations: list[controlplane.Termination]
+    terminations: list[kubelet.Termination]
     png: Path | None = None
     killed: int = 0
     stranded: int = 0
@@ -127,10 +169,13 @@ class RunResult:
 class NaiveScaler:
     """An HPA stand-in: the operator's pure policy on the relays' load, replicas set directly, no drain."""
 
-    def __init__(self, plane: controlplane.ControlPlane, relay: dict[str, Any]) -> None:
+    def __init__(self, plane: kubelet.ProcessKubelet, api: apiclient.Api, namespace: str,
+                 relay: dict[str, Any]) -> None:
         from mailrelay_operator import spec as specmod
 
         self.plane = plane
+        self.api = api
+        self.namespace = namespace
         self.spec = specmod.parse(relay["spec"])
         self.desired = self.spec.replicas.min
         self.overloaded = False
@@ -141,8 +186,10 @@ class NaiveScaler:
 
         while True:
             await asyncio.sleep(self.spec.scaling.interval_seconds)
-            deployment = next(iter(self.plane.deployments), None)
-            if deployment is None:
+            path = f"{deployment_path(self.namespace)}/{NAME}"
+            try:
+                deployment = await self.api.request("GET", path)
+            except apiclient.ApiError:
                 continue
             current = int(deployment["spec"].get("replicas", 1))
             loads = []
@@ -155,13 +202,16 @@ class NaiveScaler:
             self._history = decision.history
             self.desired, self.overloaded = decision.desired, decision.overloaded
             if decision.desired != current:
-                with contextlib.suppress(controlplane.ApiError):
-                    await self.plane.api.patch(f"{DEPLOYMENTS}/{NAME}",
-                                               {"spec": {"replicas": decision.desired}})
+                with contextlib.suppress(apiclient.ApiError):
+                    await self.api.patch(path, {"spec": {"replicas": decision.desired}})
 
 
 class Demo:
-    def __init__(self, mode: str, script: Script, workdir: Path, *, live: bool, out: Path) -> None:
+    def __init__(self, platform: Platform, mode: str, script: Script, workdir: Path, *, live: bool,
+                 out: Path) -> None:
+        self.platform = platform
+        self.namespace = NAMESPACES[mode]
+        self.node = f"sandbox-{mode}"
         self.mode = mode
         self.script = script
         self.workdir = workdir
@@ -171,6 +221,8 @@ class Demo:
         self.maintenance = False
         self.throttled = False
         self.upstream: scenario.Upstream | None = None
+        self.api: apiclient.Api | None = None
+        self.service: kubelet.ServiceEndpoints | None = None
         self.phase = ""
 
     # -- helpers -------------------------------------------------------------------------------
@@ -183,11 +235,16 @@ class Demo:
             sys.stdout.write(text + "\n")
         sys.stdout.flush()
 
-    async def _mailrelay(self, plane: controlplane.ControlPlane) -> dict[str, Any]:
+    async def _mailrelay(self) -> dict[str, Any]:
+        assert self.api is not None
         try:
-            return await plane.api.request("GET", scenario.mailrelay_path(NAMESPACE, NAME))
-        except controlplane.ApiError:
+            return await self.api.request("GET", scenario.mailrelay_path(self.namespace, NAME))
+        except apiclient.ApiError:
             return {}
+
+    def endpoints(self) -> list[loadgen.Endpoint]:
+        """The Service's ready endpoints, from its EndpointSlices (what kube-proxy would balance over)."""
+        return self.service.endpoints() if self.service is not None else []
 
     def _phase_at(self, t: float) -> str:
         for phase in self.script.phases:
@@ -195,7 +252,7 @@ class Demo:
                 return phase.label
         return "settle"
 
-    async def _sample(self, plane: controlplane.ControlPlane, gen: loadgen.LoadGenerator,
+    async def _sample(self, plane: kubelet.ProcessKubelet, gen: loadgen.LoadGenerator,
                       naive: NaiveScaler | None, t: float, before: loadgen.Counters,
                       elapsed: float) -> tuple[timeline.Sample, loadgen.Counters]:
         now = gen.counters.snapshot()
@@ -206,18 +263,17 @@ class Demo:
             desired, overloaded = naive.desired, naive.overloaded
             draining = sum(1 for r in plane.runtimes.values() if r.terminating)
         else:
-            relay = await self._mailrelay(plane)
+            relay = await self._mailrelay()
             status = relay.get("status") or {}
-            deployment = next(iter(plane.deployments), {})
-            desired = int(status.get("desiredReplicas", deployment.get("spec", {}).get("replicas", 0)))
+            desired = int(status.get("desiredReplicas", 0))
             overloaded = any(c.get("type") == "Overloaded" and c.get("status") == "True"
                              for c in status.get("conditions") or [])
             draining = sum(1 for p in plane.pods
-                           if controlplane.DRAIN_STARTED in (p["metadata"].get("annotations") or {})
+                           if DRAIN_STARTED in (p["metadata"].get("annotations") or {})
                            or p["metadata"].get("deletionTimestamp"))
         span = max(elapsed, 1e-3)
         sample = timeline.Sample(
-            t=t, desired=desired, ready=len(plane.endpoints()), draining=draining, sessions=sessions,
+            t=t, desired=desired, ready=len(self.endpoints()), draining=draining, sessions=sessions,
             queue=queue, msg_per_s=(now.accepted - before.accepted) / span,
             refused_per_s=(now.refused_421 - before.refused_421) / span, resets=now.sessions_reset,
             overloaded=overloaded, maintenance=self.maintenance, throttled=self.throttled,
@@ -226,60 +282,61 @@ class Demo:
 
     # -- the run -------------------------------------------------------------------------------
     async def run(self) -> RunResult:
-        relay = scenario.mailrelay(NAME, NAMESPACE, **self.script.relay)
-        kubeconfig = self.workdir / "kubeconfig"
-        async with (kubeemu.serve(namespaces=[NAMESPACE], graceful_pod_deletion=True,
-                                  kubeconfig=kubeconfig) as emu,
-                    scenario.upstream_sink() as upstream):
-            self.upstream = upstream
-            trimmer = asyncio.create_task(scenario.trim_request_log(emu.emulator))
+        relay = scenario.mailrelay(NAME, self.namespace, **self.script.relay)
+        cluster = self.platform.cluster
+        await asyncio.to_thread(cluster.create_namespace, self.namespace, node=self.node)
+        async with (scenario.upstream_sink() as upstream,
+                    apiclient.Api(cluster.url, cluster.admin_token, cluster.ca_file) as api):
+            self.upstream, self.api = upstream, api
             extra_env = {"MAILRELAY_LOG_LEVEL": "warning"}
             if self.mode == "naive":
                 extra_env["MAILRELAY_DRAIN_TIMEOUT"] = "0"
-            # A slower control-plane cadence than the tests use: the demo process also runs the API
-            # server, the sink and the load generator, and every millisecond of its loop counts.
-            async with controlplane.ControlPlane(emu.url, NAMESPACE, self.workdir / "pods", upstream.address,
-                                                 extra_env=extra_env, sync_period=0.7,
-                                                 readiness_period=1.0) as plane:
+            # A slower kubelet cadence than the tests use: the demo process also runs the sink and the
+            # load generator, and every millisecond of its loop counts.
+            async with (kubelet.ProcessKubelet(cluster.url, cluster.kubelet_token, cluster.ca_file,
+                                               self.node, self.workdir / "pods", upstream.address,
+                                               extra_env=extra_env, sync_period=0.7,
+                                               probe_period=1.0) as plane,
+                        kubelet.ServiceEndpoints(api, self.namespace, NAME) as service):
+                self.service = service
                 operator: scenario.OperatorProcess | None = None
                 naive: NaiveScaler | None = None
                 background: list[asyncio.Task[None]] = []
                 try:
                     if self.mode == "naive":
-                        naive = NaiveScaler(plane, relay)
-                        await self._create_naive_objects(plane, relay, naive)
+                        naive = NaiveScaler(plane, api, self.namespace, relay)
+                        await self._create_naive_objects(api, naive)
                         background.append(asyncio.create_task(naive.run()))
                     else:
-                        await plane.api.request("POST", scenario.mailrelay_path(NAMESPACE), relay)
+                        await api.request("POST", scenario.mailrelay_path(self.namespace), relay)
                         operator = scenario.OperatorProcess(
-                            kubeconfig, NAMESPACE, self.workdir / "operator.log",
+                            self.platform.operator_kubeconfig, self.namespace, self.workdir / "operator.log",
                             "--liveness", "", "--metrics-port", "0")
                         await operator.start()
-                    await self._wait_ready(plane, operator)
+                    await self._wait_ready(operator)
                     return await self._play(plane, upstream, naive)
                 finally:
-                    trimmer.cancel()
                     for task in background:
                         task.cancel()
                     if operator is not None:
                         await operator.stop()
 
-    async def _create_naive_objects(self, plane: controlplane.ControlPlane, relay: dict[str, Any],
-                                    naive: NaiveScaler) -> None:
+    async def _create_naive_objects(self, api: apiclient.Api, naive: NaiveScaler) -> None:
         from mailrelay_operator import manifests
 
         token = "naive-demo-token"
-        secret = manifests.admin_secret(NAME, NAMESPACE, token)
-        await plane.api.request("POST", f"/api/v1/namespaces/{NAMESPACE}/secrets", dict(secret))
-        deployment = manifests.deployment(NAME, NAMESPACE, naive.spec, image="mailrelay-relay:sandbox",
+        secret = manifests.admin_secret(NAME, self.namespace, token)
+        await api.request("POST", f"/api/v1/namespaces/{self.namespace}/secrets", dict(secret))
+        deployment = manifests.deployment(NAME, self.namespace, naive.spec, image="mailrelay-relay:sandbox",
                                           replicas=naive.spec.replicas.min,
                                           token_secret=manifests.admin_secret_name(NAME))
-        await plane.api.request("POST", DEPLOYMENTS, dict(deployment))
+        await api.request("POST", deployment_path(self.namespace), dict(deployment))
+        await api.request("POST", f"/api/v1/namespaces/{self.namespace}/services",
+                          dict(manifests.service(NAME, self.namespace)))
 
-    async def _wait_ready(self, plane: controlplane.ControlPlane,
-                          operator: scenario.OperatorProcess | None) -> None:
+    async def _wait_ready(self, operator: scenario.OperatorProcess | None) -> None:
         deadline = time.monotonic() + 120
-        while not plane.endpoints():
+        while not self.endpoints():
             if operator is not None and not operator.running:
                 raise RuntimeError(f"mailrelay-operator exited:\n{operator.log_tail()}")
             if time.monotonic() > deadline:
@@ -287,9 +344,9 @@ class Demo:
                 raise RuntimeError(f"no relay became ready within 120 s\n{tail}")
             await asyncio.sleep(0.2)
 
-    async def _play(self, plane: controlplane.ControlPlane, upstream: scenario.Upstream,
+    async def _play(self, plane: kubelet.ProcessKubelet, upstream: scenario.Upstream,
                     naive: NaiveScaler | None) -> RunResult:
-        gen = loadgen.LoadGenerator(plane.endpoints)
+        gen = loadgen.LoadGenerator(self.endpoints)
         start = time.monotonic()
         actions = list(self.script.actions)
         before = gen.counters.snapshot()
@@ -298,7 +355,7 @@ class Demo:
         while True:
             t = time.monotonic() - start
             while actions and actions[0].at <= t:
-                await self._apply(actions.pop(0), plane, gen)
+                await self._apply(actions.pop(0), gen)
             if t >= self.script.end:
                 break
             next_tick += 1.0
@@ -339,8 +396,7 @@ class Demo:
                          killed=sum(1 for x in terminations if x.killed),
                          stranded=sum(x.spool_left for x in terminations), queued_at_end=queued_at_end)
 
-    async def _apply(self, action: Action, plane: controlplane.ControlPlane,
-                     gen: loadgen.LoadGenerator) -> None:
+    async def _apply(self, action: Action, gen: loadgen.LoadGenerator) -> None:
         if action.sessions is not None or action.rate is not None:
             gen.set_load(action.rate if action.rate is not None else 0.0,
                          action.sessions if action.sessions is not None else 0)
@@ -349,9 +405,9 @@ class Demo:
             self.upstream.defer(451 if action.throttle else None)
         if action.maintenance is not None and self.mode == "operator":   # the naive run has no maintenance
             self.maintenance = action.maintenance
-            if self.mode == "operator":
-                await plane.api.patch(scenario.mailrelay_path(NAMESPACE, NAME),
-                                      {"spec": {"maintenance": action.maintenance}})
+            if self.mode == "operator" and self.api is not None:
+                await self.api.patch(scenario.mailrelay_path(self.namespace, NAME),
+                                     {"spec": {"maintenance": action.maintenance}})
 
 
 def summary_line(summary: loadgen.Summary) -> str:
@@ -403,30 +459,49 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.naive_only:
         modes = ["naive"]
     results: dict[str, RunResult] = {}
-    for mode in modes:
-        workdir = Path(tempfile.mkdtemp(prefix=f"mailrelay-demo-{mode}-"))
-        heading = ("drain-first: the real operator scales the relays" if mode == "operator"
-                   else "naive: HPA-style scaling, relays stopped by SIGTERM without drain")
-        print(f"== {heading} ({script.end:.0f} s of load, then the queues settle)")
-        try:
-            result = await Demo(mode, script, workdir, live=live, out=out).run()
-        except RuntimeError as error:
-            print(f"demo failed: {error}", file=sys.stderr)
-            print(f"(logs kept in {workdir})", file=sys.stderr)
-            return 1
-        result.png = render(result, script, out, stamp)
-        results[mode] = result
-        print(summary_line(result.summary))
-        if held_line(result.summary):
-            print(held_line(result.summary))
-        if result.queued_at_end:
-            print(f"({result.queued_at_end:,} messages were still queued on running relays when the demo "
-                  "stopped: they count as not delivered above)")
-        print(f"chart: {result.png}")
+    root = Path(tempfile.mkdtemp(prefix="mailrelay-demo-"))
+    try:
+        await asyncio.to_thread(kubecluster.ensure_binaries)
+        cluster = await asyncio.to_thread(kubecluster.start, root / "kube")
+    except (kubecluster.ClusterError, OSError, RuntimeError) as error:
+        print(f"demo failed: the control plane did not start: {error}", file=sys.stderr)
+        print(f"(logs kept in {root})", file=sys.stderr)
+        return 1
+    try:
+        print(cluster.describe())
+        print(f"(started in {cluster.started_in:.1f} s; `export KUBECONFIG={cluster.kubeconfig}` to look "
+              "with kubectl while it runs)")
+        platform = await asyncio.to_thread(install, cluster, root)
+        print(f"installed: kubectl apply -f crds/; helm install {RELEASE} charts/mailrelay-operator "
+              f"-n {OPERATOR_NAMESPACE} (the operator runs with its ServiceAccount's token)")
+        for mode in modes:
+            workdir = root / mode
+            workdir.mkdir()
+            heading = ("drain-first: the real operator scales the relays" if mode == "operator"
+                       else "naive: HPA-style scaling, relays stopped by SIGTERM without drain")
+            print(f"== {heading} ({script.end:.0f} s of load, then the queues settle)")
+            try:
+                result = await Demo(platform, mode, script, workdir, live=live, out=out).run()
+            except (RuntimeError, apiclient.ApiError) as error:
+                print(f"demo failed: {error}", file=sys.stderr)
+                print(f"(logs kept in {root})", file=sys.stderr)
+                args.keep = True
+                return 1
+            result.png = render(result, script, out, stamp)
+            results[mode] = result
+            print(summary_line(result.summary))
+            if held_line(result.summary):
+                print(held_line(result.summary))
+            if result.queued_at_end:
+                print(f"({result.queued_at_end:,} messages were still queued on running relays when the "
+                      "demo stopped: they count as not delivered above)")
+            print(f"chart: {result.png}")
+    finally:
+        await asyncio.to_thread(cluster.stop)
         if args.keep:
-            print(f"(sandbox files kept in {workdir})")
+            print(f"(sandbox files kept in {root})")
         else:
-            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
     if "naive" in results and "operator" in results:
         print()
         print(comparison(results["operator"], results["naive"]))

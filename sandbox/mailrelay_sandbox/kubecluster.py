@@ -240,7 +240,7 @@ class Cluster:
         with contextlib.suppress(ApiStatus):
             self.request("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                                          "metadata": meta})
-        self.wait(lambda: self._exists(f"/api/v1/namespaces/{name}/serviceaccounts/default"),
+        self.wait(lambda: self.exists(f"/api/v1/namespaces/{name}/serviceaccounts/default"),
                   what=f"the default ServiceAccount of {name}")
 
     def delete_namespace(self, name: str) -> None:
@@ -273,7 +273,7 @@ class Cluster:
         return self.request("PATCH", f"{path}?fieldManager={manager}&force=true", dict(obj),
                             content_type="application/apply-patch+yaml")
 
-    def _exists(self, path: str) -> bool:
+    def exists(self, path: str) -> bool:
         try:
             self.request("GET", path)
         except ApiStatus as exc:
