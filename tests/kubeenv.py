@@ -1,10 +1,10 @@
 """The real control plane as the tests see it: one per test session, one namespace and one node per test.
 
 `start_session_cluster()` starts etcd, kube-apiserver, kube-controller-manager and kube-scheduler
-(`mailrelay_sandbox.kubecluster`), applies `crds/` with kubectl exactly as the README says, and installs
-the chart's ServiceAccount, ClusterRole and ClusterRoleBinding (rendered by the real `helm template`) in
-`mailrelay-system`. The operator under test always runs with a token of that ServiceAccount, so RBAC is
-enforced on every call it makes.
+(`mailrelay_sandbox.kubecluster`), applies `crds/` with kubectl and installs the chart with helm exactly
+as the README says (`scenario.install`: the chart's own operator Deployment at replicaCount 0). The
+operator under test always runs with a token of the chart's ServiceAccount, so RBAC is enforced on every
+call it makes.
 
 `KubeEnv` is one test's share: a namespace of its own, pinned (PodNodeSelector) to a node of its own
 that the test's process kubelet registers, and deleted at the end. Tests therefore never see each
@@ -21,64 +21,22 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-import yaml
 from mailrelay_operator import kube
-from mailrelay_sandbox import apiclient, kubecluster
+from mailrelay_sandbox import apiclient, kubecluster, scenario
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CHART = REPO_ROOT / "charts" / "mailrelay-operator"
-OPERATOR_NAMESPACE = "mailrelay-system"
-RELEASE = "mailrelay"
-RBAC_TEMPLATES = ("templates/serviceaccount.yaml", "templates/clusterrole.yaml",
-                  "templates/clusterrolebinding.yaml")
+OPERATOR_NAMESPACE = scenario.OPERATOR_NAMESPACE
 
 
-@dataclasses.dataclass
-class SessionCluster:
-    """The session's control plane with the CRD and the operator's identity installed."""
-
-    cluster: kubecluster.Cluster
-    operator_account: str
-    operator_token: str
-    operator_kubeconfig: Path
-
-    @property
-    def url(self) -> str:
-        return self.cluster.url
-
-
-def helm(*args: str) -> str:
-    binary = REPO_ROOT / ".tools" / "bin" / "helm"
-    result = subprocess.run([str(binary), *args], check=True, capture_output=True, text=True, timeout=120)
-    return result.stdout
-
-
-def chart_rbac(namespace: str = OPERATOR_NAMESPACE, release: str = RELEASE) -> list[dict[str, Any]]:
-    """The chart's ServiceAccount, ClusterRole and ClusterRoleBinding, as `helm template` renders them."""
-    shows = [arg for template in RBAC_TEMPLATES for arg in ("--show-only", template)]
-    rendered = helm("template", release, str(CHART), "-n", namespace, *shows)
-    return [doc for doc in yaml.safe_load_all(rendered) if doc]
+SessionCluster = scenario.Platform
 
 
 def start_session_cluster(workdir: Path) -> SessionCluster:
     cluster = kubecluster.start(workdir)
     try:
-        applied = cluster.kubectl("apply", "-f", str(REPO_ROOT / "crds"))
-        assert "mailrelays.mailrelay.dev" in applied.stdout, applied
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                        "crd/mailrelays.mailrelay.dev")
-        cluster.create_namespace(OPERATOR_NAMESPACE)
-        docs = chart_rbac()
-        for doc in docs:
-            cluster.apply(doc)
-        account = next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]["name"]
-        token = cluster.service_account_token(OPERATOR_NAMESPACE, account)
-        kubeconfig = cluster.kubeconfig_for(workdir / "operator.kubeconfig", token,
-                                            user=f"system:serviceaccount:{OPERATOR_NAMESPACE}:{account}")
+        return scenario.install(cluster, workdir)
     except BaseException:
         cluster.stop()
         raise
-    return SessionCluster(cluster, account, token, kubeconfig)
 
 
 @dataclasses.dataclass

@@ -43,44 +43,10 @@ from mailrelay_sandbox import apiclient, kubecluster, kubelet, loadgen, scenario
 NAMESPACES = {"operator": "mail", "naive": "mail-naive"}
 NAME = "outbound"
 DRAIN_STARTED = "mailrelay.dev/drain-started"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-RELEASE, OPERATOR_NAMESPACE = "mailrelay", "mailrelay-system"
 
 
 def deployment_path(namespace: str) -> str:
     return f"/apis/apps/v1/namespaces/{namespace}/deployments"
-
-
-@dataclasses.dataclass
-class Platform:
-    """The control plane the demo runs on, with the CRD and the chart installed."""
-
-    cluster: kubecluster.Cluster
-    operator_kubeconfig: Path
-
-
-def install(cluster: kubecluster.Cluster, workdir: Path) -> Platform:
-    """`kubectl apply -f crds/` and `helm install` of the chart, as the README's install section does
-    (the chart's operator Deployment at replicaCount 0: the operator runs as a process here), then a
-    token of the chart's ServiceAccount for the operator."""
-    import subprocess
-
-    cluster.kubectl("apply", "-f", str(REPO_ROOT / "crds"))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/mailrelays.mailrelay.dev")
-    helm = shutil.which("helm", path=f"{REPO_ROOT / '.tools' / 'bin'}:{os.environ.get('PATH', '')}")
-    if helm is None:
-        raise RuntimeError("helm is not installed (run `make tools`)")
-    subprocess.run([helm, "install", RELEASE, str(REPO_ROOT / "charts" / "mailrelay-operator"),
-                    "-n", OPERATOR_NAMESPACE, "--create-namespace", "--set", "replicaCount=0", "--wait=false"],
-                   env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}, check=True,
-                   capture_output=True, text=True)
-    account = f"{RELEASE}-mailrelay-operator"
-    cluster.wait(lambda: cluster.exists(f"/api/v1/namespaces/{OPERATOR_NAMESPACE}/serviceaccounts/{account}"),
-                 what="the chart's ServiceAccount")
-    token = cluster.service_account_token(OPERATOR_NAMESPACE, account)
-    kubeconfig = cluster.kubeconfig_for(workdir / "operator.kubeconfig", token,
-                                        user=f"system:serviceaccount:{OPERATOR_NAMESPACE}:{account}")
-    return Platform(cluster, kubeconfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +173,7 @@ class NaiveScaler:
 
 
 class Demo:
-    def __init__(self, platform: Platform, mode: str, script: Script, workdir: Path, *, live: bool,
+    def __init__(self, platform: scenario.Platform, mode: str, script: Script, workdir: Path, *, live: bool,
                  out: Path) -> None:
         self.platform = platform
         self.namespace = NAMESPACES[mode]
@@ -471,9 +437,9 @@ async def main_async(args: argparse.Namespace) -> int:
         print(cluster.describe())
         print(f"(started in {cluster.started_in:.1f} s; `export KUBECONFIG={cluster.kubeconfig}` to look "
               "with kubectl while it runs)")
-        platform = await asyncio.to_thread(install, cluster, root)
-        print(f"installed: kubectl apply -f crds/; helm install {RELEASE} charts/mailrelay-operator "
-              f"-n {OPERATOR_NAMESPACE} (the operator runs with its ServiceAccount's token)")
+        platform = await asyncio.to_thread(scenario.install, cluster, root)
+        print(f"installed: kubectl apply -f crds/; helm install {scenario.RELEASE} charts/mailrelay-operator "
+              f"-n {scenario.OPERATOR_NAMESPACE} (the operator runs with its ServiceAccount's token)")
         for mode in modes:
             workdir = root / mode
             workdir.mkdir()

@@ -175,9 +175,7 @@ class FaultProxy:
         await runner.setup()
         site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        server = site._server
-        assert server is not None
-        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = int(runner.addresses[0][1])
         self.url = f"http://127.0.0.1:{port}"
         self._stop = asyncio.Event()
         self._started.set()

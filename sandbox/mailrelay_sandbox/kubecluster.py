@@ -139,7 +139,8 @@ def write_pki(folder: Path) -> dict[str, Path]:
                .sign(ca_key, hashes.SHA256()))
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     paths = {"ca": folder / "ca.crt", "ca-key": folder / "ca.key", "serving": folder / "apiserver.crt",
-             "serving-key": folder / "apiserver.key", "sa-key": folder / "sa.key", "sa-pub": folder / "sa.pub"}
+             "serving-key": folder / "apiserver.key", "sa-key": folder / "sa.key",
+             "sa-pub": folder / "sa.pub"}
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["ca-key"].write_bytes(_pem_key(ca_key))
     paths["serving"].write_bytes(serving.public_bytes(serialization.Encoding.PEM))

@@ -3,8 +3,8 @@
 A `ProcessKubelet` is one Node of the real control plane (`kubecluster`). It registers its Node, and
 runs each pod the real scheduler binds to it as real processes:
 - the relay container as a `mailrelay-relay` process on the pod's own address in POD_CIDR (its pod IP,
-  a local address of this host), with the ports of the container ports named `smtp` and `admin`, and the pod template's
-  env/args (MAILRELAY_*); the upstream is pointed at the sandbox's sink;
+  a local address of this host), with the ports of the container ports named `smtp` and `admin`, and
+  the pod template's env/args (MAILRELAY_*); the upstream is pointed at the sandbox's sink;
 - volumes as folders under the pod's work folder: emptyDir (gone with the pod, as in a cluster), Secret
   and ConfigMap (their keys as files), projected service-account tokens (TokenRequest), and
   persistentVolumeClaim (one folder per claim that outlives its pods);
@@ -566,9 +566,9 @@ class ProcessKubelet:
             if self.observe_status:
                 await self._observe(runtime)
             state = (runtime.ready, runtime.started, runtime.restarts)
-            if state != reported and not runtime.terminating:
-                if await self._report(runtime, started_iso, container_started):
-                    reported = state
+            if (state != reported and not runtime.terminating
+                    and await self._report(runtime, started_iso, container_started)):
+                reported = state
             await asyncio.sleep(self.probe_period)
 
     async def _probe_all(self, runtime: PodRuntime, probes: dict[str, Probe]) -> str | None:

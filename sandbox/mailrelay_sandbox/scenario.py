@@ -6,6 +6,8 @@
 - `relay_deployment()`: a Deployment shaped like the operator's (ports `smtp`/`admin`, token Secret
   volume, spool emptyDir), for control-plane tests that run without the operator.
 - `OperatorProcess`: the real `mailrelay-operator` as a subprocess with the sandbox's kubeconfig.
+- `install()`: the README's install on a real control plane (`kubectl apply -f crds/`, `helm install` of
+  the chart) and a token of the chart's ServiceAccount, which the operator runs with.
 
 It holds no verdicts (tests and demo decide) and is never imported by `relay/` or `operator/`.
 """
@@ -17,17 +19,61 @@ import contextlib
 import dataclasses
 import email.parser
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from mailrelay_sandbox import sink
+from mailrelay_sandbox import kubecluster, sink
 
 GROUP = "mailrelay.dev"
 VERSION = "v1alpha1"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RELEASE, OPERATOR_NAMESPACE = "mailrelay", "mailrelay-system"
+
+
+@dataclasses.dataclass
+class Platform:
+    """A control plane with the CRD and the chart installed, and the operator's own kubeconfig."""
+
+    cluster: kubecluster.Cluster
+    operator_account: str
+    operator_token: str
+    operator_kubeconfig: Path
+
+
+def helm_binary() -> str:
+    search = f"{REPO_ROOT / '.tools' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
+    found = shutil.which("helm", path=search)
+    if found is None:
+        raise RuntimeError("helm is not installed (run `make tools`)")
+    return found
+
+
+def install(cluster: kubecluster.Cluster, workdir: Path, *, release: str = RELEASE,
+            namespace: str = OPERATOR_NAMESPACE) -> Platform:
+    """`kubectl apply -f crds/` and `helm install` of the chart, as the README's install section does,
+    then a token of the chart's ServiceAccount. The chart's operator Deployment is installed with
+    replicaCount 0: the sandbox runs the operator as a local process (no image is built here)."""
+    applied = cluster.kubectl("apply", "-f", str(REPO_ROOT / "crds"))
+    if "mailrelays.mailrelay.dev" not in applied.stdout:
+        raise RuntimeError(f"kubectl apply -f crds/ said: {applied.stdout} {applied.stderr}")
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/mailrelays.mailrelay.dev")
+    subprocess.run([helm_binary(), "install", release, str(REPO_ROOT / "charts" / "mailrelay-operator"),
+                    "-n", namespace, "--create-namespace", "--set", "replicaCount=0"],
+                   env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}, check=True,
+                   capture_output=True, text=True, timeout=120)
+    account = f"{release}-mailrelay-operator"
+    cluster.wait(lambda: cluster.exists(f"/api/v1/namespaces/{namespace}/serviceaccounts/{account}"),
+                 what="the chart's ServiceAccount")
+    token = cluster.service_account_token(namespace, account)
+    kubeconfig = cluster.kubeconfig_for(workdir / "operator.kubeconfig", token,
+                                        user=f"system:serviceaccount:{namespace}:{account}")
+    return Platform(cluster, account, token, kubeconfig)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
