@@ -1,14 +1,14 @@
 """Operator reaction time (issue 3 "Performance", issue 6 §1.4): from a load step above the target to the
 operator's patch of the Deployment's replicas.
 
-How: the emulated API server (`mailrelay_sandbox.kubeemu`), the simulated control plane running each pod
-as a real `mailrelay-relay` process on 127.A.B.x (`mailrelay_sandbox.controlplane`), and the real
-`mailrelay-operator --standalone` as a subprocess pointed at the emulator's kubeconfig. The MailRelay
-starts at one relay with a target of 5 sessions per pod. A step opens 12 real SMTP sessions at once
-(connect, 220, EHLO, then idle) against that relay, which asks for 3 relays; the clock starts at the first
-connect (conservative: the sessions take a moment to open, and the operator may act on 11 of them) and
-stops when the Deployment's `spec.replicas` in the API server first rises (polled
-in-process every 20 ms). Then the sessions QUIT, the operator drains back to one relay, and the next step
+How: the real control plane (`mailrelay_sandbox.kubecluster`: etcd, kube-apiserver, controller-manager,
+scheduler) with the CRD and the chart installed as the README says, the sandbox's process kubelet
+running each pod as a real `mailrelay-relay` process on its pod IP (`mailrelay_sandbox.kubelet`), and
+the real `mailrelay-operator --standalone` as a subprocess with the chart's ServiceAccount token. The
+MailRelay starts at one relay with a target of 5 sessions per pod. A step opens 12 real SMTP sessions at
+once (connect, 220, EHLO, then idle) against that relay, which asks for 3 relays; the clock starts at the
+first connect (conservative: the sessions take a moment to open, and the operator may act on 11 of them)
+and stops when a watch on the Deployment first shows its `spec.replicas` raised. Then the sessions QUIT, the operator drains back to one relay, and the next step
 starts at a random phase of the operator's interval (the step lands anywhere in a tick). The comparison
 is the HPA + prometheus-adapter figure of about 85 s quoted in issue 3: a quoted reference, not measured
 here.
@@ -33,9 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mailrelay_sandbox import controlplane, kubeemu, loadgen, scenario
+from mailrelay_sandbox import apiclient, kubecluster, kubelet, loadgen, scenario
 
-from bench import environment, operator_footprint, report, stats
+from bench import environment, report, stats
 
 NAMESPACE = "mail"
 NAME = "outbound"
@@ -102,9 +102,42 @@ class IdleSession:
             await asyncio.wait_for(self.writer.wait_closed(), 2)
 
 
-def deployment_replicas(emu: kubeemu.Running) -> int:
-    dep = emu.emulator.peek(kubeemu.DEPLOYMENTS, NAMESPACE, NAME)
-    return int(((dep or {}).get("spec") or {}).get("replicas") or 0)
+class DeploymentWatch:
+    """The relay Deployment's `spec.replicas` as a watch delivers it (no polling of the API server)."""
+
+    def __init__(self, api: apiclient.Api) -> None:
+        self.api = api
+        self.replicas = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        path = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments?fieldSelector=metadata.name%3D{NAME}"
+        version = ""
+        while True:
+            try:
+                async for event in self.api.watch(path, version):
+                    obj = event.get("object") or {}
+                    version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
+                    if event.get("type") in ("ADDED", "MODIFIED"):
+                        self.replicas = int((obj.get("spec") or {}).get("replicas") or 0)
+                    elif event.get("type") == "ERROR":
+                        version = ""
+            except (apiclient.ApiError, OSError, TimeoutError):
+                version = ""
+                await asyncio.sleep(0.1)
+
+    def __call__(self) -> int:
+        return self.replicas
+
+    async def __aenter__(self) -> DeploymentWatch:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 async def wait_for(check: Any, within: float, what: str, poll: float = 0.02) -> float:
@@ -118,10 +151,11 @@ async def wait_for(check: Any, within: float, what: str, poll: float = 0.02) -> 
         await asyncio.sleep(poll)
 
 
-async def one_step(emu: kubeemu.Running, plane: controlplane.ControlPlane, cfg: Config,
-                   rng: random.Random, *, last: bool) -> StepResult:
-    endpoints = plane.endpoints()
-    if len(endpoints) != 1 or deployment_replicas(emu) != 1:
+async def one_step(deployment_replicas: DeploymentWatch, plane: kubelet.ProcessKubelet,
+                   service: kubelet.ServiceEndpoints, cfg: Config, rng: random.Random, *,
+                   last: bool) -> StepResult:
+    endpoints = service.endpoints()
+    if len(endpoints) != 1 or deployment_replicas() != 1:
         raise RuntimeError(f"step must start from one relay (endpoints {endpoints})")
     offset = rng.uniform(0.0, float(cfg.interval))
     await asyncio.sleep(offset)
@@ -130,11 +164,11 @@ async def one_step(emu: kubeemu.Running, plane: controlplane.ControlPlane, cfg: 
         started = time.monotonic()
         await asyncio.gather(*(s.open() for s in sessions))
         opening = time.monotonic() - started
-        raised = await wait_for(lambda: deployment_replicas(emu) > 1, 60, "the Deployment patch")
-        to_replicas = deployment_replicas(emu)
+        raised = await wait_for(lambda: deployment_replicas() > 1, 60, "the Deployment patch")
+        to_replicas = deployment_replicas()
         capacity: float | None
         try:
-            ready_at = await wait_for(lambda: len(plane.endpoints()) >= 3, 60, "3 ready relays", 0.1)
+            ready_at = await wait_for(lambda: len(service.endpoints()) >= 3, 60, "3 ready relays", 0.1)
             capacity = ready_at - started
         except TimeoutError:
             capacity = None
@@ -142,8 +176,8 @@ async def one_step(emu: kubeemu.Running, plane: controlplane.ControlPlane, cfg: 
         await asyncio.gather(*(s.close() for s in sessions))
     # back to one relay for the next step: the operator drains the idle relays and lowers the count
     if not last:
-        await wait_for(lambda: deployment_replicas(emu) == 1 and len(plane.runtimes) == 1
-                       and len(plane.endpoints()) == 1, 120, "scale-in back to one relay", 0.1)
+        await wait_for(lambda: deployment_replicas() == 1 and len(plane.runtimes) == 1
+                       and len(service.endpoints()) == 1, 120, "scale-in back to one relay", 0.1)
     return StepResult(reaction=raised - started, opening=opening, to_replicas=to_replicas,
                       capacity=capacity, phase_offset=offset)
 
@@ -155,21 +189,25 @@ async def measure(cfg: Config, workdir: pathlib.Path, seed: int = 1) -> tuple[li
         NAME, NAMESPACE, min_replicas=1, max_replicas=4, interval=cfg.interval,
         sessions_per_pod=TARGET_SESSIONS, max_sessions_per_pod=50, scale_up_step=4,
         scale_down_stabilization=0, scale_down_step=4, drain_timeout=30)
-    async with (kubeemu.serve(namespaces=[NAMESPACE], graceful_pod_deletion=True,
-                              kubeconfig=workdir / "kubeconfig",
-                              **operator_footprint.emulator_options()) as emu,
-                scenario.upstream_sink() as upstream):
-        subnet = (rng.randint(100, 250), rng.randint(0, 255))
-        async with controlplane.ControlPlane(emu.url, NAMESPACE, workdir / "pods", upstream.address,
-                                             subnet=subnet, extra_env={"MAILRELAY_LOG_LEVEL": "warning"},
-                                             sync_period=0.3, readiness_period=0.5) as plane:
-            operator = scenario.OperatorProcess(emu.kubeconfig, NAMESPACE, workdir / "operator.log",
-                                                "--liveness", "", "--metrics-port", "0")
-            await plane.api.request("POST", scenario.mailrelay_path(NAMESPACE), relay)
+    cluster = await asyncio.to_thread(kubecluster.start, workdir / "kube")
+    try:
+        platform = await asyncio.to_thread(scenario.install, cluster, workdir)
+        await asyncio.to_thread(cluster.create_namespace, NAMESPACE, node="bench-reaction")
+        async with (scenario.upstream_sink() as upstream,
+                    apiclient.Api(cluster.url, cluster.admin_token, cluster.ca_file) as api,
+                    kubelet.ProcessKubelet(cluster.url, cluster.kubelet_token, cluster.ca_file, "bench-reaction",
+                                           workdir / "pods", upstream.address,
+                                           extra_env={"MAILRELAY_LOG_LEVEL": "warning"}) as plane,
+                    kubelet.ServiceEndpoints(api, NAMESPACE, NAME) as service,
+                    DeploymentWatch(api) as replicas):
+            operator = scenario.OperatorProcess(platform.operator_kubeconfig, NAMESPACE,
+                                                workdir / "operator.log", "--liveness", "",
+                                                "--metrics-port", "0")
+            await api.request("POST", scenario.mailrelay_path(NAMESPACE), relay)
             await operator.start()
             try:
                 try:
-                    await wait_for(lambda: len(plane.endpoints()) == 1, 120, "the first relay", 0.1)
+                    await wait_for(lambda: len(service.endpoints()) == 1, 120, "the first relay", 0.1)
                 except TimeoutError as exc:
                     raise RuntimeError(f"{exc}\n{operator.log_tail()}") from exc
                 await asyncio.sleep(cfg.interval * 2)  # the operator's loop is up and settled
@@ -177,10 +215,13 @@ async def measure(cfg: Config, workdir: pathlib.Path, seed: int = 1) -> tuple[li
                 for index in range(cfg.steps):
                     if not operator.running:
                         raise RuntimeError(f"mailrelay-operator exited:\n{operator.log_tail()}")
-                    results.append(await one_step(emu, plane, cfg, rng, last=index == cfg.steps - 1))
+                    results.append(await one_step(replicas, plane, service, cfg, rng,
+                                                  last=index == cfg.steps - 1))
             finally:
                 await operator.stop()
             return results, " ".join(operator.command)
+    finally:
+        await asyncio.to_thread(cluster.stop)
 
 
 def run(out: report.Report, cfg: Config) -> dict[str, Any]:
@@ -208,7 +249,7 @@ def run(out: report.Report, cfg: Config) -> dict[str, Any]:
     out.line(f"HPA + prometheus-adapter: about {hpa:.0f} s (quoted in issue 3, not measured here): "
              f"{hpa / p50:.1f}x our p50, {hpa / worst:.1f}x our max")
     if capacities:
-        out.line(f"load step -> 3 relays ready (new relay processes started by the simulated kubelet): "
+        out.line(f"load step -> 3 relays ready (the real ReplicaSet and scheduler, relay processes started by the process kubelet): "
                  f"p50 {stats.percentile(capacities, 50):.2f} s, max {max(capacities):.2f} s")
     loads = " / ".join(" ".join(f"{x:.1f}" for x in la) for la in (load_start, load_end))
     out.line(f"load average at start / end: {loads}; CPU pressure avg60 {environment.pressure('cpu')}")

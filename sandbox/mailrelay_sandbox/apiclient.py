@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,21 @@ class Api:
 
     async def patch(self, path: str, body: Obj) -> Obj:
         return await self.request("PATCH", path, body, content_type=MERGE_PATCH)
+
+    async def watch(self, path: str, resource_version: str = "") -> AsyncIterator[Obj]:
+        """The events of `GET path?watch=true` (from `resource_version` when given), as they come; ends
+        when the server ends the stream."""
+        assert self._session is not None, "use `async with Api(...)`"
+        query = "&" if "?" in path else "?"
+        url = f"{self.base_url}{path}{query}watch=true&allowWatchBookmarks=true"
+        if resource_version:
+            url += f"&resourceVersion={resource_version}"
+        async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as response:
+            if response.status >= 400:
+                raise ApiError(response.status, await response.text())
+            async for line in response.content:
+                if line.strip():
+                    yield json.loads(line)
 
     async def get_or_none(self, path: str) -> Obj | None:
         try:
