@@ -2,16 +2,16 @@
 operator's patch of the Deployment's replicas.
 
 How: the real control plane (`mailrelay_sandbox.kubecluster`: etcd, kube-apiserver, controller-manager,
-scheduler) with the CRD and the chart installed as the README says, the sandbox's process kubelet
-running each pod as a real `mailrelay-relay` process on its pod IP (`mailrelay_sandbox.kubelet`), and
-the real `mailrelay-operator --standalone` as a subprocess with the chart's ServiceAccount token. The
-MailRelay starts at one relay with a target of 5 sessions per pod. A step opens 12 real SMTP sessions at
-once (connect, 220, EHLO, then idle) against that relay, which asks for 3 relays; the clock starts at the
-first connect (conservative: the sessions take a moment to open, and the operator may act on 11 of them)
-and stops when a watch on the Deployment first shows its `spec.replicas` raised. Then the sessions QUIT, the operator drains back to one relay, and the next step
-starts at a random phase of the operator's interval (the step lands anywhere in a tick). The comparison
-is the HPA + prometheus-adapter figure of about 85 s quoted in issue 3: a quoted reference, not measured
-here.
+scheduler) with the CRD and the chart installed as the README says, the sandbox's process kubelet running
+each pod as a real `mailrelay-relay` process on its pod IP (`mailrelay_sandbox.kubelet`), and the real
+`mailrelay-operator --standalone` as a subprocess with the chart's ServiceAccount token. The MailRelay
+starts at one relay with a target of 5 sessions per pod. A step opens 12 real SMTP sessions at once
+(connect, 220, EHLO, then idle) against that relay, which asks for 3 relays; the clock starts at the first
+connect (conservative: the sessions take a moment to open, and the operator may act on 11 of them) and
+stops when a watch on the Deployment first shows its `spec.replicas` raised. Then the sessions QUIT, the
+operator drains back to one relay, and the next step starts at a random phase of the operator's interval
+(the step lands anywhere in a tick). The comparison is the HPA + prometheus-adapter figure of about 85 s
+quoted in issue 3: a quoted reference, not measured here.
 
 What it must not do: judge (it prints figures and the target; tests assert only that it ran), or leave a
 process behind (every relay and the operator are stopped on the way out).
@@ -195,7 +195,7 @@ async def measure(cfg: Config, workdir: pathlib.Path, seed: int = 1) -> tuple[li
         await asyncio.to_thread(cluster.create_namespace, NAMESPACE, node="bench-reaction")
         async with (scenario.upstream_sink() as upstream,
                     apiclient.Api(cluster.url, cluster.admin_token, cluster.ca_file) as api,
-                    kubelet.ProcessKubelet(cluster.url, cluster.kubelet_token, cluster.ca_file, "bench-reaction",
+                    kubelet.ProcessKubelet.on(cluster, "bench-reaction",
                                            workdir / "pods", upstream.address,
                                            extra_env={"MAILRELAY_LOG_LEVEL": "warning"}) as plane,
                     kubelet.ServiceEndpoints(api, NAMESPACE, NAME) as service,
@@ -249,8 +249,9 @@ def run(out: report.Report, cfg: Config) -> dict[str, Any]:
     out.line(f"HPA + prometheus-adapter: about {hpa:.0f} s (quoted in issue 3, not measured here): "
              f"{hpa / p50:.1f}x our p50, {hpa / worst:.1f}x our max")
     if capacities:
-        out.line(f"load step -> 3 relays ready (the real ReplicaSet and scheduler, relay processes started by the process kubelet): "
-                 f"p50 {stats.percentile(capacities, 50):.2f} s, max {max(capacities):.2f} s")
+        p50_ready, max_ready = stats.percentile(capacities, 50), max(capacities)
+        out.line("load step -> 3 relays ready (the real ReplicaSet and scheduler, relay processes started "
+                 f"by the process kubelet): p50 {p50_ready:.2f} s, max {max_ready:.2f} s")
     loads = " / ".join(" ".join(f"{x:.1f}" for x in la) for la in (load_start, load_end))
     out.line(f"load average at start / end: {loads}; CPU pressure avg60 {environment.pressure('cpu')}")
     figures: dict[str, Any] = {

@@ -1,18 +1,20 @@
 """Scale-in under steady load (issue 6 §1.3): sessions reset and messages at risk or lost when relays are
 removed while mail flows, the operator's drain-first scale-in against the naive scale-in of the Demo issue.
 
-Both runs reuse the sandbox of `make demo` (`mailrelay_sandbox`): the emulated API server (`kubeemu`), the
-simulated ReplicaSet and kubelet running every pod as a real `mailrelay-relay` process on 127.A.B.x
-(`controlplane`), the recording upstream (`scenario.upstream_sink`) and the MTA-like load generator
-(`loadgen`, which counts a connection dropped without an SMTP reply as a reset session and tracks every
-Message-ID from 250 to the upstream). Three relays carry a steady load; after a warm-up the count is
-forced down to one while the load goes on:
+Both runs reuse the sandbox of `make demo` (`mailrelay_sandbox`): the real control plane (`kubecluster`:
+etcd, kube-apiserver, controller-manager with the real ReplicaSet controller, scheduler) with the CRD and
+the chart installed, the process kubelet running every pod as a real `mailrelay-relay` process on its pod
+IP (`kubelet`), the load reaching the relays through the Service's EndpointSlices, the recording upstream
+(`scenario.upstream_sink`) and the MTA-like load generator (`loadgen`, which counts a connection dropped
+without an SMTP reply as a reset session and tracks every Message-ID from 250 to the upstream). Three
+relays carry a steady load; after a warm-up the count is forced down to one while the load goes on:
+
 - drain-first: the real `mailrelay-operator` manages a MailRelay with a count fixed at 3 through
   `spec.replicas.fixed` (what `kubectl scale mailrelay --replicas` sets); the bench sets it to 1. The
   operator drains two relays (new sessions get 421, open ones finish, the queue flushes), then deletes
   them and lowers the Deployment.
 - naive: no operator, the Deployment of the same manifest (`mailrelay_operator.manifests`) at 3 replicas;
-  the bench sets its replicas to 1 (what `kubectl scale deployment` or an HPA does). The ReplicaSet picks
+  the bench sets its replicas to 1 (what `kubectl scale deployment` or an HPA does). The real ReplicaSet picks
   the victims by its own rule and the kubelet sends SIGTERM to relays started with `--drain-timeout 0`
   (the demo's `--compare-naive` convention: SIGTERM stops them at once); a removed pod's emptyDir spool
   goes with it.
@@ -28,7 +30,6 @@ import argparse
 import asyncio
 import os
 import pathlib
-import random
 import secrets
 import shutil
 import sys
@@ -40,11 +41,11 @@ from typing import Any
 
 from mailrelay_operator import manifests
 from mailrelay_operator import spec as specmod
-from mailrelay_sandbox import controlplane, demo, kubeemu, loadgen, scenario
+from mailrelay_sandbox import apiclient, demo, kubecluster, kubelet, loadgen, scenario
 
-from bench import environment, operator_footprint, report
+from bench import environment, report
 
-NAMESPACE = demo.NAMESPACE
+NAMESPACE = "mail"
 NAME = demo.NAME
 DEPLOYMENT = f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{NAME}"
 MODES = ("drain-first", "naive")
@@ -100,17 +101,19 @@ def _relay_manifest(cfg: Config) -> dict[str, Any]:
     return relay
 
 
-async def _create_naive(plane: controlplane.ControlPlane, relay: dict[str, Any]) -> None:
+async def _create_naive(api: apiclient.Api, relay: dict[str, Any]) -> None:
     """The operator's own manifests, applied once by hand: a plain Deployment with no one to drain it."""
     parsed = specmod.parse(relay["spec"])
     secret = dict(manifests.admin_secret(NAME, NAMESPACE, secrets.token_urlsafe(16)))
-    await plane.api.request("POST", f"/api/v1/namespaces/{NAMESPACE}/secrets", secret)
+    await api.request("POST", f"/api/v1/namespaces/{NAMESPACE}/secrets", secret)
     deployment = manifests.deployment(NAME, NAMESPACE, parsed, image="mailrelay-relay:sandbox", replicas=3,
                                       token_secret=manifests.admin_secret_name(NAME))
-    await plane.api.request("POST", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments", dict(deployment))
+    await api.request("POST", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments", dict(deployment))
+    await api.request("POST", f"/api/v1/namespaces/{NAMESPACE}/services",
+                      dict(manifests.service(NAME, NAMESPACE)))
 
 
-def _queued(plane: controlplane.ControlPlane) -> int:
+def _queued(plane: kubelet.ProcessKubelet) -> int:
     statuses = [r.last_status or {} for r in plane.runtimes.values()]
     return sum(int(status.get("queue", {}).get("messages", 0)) for status in statuses)
 
@@ -120,78 +123,89 @@ async def run_mode(mode: str, cfg: Config, workdir: pathlib.Path) -> ModeResult:
     extra_env = {"MAILRELAY_LOG_LEVEL": "warning"}
     if mode == "naive":
         extra_env["MAILRELAY_DRAIN_TIMEOUT"] = "0"
-    subnet = (random.randint(100, 250), random.randint(0, 255))
-    async with (kubeemu.serve(namespaces=[NAMESPACE], graceful_pod_deletion=True,
-                              kubeconfig=workdir / "kubeconfig",
-                              **operator_footprint.emulator_options()) as emu,
-                scenario.upstream_sink() as upstream,
-                controlplane.ControlPlane(emu.url, NAMESPACE, workdir / "pods", upstream.address,
-                                          subnet=subnet, extra_env=extra_env) as plane):
-        operator: scenario.OperatorProcess | None = None
-        gen: loadgen.LoadGenerator | None = None
+    cluster = await asyncio.to_thread(kubecluster.start, workdir / "kube")
+    try:
+        platform = await asyncio.to_thread(scenario.install, cluster, workdir)
+        await asyncio.to_thread(cluster.create_namespace, NAMESPACE, node="bench-scalein")
+        async with (scenario.upstream_sink() as upstream,
+                    apiclient.Api(cluster.url, cluster.admin_token, cluster.ca_file) as api,
+                    kubelet.ProcessKubelet.on(cluster, "bench-scalein",
+                                           workdir / "pods", upstream.address, extra_env=extra_env) as plane,
+                    kubelet.ServiceEndpoints(api, NAMESPACE, NAME) as service):
+            return await _play(mode, cfg, relay, workdir, platform, api, plane, service, upstream)
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def _play(mode: str, cfg: Config, relay: dict[str, Any], workdir: pathlib.Path,
+                platform: scenario.Platform, api: apiclient.Api, plane: kubelet.ProcessKubelet,
+                service: kubelet.ServiceEndpoints, upstream: scenario.Upstream) -> ModeResult:
+    operator: scenario.OperatorProcess | None = None
+    gen: loadgen.LoadGenerator | None = None
+    try:
+        if mode == "naive":
+            await _create_naive(api, relay)
+        else:
+            await api.request("POST", scenario.mailrelay_path(NAMESPACE), relay)
+            operator = scenario.OperatorProcess(platform.operator_kubeconfig, NAMESPACE,
+                                                workdir / "operator.log",
+                                                "--liveness", "", "--metrics-port", "0")
+            await operator.start()
         try:
-            if mode == "naive":
-                await _create_naive(plane, relay)
-            else:
-                await plane.api.request("POST", scenario.mailrelay_path(NAMESPACE), relay)
-                operator = scenario.OperatorProcess(emu.kubeconfig, NAMESPACE, workdir / "operator.log",
-                                                    "--liveness", "", "--metrics-port", "0")
-                await operator.start()
-            try:
-                await _eventually(lambda: len(plane.endpoints()) == 3, 120, "3 ready relays")
-            except TimeoutError as exc:
-                tail = operator.log_tail() if operator else ""
-                raise RuntimeError(f"{mode}: {exc}\n{tail}") from exc
-            gen = loadgen.LoadGenerator(plane.endpoints)
-            gen.set_load(cfg.rate, cfg.sessions)
-            if cfg.defer_upstream > 0:
-                await asyncio.sleep(max(0.0, cfg.warmup - 5.0))
-                upstream.defer(451)
-                await asyncio.sleep(min(5.0, cfg.warmup))
-            else:
-                await asyncio.sleep(cfg.warmup)
-            before = gen.counters.snapshot()
-            queued_at_force = _queued(plane)
-            ordered = time.monotonic()
-            if mode == "naive":
-                await plane.api.patch(DEPLOYMENT, {"spec": {"replicas": 1}})
-            else:
-                await plane.api.patch(scenario.mailrelay_path(NAMESPACE, NAME),
-                                      {"spec": {"replicas": {"fixed": 1}}})
-            if cfg.defer_upstream > 0:
-                await asyncio.sleep(max(0.0, cfg.defer_upstream - 5.0))
-                upstream.defer(None)
+            await _eventually(lambda: len(service.endpoints()) == 3, 120, "3 ready relays")
+        except TimeoutError as exc:
+            tail = operator.log_tail() if operator else ""
+            raise RuntimeError(f"{mode}: {exc}\n{tail}") from exc
+        gen = loadgen.LoadGenerator(service.endpoints)
+        gen.set_load(cfg.rate, cfg.sessions)
+        if cfg.defer_upstream > 0:
+            await asyncio.sleep(max(0.0, cfg.warmup - 5.0))
+            upstream.defer(451)
+            await asyncio.sleep(min(5.0, cfg.warmup))
+        else:
+            await asyncio.sleep(cfg.warmup)
+        before = gen.counters.snapshot()
+        queued_at_force = _queued(plane)
+        ordered = time.monotonic()
+        if mode == "naive":
+            await api.patch(DEPLOYMENT, {"spec": {"replicas": 1}})
+        else:
+            await api.patch(scenario.mailrelay_path(NAMESPACE, NAME),
+                                  {"spec": {"replicas": {"fixed": 1}}})
+        if cfg.defer_upstream > 0:
+            await asyncio.sleep(max(0.0, cfg.defer_upstream - 5.0))
+            upstream.defer(None)
 
-            def one_left() -> bool:
-                live = [p for p in plane.pods if not p["metadata"].get("deletionTimestamp")]
-                return len(live) == 1 and len(plane.runtimes) == 1 and len(plane.endpoints()) == 1
+        def one_left() -> bool:
+            live = [p for p in plane.pods if not p["metadata"].get("deletionTimestamp")]
+            return len(live) == 1 and len(plane.runtimes) == 1 and len(service.endpoints()) == 1
 
-            await _eventually(one_left, 120, "scale-in to one relay")
-            scale_in = time.monotonic() - ordered
-            accepted_during = gen.counters.accepted - before.accepted
-            refused = gen.counters.refused_421 - before.refused_421
-            await asyncio.sleep(cfg.after)
-            await gen.finish(60)
-            accepted_ids = set(gen.accepted_ids)
-            deadline = time.monotonic() + 60
-            while not accepted_ids <= upstream.delivered_ids() and time.monotonic() < deadline:
-                if not plane.runtimes:   # nothing left that could still deliver
-                    break
-                await asyncio.sleep(0.5)
-            summary = gen.summary(upstream.delivered_ids())
-            served = [t for t in plane.terminations if t.served]
-            return ModeResult(
-                mode=mode, sent=summary.sent, accepted=summary.accepted, delivered=summary.delivered,
-                lost=summary.lost, unsent=summary.unsent, sessions_reset=summary.sessions_reset,
-                resets_before=before.sessions_reset, refused_421=refused, duplicates=gen.counters.duplicates,
-                removed=len(served), killed=sum(1 for t in served if t.killed),
-                spool_left=sum(t.spool_left for t in served), queued_at_force=queued_at_force,
-                scale_in_seconds=scale_in, accepted_during=accepted_during)
-        finally:
-            if gen is not None:
-                await gen.close()
-            if operator is not None:
-                await operator.stop()
+        await _eventually(one_left, 120, "scale-in to one relay")
+        scale_in = time.monotonic() - ordered
+        accepted_during = gen.counters.accepted - before.accepted
+        refused = gen.counters.refused_421 - before.refused_421
+        await asyncio.sleep(cfg.after)
+        await gen.finish(60)
+        accepted_ids = set(gen.accepted_ids)
+        deadline = time.monotonic() + 60
+        while not accepted_ids <= upstream.delivered_ids() and time.monotonic() < deadline:
+            if not plane.runtimes:   # nothing left that could still deliver
+                break
+            await asyncio.sleep(0.5)
+        summary = gen.summary(upstream.delivered_ids())
+        served = [t for t in plane.terminations if t.served]
+        return ModeResult(
+            mode=mode, sent=summary.sent, accepted=summary.accepted, delivered=summary.delivered,
+            lost=summary.lost, unsent=summary.unsent, sessions_reset=summary.sessions_reset,
+            resets_before=before.sessions_reset, refused_421=refused, duplicates=gen.counters.duplicates,
+            removed=len(served), killed=sum(1 for t in served if t.killed),
+            spool_left=sum(t.spool_left for t in served), queued_at_force=queued_at_force,
+            scale_in_seconds=scale_in, accepted_during=accepted_during)
+    finally:
+        if gen is not None:
+            await gen.close()
+        if operator is not None:
+            await operator.stop()
 
 
 def _ratio(ours: float, theirs: float) -> str:

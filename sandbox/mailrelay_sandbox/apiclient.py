@@ -75,7 +75,8 @@ class Api:
         url = f"{self.base_url}{path}{query}watch=true&allowWatchBookmarks=true"
         if resource_version:
             url += f"&resourceVersion={resource_version}"
-        async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as response:
+        forever = aiohttp.ClientTimeout(total=None, sock_read=None)
+        async with self._session.get(url, timeout=forever) as response:
             if response.status >= 400:
                 raise ApiError(response.status, await response.text())
             async for line in response.content:

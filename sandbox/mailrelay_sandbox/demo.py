@@ -259,8 +259,7 @@ class Demo:
                 extra_env["MAILRELAY_DRAIN_TIMEOUT"] = "0"
             # A slower kubelet cadence than the tests use: the demo process also runs the sink and the
             # load generator, and every millisecond of its loop counts.
-            async with (kubelet.ProcessKubelet(cluster.url, cluster.kubelet_token, cluster.ca_file,
-                                               self.node, self.workdir / "pods", upstream.address,
+            async with (kubelet.ProcessKubelet.on(cluster, self.node, self.workdir / "pods", upstream.address,
                                                extra_env=extra_env, sync_period=0.7,
                                                probe_period=1.0) as plane,
                         kubelet.ServiceEndpoints(api, self.namespace, NAME) as service):

@@ -46,7 +46,7 @@ from typing import Any
 
 import aiohttp
 
-from mailrelay_sandbox import apiclient, loadgen
+from mailrelay_sandbox import apiclient, kubecluster, loadgen
 
 log = logging.getLogger("mailrelay_sandbox.kubelet")
 
@@ -253,6 +253,12 @@ class ProcessKubelet:
         self._http: aiohttp.ClientSession | None = None
         self.errors = 0
         self._background: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def on(cls, cluster: kubecluster.Cluster, node: str, workdir: Path, upstream: str,
+           **options: Any) -> ProcessKubelet:
+        """A kubelet for `cluster` with its own identity (the sandbox-kubelet token)."""
+        return cls(cluster.url, cluster.kubelet_token, cluster.ca_file, node, workdir, upstream, **options)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def __aenter__(self) -> ProcessKubelet:

@@ -25,8 +25,8 @@ async def sink() -> AsyncIterator[scenario.Upstream]:
 async def node(kube: kubeenv.KubeEnv, sink: scenario.Upstream,
                tmp_path: Path) -> AsyncIterator[kubelet.ProcessKubelet]:
     """The test's node: the pods the scheduler binds to it run as real relay processes."""
-    async with kubelet.ProcessKubelet(
-        kube.url, kube.cluster.kubelet_token, kube.ca_file, kube.node, tmp_path / "pods", sink.address,
+    async with kubelet.ProcessKubelet.on(
+        kube.cluster, kube.node, tmp_path / "pods", sink.address,
         extra_env={"MAILRELAY_LOG_LEVEL": "warning"},
     ) as running:
         yield running

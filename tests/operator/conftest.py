@@ -32,8 +32,8 @@ async def sink() -> AsyncIterator[scenario.Upstream]:
 async def node(kube: kubeenv.KubeEnv, sink: scenario.Upstream,
                tmp_path: Path) -> AsyncIterator[kubelet.ProcessKubelet]:
     """The test's node: pods of the operator's Deployment run as real relays on their pod IPs."""
-    async with kubelet.ProcessKubelet(
-        kube.url, kube.cluster.kubelet_token, kube.ca_file, kube.node, tmp_path / "pods", sink.address,
+    async with kubelet.ProcessKubelet.on(
+        kube.cluster, kube.node, tmp_path / "pods", sink.address,
         # A long drain grace: the tests' idle SMTP sessions stand for clients mid-transaction, which a
         # draining relay must let finish (by default it sends idle sessions a 421 after 2 s).
         extra_env={"MAILRELAY_LOG_LEVEL": "warning", "MAILRELAY_DRAIN_GRACE": "600"}, max_grace_seconds=15,
@@ -42,7 +42,7 @@ async def node(kube: kubeenv.KubeEnv, sink: scenario.Upstream,
 
 
 class ForbiddenLog(logging.Handler):
-    """Collects every log record that mentions Forbidden (an RBAC refusal): the operator must never get one."""
+    """Collects every log record that mentions Forbidden (an RBAC refusal): the operator must get none."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
