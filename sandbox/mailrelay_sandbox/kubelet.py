@@ -382,14 +382,14 @@ class ProcessKubelet:
                     runtime.terminating = True
                     grace = float(meta.get("deletionGracePeriodSeconds")
                                   or pod["spec"].get("terminationGracePeriodSeconds", 30))
-                    self._spawn(self._terminate(runtime, grace, finalize=True))
+                    self._spawn(self.stop_pod(runtime, grace, finalize=True))
             elif runtime is None and pod.get("status", {}).get("phase") not in ("Succeeded", "Failed"):
-                await self._start_pod(pod)
+                await self.start_pod(pod)
         for name, runtime in list(self.runtimes.items()):
             if name not in seen and not runtime.terminating:
                 # gone from the API without grace (force deletion): the process is stopped anyway
                 runtime.terminating = True
-                self._spawn(self._terminate(runtime, runtime.grace, finalize=False))
+                self._spawn(self.stop_pod(runtime, runtime.grace, finalize=False))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -406,7 +406,7 @@ class ProcessKubelet:
             if ip not in used:
                 return ip
 
-    async def _start_pod(self, pod: Obj) -> None:
+    async def start_pod(self, pod: Obj) -> None:
         meta = pod["metadata"]
         name, namespace = meta["name"], meta["namespace"]
         spec = pod["spec"]
@@ -685,7 +685,7 @@ class ProcessKubelet:
         }
 
     # -- the end of a pod ----------------------------------------------------------------------------
-    async def _terminate(self, runtime: PodRuntime, grace: float, *, finalize: bool) -> None:
+    async def stop_pod(self, runtime: PodRuntime, grace: float, *, finalize: bool) -> None:
         runtime.ready = False
         if self.max_grace_seconds is not None:
             grace = min(grace, self.max_grace_seconds)
