@@ -21,6 +21,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+import yaml
 from mailrelay_operator import kube
 from mailrelay_sandbox import apiclient, kubecluster, scenario
 
@@ -125,3 +126,12 @@ def new_env(session: SessionCluster) -> KubeEnv:
 
 def end_env(env: KubeEnv) -> None:
     env.cluster.delete_namespace(env.namespace)
+
+
+def server_dry_run(session: SessionCluster, docs: list[dict[str, Any]],
+                   namespace: str) -> subprocess.CompletedProcess[str]:
+    """`kubectl apply --dry-run=server --validate=strict` of `docs` into `namespace` (created if absent):
+    the real API server's admission and strict field validation judge them, and nothing is stored."""
+    session.cluster.create_namespace(namespace)
+    return session.cluster.kubectl("apply", "--dry-run=server", "--validate=strict", "-n", namespace,
+                                   "-f", "-", input=yaml.safe_dump_all(docs), check=False)

@@ -1,6 +1,7 @@
-"""The owned objects (mailrelay_operator.manifests): valid Kubernetes 1.37 objects (kubernetes-validate,
-strict), the contract labels, a relay container the real relay's configuration parser accepts, a
-config hash that rolls out relay changes only, and a NetworkPolicy that keeps the admin port closed.
+"""The owned objects (mailrelay_operator.manifests): objects the real API server admits (a server-side dry-
+run with strict field validation, on the session's control plane), the contract labels, a relay container
+the real relay's configuration parser accepts, a config hash that rolls out relay changes only, and a
+NetworkPolicy that keeps the admin port closed.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import copy
 import dataclasses
 from typing import Any
 
-import kubernetes_validate
 import pytest
 from mailrelay_operator import kubetypes, manifests
 from mailrelay_operator import spec as specmod
 from mailrelay_relay import cli as relay_cli
 from mailrelay_relay import config as relay_config
+
+from tests import kubeenv
 
 MINIMAL = specmod.parse({"upstream": {"host": "smtp.example.net"}, "acceptFrom": ["10.0.0.0/8"]})
 FULL = specmod.parse(
@@ -82,16 +84,33 @@ def env_of(dep: kubetypes.Deployment, pod_name: str = "outbound-7d9f-abcde") -> 
 
 
 @pytest.mark.parametrize("spec_name", SPECS)
-def test_objects_are_valid_for_kubernetes_1_37(spec_name: str) -> None:
-    for obj in build_all(SPECS[spec_name]):
-        kubernetes_validate.validate(obj, "1.37", strict=True)
+def test_the_api_server_admits_every_object(kube_session: kubeenv.SessionCluster, spec_name: str) -> None:
+    result = kubeenv.server_dry_run(kube_session, build_all(SPECS[spec_name]), "mail")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("(server dry run)") == len(build_all(SPECS[spec_name])), result.stdout
 
 
-def test_validation_is_strict_enough_to_fail() -> None:
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("containers.0.ports.0.containerPort", "2525", "containerPort"),   # a string for a number
+        ("containers.0.readinessProbe.periodSecond", 2, 'unknown field "spec.template.spec.containers[0]'
+                                                        '.readinessProbe.periodSecond"'),
+        ("containers.0.ports.0.name", "smtp-listener-port", "must be no more than 15 characters"),
+    ],
+)
+def test_the_server_check_is_strict_enough_to_fail(
+    kube_session: kubeenv.SessionCluster, path: str, value: Any, expected: str
+) -> None:
     dep: Any = copy.deepcopy(build_all(MINIMAL)[0])
-    dep["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "2525"
-    with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(dep, "1.37", strict=True)
+    node = dep["spec"]["template"]["spec"]
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node = node[int(key)] if key.isdigit() else node[key]
+    node[keys[-1]] = value
+    result = kubeenv.server_dry_run(kube_session, [dep], "mail")
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr
 
 
 def test_contract_labels_everywhere() -> None:
