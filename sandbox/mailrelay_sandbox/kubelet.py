@@ -252,6 +252,7 @@ class ProcessKubelet:
         self._task: asyncio.Task[None] | None = None
         self._http: aiohttp.ClientSession | None = None
         self.errors = 0
+        self._refused: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -412,8 +413,10 @@ class ProcessKubelet:
         spec = pod["spec"]
         containers = spec.get("containers") or []
         container = next((c for c in containers
-                          if any(p.get("name") == "smtp" for p in c.get("ports") or [])),
-                         containers[0] if containers else {})
+                          if any(p.get("name") == "smtp" for p in c.get("ports") or [])), None)
+        if container is None:
+            await self._cannot_run(pod)
+            return
         ports = {str(p.get("name")): int(p["containerPort"]) for p in container.get("ports") or []}
         workdir = self.workdir / namespace / name
         workdir.mkdir(parents=True, exist_ok=True)
@@ -454,6 +457,23 @@ class ProcessKubelet:
                              grace=float(spec.get("terminationGracePeriodSeconds", 30)))
         self.runtimes[name] = runtime
         runtime.task = asyncio.create_task(self._run(runtime, container, env, args))
+
+    async def _cannot_run(self, pod: Obj) -> None:
+        """A pod without a relay container (one with an `smtp` port): this kubelet runs relays only, so it
+        says so in the pod's status, once, as a kubelet that cannot pull an image would."""
+        uid = str(pod["metadata"].get("uid"))
+        if uid in self._refused:
+            return
+        self._refused.add(uid)
+        statuses = [{"name": c.get("name", ""), "ready": False, "restartCount": 0,
+                     "image": c.get("image", ""), "imageID": "", "state": {"waiting": {
+                         "reason": "SandboxCannotRun",
+                         "message": "the sandbox's process kubelet runs mailrelay-relay containers only"}}}
+                    for c in pod["spec"].get("containers") or []]
+        with contextlib.suppress(apiclient.ApiError, aiohttp.ClientError, TimeoutError):
+            await self.api.patch(
+                f"/api/v1/namespaces/{pod['metadata']['namespace']}/pods/{pod['metadata']['name']}/status",
+                {"status": {"phase": "Pending", "containerStatuses": statuses}})
 
     async def _volumes(self, pod: Obj, container: Obj, workdir: Path) -> dict[str, Path]:
         namespace = pod["metadata"]["namespace"]
