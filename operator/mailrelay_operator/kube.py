@@ -99,6 +99,8 @@ RBAC_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 
 USER_AGENT = f"mailrelay-operator/{mailrelay_operator.__version__}"
 MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
+FIELD_MANAGER = "mailrelay-operator"  # server-side apply of the owned objects
 JSON_PATCH = "application/json-patch+json"
 RETRYABLE_STATUSES = frozenset({0, 408, 429, 500, 502, 503, 504})
 
@@ -328,32 +330,57 @@ class Kube:
 
     # -- composite, still pure I/O --
 
-    async def ensure(self, desired: Mapping[str, Any], *, keep: Sequence[str] = (),
-                     create_only: bool = False) -> tuple[JSON, str]:
-        """Make the object match `desired` (create, or merge-patch what drifted). Idempotent.
+    async def apply(self, desired: Mapping[str, Any]) -> JSON:
+        """Server-side apply of `desired` as field manager FIELD_MANAGER, forcing conflicts: the operator
+        owns these fields, and a field it stops setting is removed by the server."""
+        res = BY_KIND[str(desired["kind"])]
+        meta = desired.get("metadata", {})
+        applied = await self._request(
+            "PATCH", res.path(meta.get("namespace"), str(meta["name"])),
+            query=(("fieldManager", FIELD_MANAGER), ("force", "true")), body=dict(desired),
+            content_type=APPLY_PATCH)
+        self._written(res, applied, deleted=False)
+        return applied
 
-        `keep`: top-level spec keys never patched once the object exists (e.g. a Deployment's `replicas`,
-        owned by the scaling loop). `create_only`: never patch the content (e.g. a generated Secret); only
-        labels and owner references are repaired. Returns (live object, "created"|"patched"|"unchanged").
+    async def ensure(self, desired: Mapping[str, Any], *, create_only: bool = False) -> tuple[JSON, str]:
+        """Make the object match `desired` by server-side apply. Idempotent.
+
+        `create_only`: create the object with its content (e.g. a generated Secret), then never apply the
+        content again, only its labels, annotations and owner references: the content was written by a
+        create, so the apply manager never owns it and an apply without it leaves it alone. Returns (live
+        object, "created"|"patched"|"unchanged"), from the resourceVersion before and after.
         """
         res = BY_KIND[str(desired["kind"])]
         meta = desired.get("metadata", {})
         namespace, name = meta.get("namespace"), str(meta["name"])
-        for _ in range(3):
-            live = await self.get(res, namespace, name)
+        live = await self.get(res, namespace, name)
+        if create_only:
             if live is None:
                 try:
                     return await self.create(res, namespace, desired), "created"
-                except Conflict:
-                    continue  # created meanwhile (or by our earlier attempt whose answer was lost): re-read
-            patch = drift_patch(live, desired, keep=keep, create_only=create_only)
-            if not patch:
-                return live, "unchanged"
-            try:
-                return await self.patch(res, namespace, name, patch), "patched"
-            except NotFound:
-                continue  # deleted meanwhile: create it again
-        raise ApiError(409, "Conflict", f"could not settle {res.kind} {namespace}/{name}")
+                except Conflict:  # created meanwhile (or by our earlier attempt whose answer was lost)
+                    live = await self.get(res, namespace, name)
+                    if live is None:
+                        raise
+            desired = {"apiVersion": desired["apiVersion"], "kind": desired["kind"], "metadata": {
+                k: v for k, v in meta.items()
+                if k in ("name", "namespace", "labels", "annotations", "ownerReferences")}}
+        try:
+            applied = await self.apply(desired)
+        except ApiError as exc:
+            if exc.status != 422 or live is None or "spec" not in desired:
+                raise
+            # Fields another manager owns stay after an apply: an edit that changed a key of a list
+            # (a Service port 25 -> 2500) leaves its entry beside ours, which the server may refuse
+            # (two ports named smtp). Replace the spec's top-level fields with a merge patch (lists
+            # are replaced whole), then apply again, so that the apply owns the result.
+            logger.info("%s %s/%s: apply refused (%s); replacing its spec", res.kind, namespace, name, exc)
+            await self.patch(res, namespace, name, {"spec": dict(desired["spec"])})
+            applied = await self.apply(desired)
+        if live is None:
+            return applied, "created"
+        same = applied.get("metadata", {}).get("resourceVersion") == live["metadata"].get("resourceVersion")
+        return applied, "unchanged" if same else "patched"
 
     async def post_event(self, involved: Mapping[str, Any], *, reason: str, message: str,
                          type_: str = "Normal", component: str = "mailrelay-operator") -> None:
@@ -412,46 +439,14 @@ def resolve_environment_once(api_client: Any) -> None:
     rest.pool_manager._trust_env = False
 
 
-def _subset(live: Any, desired: Any) -> bool:
-    """Whether `desired` is contained in `live`: dict keys recursively, lists item by item (same length)."""
-    if isinstance(desired, Mapping):
-        return isinstance(live, Mapping) and all(
-            k in live and _subset(live[k], v) for k, v in desired.items())
-    if isinstance(desired, list):
-        return (isinstance(live, list) and len(live) == len(desired)
-                and all(_subset(a, b) for a, b in zip(live, desired, strict=True)))
-    return bool(live == desired)
-
-
-def drift_patch(live: Mapping[str, Any], desired: Mapping[str, Any], *, keep: Sequence[str] = (),
-                create_only: bool = False) -> JSON:
-    """The merge patch that brings `live` to `desired` (empty when nothing drifted). Pure helper."""
-    patch: JSON = {}
-    live_meta, want_meta = live.get("metadata", {}), desired.get("metadata", {})
-    meta_patch: JSON = {}
-    for key in ("labels", "annotations"):
-        wanted = want_meta.get(key) or {}
-        current = live_meta.get(key) or {}
-        changed = {k: v for k, v in wanted.items() if current.get(k) != v}
-        if changed:
-            meta_patch[key] = changed
-    want_refs = want_meta.get("ownerReferences") or []
-    live_refs = live_meta.get("ownerReferences") or []
-    live_uids = {ref.get("uid") for ref in live_refs}
-    if any(ref.get("uid") not in live_uids for ref in want_refs):
-        meta_patch["ownerReferences"] = [*live_refs, *(r for r in want_refs if r.get("uid") not in live_uids)]
-    if meta_patch:
-        patch["metadata"] = meta_patch
-    if create_only:
-        return patch
-    for key, value in desired.items():
-        if key in ("apiVersion", "kind", "metadata", "status"):
+def manager_owns(obj: Mapping[str, Any], path: Sequence[str], manager: str = FIELD_MANAGER) -> bool:
+    """Whether `manager`'s Apply entry in `obj`'s managedFields owns the field at `path` (pure)."""
+    for entry in (obj.get("metadata") or {}).get("managedFields") or []:
+        if entry.get("manager") != manager or entry.get("operation") != "Apply":
             continue
-        if key == "spec" and isinstance(value, Mapping):
-            spec_patch = {k: v for k, v in value.items()
-                          if k not in keep and not _subset((live.get("spec") or {}).get(k), v)}
-            if spec_patch:
-                patch["spec"] = spec_patch
-        elif not _subset(live.get(key), value):
-            patch[key] = value
-    return patch
+        node: Any = entry.get("fieldsV1") or {}
+        for key in path:
+            node = node.get(f"f:{key}") if isinstance(node, Mapping) else None
+        if isinstance(node, Mapping):
+            return True
+    return False

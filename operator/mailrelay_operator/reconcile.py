@@ -117,7 +117,7 @@ async def ensure_owned(
     secret = manifests.admin_secret(name, namespace, secrets.token_urlsafe(32))
     live_deployment = await rt.kube.get(kube.DEPLOYMENTS, namespace, name)
     replicas = _initial_replicas(body, parsed)
-    deployment = manifests.deployment(
+    deployment: Any = manifests.deployment(
         name,
         namespace,
         parsed,
@@ -125,6 +125,15 @@ async def ensure_owned(
         replicas=replicas,
         token_secret=secret_name,
     )
+    if live_deployment is not None:
+        # The scaling loop owns the replica count once the Deployment exists. The count the create
+        # applied stays ours until the loop first writes it; until then it is applied unchanged, under
+        # the live resourceVersion, so a write of the loop in between is never undone (409, retried).
+        if kube.manager_owns(live_deployment, ("spec", "replicas")):
+            deployment["spec"]["replicas"] = live_deployment["spec"]["replicas"]
+            deployment["metadata"]["resourceVersion"] = live_deployment["metadata"]["resourceVersion"]
+        else:
+            del deployment["spec"]["replicas"]
     objects: list[Any] = [
         secret,
         deployment,
@@ -141,8 +150,7 @@ async def ensure_owned(
     kopf.adopt(objects, owner=owner)
     actions: dict[str, str] = {}
     for obj in objects:
-        keep = ("replicas",) if obj["kind"] == "Deployment" else ()
-        live, action = await rt.kube.ensure(obj, keep=keep, create_only=obj["kind"] == "Secret")
+        live, action = await rt.kube.ensure(obj, create_only=obj["kind"] == "Secret")
         actions[obj["kind"]] = action
         if obj["kind"] == "Secret":
             memory.token = _token_of(live)

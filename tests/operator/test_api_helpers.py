@@ -1,5 +1,6 @@
-"""Pure helpers of the operator's I/O shell: the drift patch of `kube.ensure`, the retry backoff, and the
-compact stabilization window kept in status.recommendations (restart safety of the policy)."""
+"""Pure helpers of the operator's I/O shell: which fields the operator's server-side apply owns, the retry
+backoff, and the compact stabilization window kept in status.recommendations (restart safety of the
+policy)."""
 
 from __future__ import annotations
 
@@ -10,68 +11,35 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mailrelay_operator import kube, policy, reconcile
 
-LIVE: dict[str, Any] = {
-    "apiVersion": "v1",
-    "kind": "Service",
-    "metadata": {
-        "name": "s",
-        "labels": {"a": "1", "extra": "x"},
-        "ownerReferences": [{"uid": "u1"}],
-        "resourceVersion": "7",
-    },
-    "spec": {
-        "type": "ClusterIP",
-        "clusterIP": "10.0.0.1",
-        "selector": {"app": "r"},
-        "ports": [{"name": "smtp", "port": 25, "targetPort": "smtp", "protocol": "TCP"}],
-    },
-}
+
+def managed(*entries: tuple[str, str, dict[str, Any]]) -> dict[str, Any]:
+    return {"metadata": {"managedFields": [
+        {"manager": m, "operation": op, "fieldsType": "FieldsV1", "fieldsV1": fields}
+        for m, op, fields in entries
+    ]}}
+
+
+REPLICAS = {"f:spec": {"f:replicas": {}, "f:template": {}}}
 
 
 @pytest.mark.parametrize(
-    ("desired", "keep", "create_only", "expected"),
+    ("obj", "path", "owned"),
     [
-        # Nothing drifted: server-side defaults (clusterIP, protocol) and foreign labels are left alone.
-        (
-            {
-                "kind": "Service",
-                "metadata": {"labels": {"a": "1"}, "ownerReferences": [{"uid": "u1"}]},
-                "spec": {
-                    "selector": {"app": "r"},
-                    "ports": [{"name": "smtp", "port": 25, "targetPort": "smtp"}],
-                },
-            },
-            (),
-            False,
-            {},
-        ),
-        # A changed port: the whole list is sent (a merge patch replaces lists).
-        (
-            {"kind": "Service", "metadata": {}, "spec": {"ports": [{"name": "smtp", "port": 2525}]}},
-            (),
-            False,
-            {"spec": {"ports": [{"name": "smtp", "port": 2525}]}},
-        ),
-        # Kept keys are never patched; labels and a missing owner are repaired even in create-only mode.
-        (
-            {
-                "kind": "Service",
-                "metadata": {"labels": {"a": "2"}, "ownerReferences": [{"uid": "u2"}]},
-                "spec": {"selector": {"app": "other"}},
-            },
-            ("selector",),
-            False,
-            {"metadata": {"labels": {"a": "2"}, "ownerReferences": [{"uid": "u1"}, {"uid": "u2"}]}},
-        ),
-        ({"kind": "Service", "metadata": {}, "spec": {"type": "NodePort"}}, (), True, {}),
-        # Top-level fields other than spec (a Secret's type, for instance).
-        ({"kind": "Service", "metadata": {}, "type": "Opaque"}, (), False, {"type": "Opaque"}),
+        (managed(("mailrelay-operator", "Apply", REPLICAS)), ("spec", "replicas"), True),
+        (managed(("mailrelay-operator", "Apply", REPLICAS)), ("spec", "template"), True),
+        (managed(("mailrelay-operator", "Apply", REPLICAS)), ("spec", "selector"), False),
+        # the scaling loop's merge patches are an Update entry of the same manager name: not the apply's
+        (managed(("mailrelay-operator", "Update", REPLICAS)), ("spec", "replicas"), False),
+        (managed(("kubectl", "Apply", REPLICAS)), ("spec", "replicas"), False),
+        (managed(("kubectl", "Apply", REPLICAS), ("mailrelay-operator", "Apply", {"f:spec": {}})),
+         ("spec", "replicas"), False),
+        ({"metadata": {}}, ("spec", "replicas"), False),
+        (managed(("mailrelay-operator", "Apply", {"f:spec": {"f:replicas": 3}})),
+         ("spec", "replicas"), False),
     ],
 )
-def test_drift_patch(
-    desired: dict[str, Any], keep: tuple[str, ...], create_only: bool, expected: dict[str, Any]
-) -> None:
-    assert kube.drift_patch(LIVE, desired, keep=keep, create_only=create_only) == expected
+def test_manager_owns(obj: dict[str, Any], path: tuple[str, ...], owned: bool) -> None:
+    assert kube.manager_owns(obj, path) is owned
 
 
 @given(st.integers(min_value=1, max_value=20))
