@@ -1,9 +1,13 @@
 """Parse a MailRelay `.spec` (raw JSON) into frozen dataclasses, applying the CRD's defaults.
 
-The API server applies the CRD defaults and validations in a real cluster, but the emulated API server
-used in tests does not, so this module applies the same defaults and checks again (a test keeps both in
-step with crds/mailrelay.yaml). A bad spec raises `SpecError` with the path of the offending field.
-Pure: no I/O, no clock, no Kubernetes client.
+The API server applies the CRD's defaults and rules before the operator sees an object, on write and on
+read. This module still applies the same defaults and checks, for one case the server cannot cover: a
+CRD older than the operator. `helm upgrade` never updates a chart's `crds/`, so after an upgrade the
+operator can meet MailRelays served by the CRD of an earlier release, without a newer field's default
+(`drain.onTimeout` was added after the first release) or rule. A missing field then reads as its default,
+and an invalid spec is reported (InvalidSpec) instead of acted on. tests/chart/test_crd.py has the real
+API server and this module judge the same specs and checks that they agree. A bad spec raises `SpecError`
+with the path of the offending field. Pure: no I/O, no clock, no Kubernetes client.
 """
 
 from __future__ import annotations
