@@ -34,10 +34,10 @@ lint: venv
 	$(BIN)/ruff check relay operator sandbox tests bench dashboards
 	$(BIN)/mypy
 
-demo: venv
+demo: setup
 	$(BIN)/python -m mailrelay_sandbox.demo
 
-demo-compare: venv
+demo-compare: setup
 	$(BIN)/python -m mailrelay_sandbox.demo --compare-naive
 
 bench: setup
