@@ -1,7 +1,9 @@
 """`python -m bench [part ...]`: run the chosen parts (all by default) and print every comparison.
 
-Parts: throughput, sessions (idle memory, 421 latency at the cap), overload, profile, and the hooks
-scale-in and operator (not yet measured). `--quick` shrinks every size to check the harness only.
+Parts: throughput, sessions (idle memory, 421 latency at the cap), overload, profile, scale-in,
+controlplane (the sandbox's real control plane: start time and weight), and operator (reaction and
+footprint on the real control plane; only when asked by name: it takes longer than the default run).
+`--quick` shrinks every size to check the harness only.
 
 What it must not do: leave servers running (every part stops what it started, and a dead run's leftovers
 are swept at start).
@@ -16,9 +18,20 @@ import sys
 import time
 from collections.abc import Sequence
 
-from bench import environment, overload, pending, profile, report, scalein, sessions, throughput, workdir
+from bench import (
+    controlplane,
+    environment,
+    overload,
+    pending,
+    profile,
+    report,
+    scalein,
+    sessions,
+    throughput,
+    workdir,
+)
 
-PARTS = ("throughput", "sessions", "overload", "profile", "scale-in", "operator")
+PARTS = ("throughput", "sessions", "overload", "profile", "scale-in", "controlplane", "operator")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             profile.run(run_dir, out, messages=messages, size=size, with_anatomy=size == 2048)
         if "scale-in" in parts:
             scalein.run(out, scalein.QUICK if args.quick else scalein.FULL)
+        if "controlplane" in parts:
+            controlplane.run(out, controlplane.QUICK if args.quick else controlplane.FULL)
         if "operator" in parts:
             pending.operator(out, asked="operator" in args.parts, quick=args.quick)
         snap = environment.snapshot(run_dir.path)
