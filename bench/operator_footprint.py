@@ -406,6 +406,7 @@ async def measure(cfg: Config, workdir: pathlib.Path, admin_port: int, control_p
         "operator_command": command,
         "control_plane": control_plane,
         "operator_requests_per_second": rates.get("flow_schema=service-accounts", 0.0),
+        "operator_requests_total": requests_after.get("flow_schema=service-accounts", 0.0),
         "apiserver_requests_per_second": {k: v for k, v in sorted(rates.items())
                                           if v > 0 and not k.startswith("flow_schema=")},
         "quiet": cfg.quiet,
@@ -475,7 +476,8 @@ def run(out: report.Report, cfg: Config, *, keep: bool = False) -> dict[str, Any
         period = figures["pods"] * figures["window_seconds"] / figures["status_scrapes"]
         out.line(f"effective scrape period per pod: {period:.2f} s (intervalSeconds {cfg.interval} plus the "
                  "tick's own duration: the scaling daemon sleeps the interval after each tick)")
-    out.line(f"operator requests to the API server: {figures['operator_requests_per_second']:.2f}/s "
+    out.line(f"operator requests to the API server: {figures['operator_requests_per_second']:.2f}/s in the "
+             f"window, {figures['operator_requests_total']:.0f} since it started "
              "(apiserver_flowcontrol_dispatched_requests_total, FlowSchema service-accounts)")
     busiest = sorted(figures["apiserver_requests_per_second"].items(), key=lambda kv: -kv[1])[:8]
     out.line("all API requests over the window, per second (apiserver_request_total): "

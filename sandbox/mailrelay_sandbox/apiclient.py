@@ -1,12 +1,14 @@
 """A small asyncio client of the Kubernetes API for the sandbox's own parts (kubelet, load generator,
 demo, tests): JSON in and out, merge patches, bearer tokens, the control plane's CA.
 
-It holds no policy and retries nothing: a failed call raises `ApiError` with the status. The operator
+It holds no policy and retries only what the server asks it to (429 with Retry-After, as client-go does);
+any other failed call raises `ApiError` with the status. The operator
 has its own client (`mailrelay_operator.kube`); this one is never imported by `relay/` or `operator/`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 from collections.abc import AsyncIterator
@@ -53,13 +55,21 @@ class Api:
                       content_type: str = "application/json") -> Obj:
         assert self._session is not None, "use `async with Api(...)`"
         data = None if body is None else json.dumps(body)
-        async with self._session.request(method, self.base_url + path, data=data,
-                                         headers={"Content-Type": content_type}) as response:
-            text = await response.text()
-            if response.status >= 400:
-                raise ApiError(response.status, text)
+        for attempt in range(1, 6):
+            async with self._session.request(method, self.base_url + path, data=data,
+                                             headers={"Content-Type": content_type}) as response:
+                text = await response.text()
+                retry_after = response.headers.get("Retry-After", "")
+                status = response.status
+            if status == 429 and attempt < 5:
+                # the server asks to come back (a resource whose cache is still filling): as client-go does
+                await asyncio.sleep(float(retry_after) if retry_after.isdigit() else 1.0)
+                continue
+            if status >= 400:
+                raise ApiError(status, text)
             result: Obj = json.loads(text) if text else {}
             return result
+        raise AssertionError("unreachable")
 
     async def items(self, path: str) -> list[Obj]:
         return list((await self.request("GET", path)).get("items") or [])

@@ -54,6 +54,16 @@ def helm_binary() -> str:
     return found
 
 
+def _served(cluster: kubecluster.Cluster, path: str) -> bool:
+    try:
+        cluster.request("GET", path)
+    except kubecluster.ApiStatus as exc:
+        if exc.status in (404, 429, 503):
+            return False
+        raise
+    return True
+
+
 def install(cluster: kubecluster.Cluster, workdir: Path, *, release: str = RELEASE,
             namespace: str = OPERATOR_NAMESPACE) -> Platform:
     """`kubectl apply -f crds/` and `helm install` of the chart, as the README's install section does,
@@ -63,6 +73,9 @@ def install(cluster: kubecluster.Cluster, workdir: Path, *, release: str = RELEA
     if "mailrelays.mailrelay.dev" not in applied.stdout:
         raise RuntimeError(f"kubectl apply -f crds/ said: {applied.stdout} {applied.stderr}")
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/mailrelays.mailrelay.dev")
+    # Established is not yet served: the new resource's watch cache answers 429 for a moment.
+    cluster.wait(lambda: _served(cluster, f"/apis/{GROUP}/{VERSION}/mailrelays?limit=1"),
+                 what="the MailRelay resource served")
     subprocess.run([helm_binary(), "install", release, str(REPO_ROOT / "charts" / "mailrelay-operator"),
                     "-n", namespace, "--create-namespace", "--set", "replicaCount=0"],
                    env={**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}, check=True,
