@@ -1,7 +1,8 @@
 """The metrics scraper (Prometheus) may reach the relays' admin port: `--metrics-scraper-labels` and
 `--metrics-scraper-namespace` (or their environment variables) become a peer of the relays'
 NetworkPolicy, next to the operator's. Pure table for the peer, the CLI parse, and the real operator
-writing the NetworkPolicy into the emulated API server."""
+(with the chart's ServiceAccount token) writing the NetworkPolicy into the real API server, which
+validates it."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from typing import Any
 
 import pytest
 from mailrelay_operator import cli, manifests
-from mailrelay_sandbox import controlplane, kubeemu, scenario
+from mailrelay_operator import kube as k
+from mailrelay_sandbox import apiclient, scenario
 
+from tests import kubeenv
 from tests.chart import helmutil, promql
-from tests.operator.conftest import NAMESPACE, OperatorHarness, eventually
+from tests.operator.conftest import OperatorHarness, eventually
 
 PROMETHEUS = {"app.kubernetes.io/name": "prometheus"}
 MONITORING_NS = {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
@@ -59,24 +62,24 @@ def test_cli_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         cli.parse_args(["--metrics-scraper-labels", "no-equals-sign"])
 
 
-async def test_operator_admits_the_scraper_in_the_relays_network_policy(api: kubeemu.Running) -> None:
-    harness = OperatorHarness(api, metrics_scraper_labels=PROMETHEUS, metrics_scraper_namespace="monitoring")
+async def test_operator_admits_the_scraper_in_the_relays_network_policy(
+    kube: kubeenv.KubeEnv, client: apiclient.Api
+) -> None:
+    harness = OperatorHarness(kube, metrics_scraper_labels=PROMETHEUS, metrics_scraper_namespace="monitoring")
     await harness.start()
     try:
-        async with controlplane.Api(api.url) as client:
-            relay = scenario.mailrelay("np", NAMESPACE)
-            await client.request("POST", scenario.mailrelay_path(NAMESPACE), relay)
-        await eventually(
-            lambda: api.emulator.peek(kubeemu.NETWORKPOLICIES, NAMESPACE, "np") is not None,
-            within=60,
-            what="the NetworkPolicy",
-        )
+        await client.request("POST", kube.path(k.MAILRELAYS), scenario.mailrelay("np", kube.namespace))
+        await eventually(lambda: kube.get(k.NETWORKPOLICIES, "np") is not None, within=60,
+                         what="the NetworkPolicy")
     finally:
         await harness.stop()
-    np = api.emulator.peek(kubeemu.NETWORKPOLICIES, NAMESPACE, "np")
+    harness.assert_never_forbidden()
+    np = kube.get(k.NETWORKPOLICIES, "np")
     assert np is not None
-    admin_rule = np["spec"]["ingress"][1]
+    smtp_rule, admin_rule = np["spec"]["ingress"]
+    assert "from" not in smtp_rule
     assert admin_rule["from"][1] == manifests.scraper_peer(PROMETHEUS, "monitoring")
+    assert admin_rule["ports"] == [{"port": "admin", "protocol": "TCP"}]
 
 
 def operator_args(sets: list[str]) -> list[str]:
