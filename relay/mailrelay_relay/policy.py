@@ -75,9 +75,13 @@ def too_many_errors(hostname: str) -> Reply:
     return Reply(421, "4.7.0", f"{hostname} Error: too many errors", close=True)
 
 
-def drain_gate(*, draining: bool, in_transaction: bool, verb: str, hostname: str) -> Reply | None:
-    """While draining, a command outside a transaction (other than QUIT) ends the session with 421."""
-    if draining and not in_transaction and verb != "QUIT":
+def drain_gate(*, draining: bool, verb: str, drain_transaction_used: bool, hostname: str) -> Reply | None:
+    """While draining, a session greeted before the drain is still served: every command is answered as
+    usual (EHLO, HELO, RSET, NOOP never get 421), and it may complete one transaction, the one in
+    progress when the drain began or else the first one it starts after. The next MAIL after that gets
+    421 4.3.2 and the session closes. `drain_transaction_used`: this session has had a transaction while
+    the relay was draining. (New connections get their 421 at the greeting: `greeting`.)"""
+    if draining and verb == "MAIL" and drain_transaction_used:
         return shutting_down(hostname)
     return None
 
@@ -353,6 +357,7 @@ class DataOutcome(enum.Enum):
     QUEUED = "queued"
     TOO_BIG = "too_big"
     BARE_NEWLINE = "bare_newline"
+    NUL = "nul"  # a NUL octet: <CRLF>NUL.<CRLF> ends DATA early for a receiver that drops NULs
     LINE_TOO_LONG = "line_too_long"
     INFLIGHT = "inflight"  # the content outgrew its reservation past --max-inflight-bytes
     SPOOL_FULL = "spool_full"
@@ -366,6 +371,8 @@ def data_reply(outcome: DataOutcome, queue_id: str = "") -> Reply:
         return Reply(552, "5.3.4", "Error: message size exceeds fixed maximum message size")
     if outcome is DataOutcome.BARE_NEWLINE:
         return Reply(550, "5.6.0", "Error: bare CR or LF in message data (RFC 5321 section 2.3.8)")
+    if outcome is DataOutcome.NUL:
+        return Reply(550, "5.6.0", "Error: NUL octet in message data (RFC 5321 section 2.3.8)")
     if outcome is DataOutcome.LINE_TOO_LONG:
         return Reply(550, "5.6.0", "Error: line longer than 1000 octets (RFC 5321 section 4.5.3.1.6)")
     if outcome is DataOutcome.INFLIGHT:
@@ -376,7 +383,15 @@ def data_reply(outcome: DataOutcome, queue_id: str = "") -> Reply:
 
 
 _SEVERITY = {DataOutcome.QUEUED: 0, DataOutcome.INFLIGHT: 1, DataOutcome.TOO_BIG: 2,
-             DataOutcome.LINE_TOO_LONG: 3, DataOutcome.BARE_NEWLINE: 4}
+             DataOutcome.LINE_TOO_LONG: 3, DataOutcome.NUL: 4, DataOutcome.BARE_NEWLINE: 5}
+
+
+def bare_lf_end(hostname: str) -> Reply:
+    """DATA ended with LF "." LF (bare line feeds) instead of CRLF "." CRLF: answered at once, and the
+    session closes, rather than left to wait for the data timeout (Postfix's smtpd_forbid_bare_newline
+    = reject does the same)."""
+    return Reply(550, "5.6.0", f"{hostname} Error: bare <LF> received; end DATA with <CRLF>.<CRLF> "
+                 "(RFC 5321 section 4.1.1.4)", close=True)
 
 
 def worse(a: DataOutcome, b: DataOutcome) -> DataOutcome:
@@ -428,6 +443,8 @@ class DataScan:
         line = piece[1:] if piece[:1] == b"." else piece
         if not at_line_start or not line.endswith(b"\r\n") or line.find(b"\r", 0, len(line) - 2) >= 0:
             self._fail(DataOutcome.BARE_NEWLINE)
+        elif b"\x00" in line:
+            self._fail(DataOutcome.NUL)
         elif len(line) > MAX_TEXT_LINE:
             self._fail(DataOutcome.LINE_TOO_LONG)
         self.size += len(line)
@@ -441,7 +458,7 @@ class DataScan:
         self._fail(outcome)
 
     def _fail(self, outcome: DataOutcome) -> None:
-        """Keep the most telling reason: bare CR/LF, then an over-long line, then the size."""
+        """Keep the most telling reason: bare CR/LF, then NUL, then an over-long line, then the size."""
         if _SEVERITY[outcome] > _SEVERITY[self.outcome]:
             self.outcome = outcome
         self.chunks = []
@@ -457,6 +474,8 @@ def scan_block(block: bytes, max_size: int) -> tuple[DataOutcome, bytes]:
     crlf = block.count(b"\r\n")
     if block.count(b"\r") != crlf or block.count(b"\n") != crlf:
         return DataOutcome.BARE_NEWLINE, b""
+    if b"\x00" in block:
+        return DataOutcome.NUL, b""
     framed = b"\r\n" + block
     if len(block) > MAX_TEXT_LINE - 2:
         for line in block.split(b"\r\n"):

@@ -142,6 +142,9 @@ class Server:
     def note_draining(self, draining: bool, now: float) -> None:
         if draining and self.drain_started is None:
             self.drain_started = now
+            for session in self.sessions:  # a transaction in progress is the one each may complete
+                if session._in_transaction:
+                    session.drain_transaction = True
         elif not draining:
             self.drain_started = None
 
@@ -174,8 +177,10 @@ class _Reader(asyncio.StreamReader):
     there (then replies to pipelined commands stay batched), and dropping plaintext pipelined after
     STARTTLS (RFC 3207; aiosmtpd clears the same buffer again once the handshake is done)."""
 
-    _buffer: bytearray  # StreamReader's buffer and limit (CPython asyncio, unchanged since 3.4)
+    _buffer: bytearray  # StreamReader's buffer, limit, EOF flag and waiter (CPython asyncio, since 3.4)
     _limit: int
+    _eof: bool
+    _wait_for_data: Callable[[str], Awaitable[None]]
 
     def holds(self, separator: bytes) -> bool:
         """Would readuntil(separator) return (or fail) without waiting?"""
@@ -183,6 +188,26 @@ class _Reader(asyncio.StreamReader):
 
     def discard(self) -> None:
         self._buffer.clear()
+
+    async def read_data_piece(self, at_line_start: bool) -> bytes:
+        """readuntil(b".\\r\\n"), but raise BareLfEnd as soon as the buffer shows LF "." LF before it (a DATA
+        ended with bare line feeds, which would otherwise wait for the data timeout). `at_line_start`:
+        the bytes consumed so far end with a line feed (the start of DATA counts as one)."""
+        while True:
+            buffer = self._buffer
+            end = buffer.find(b".\r\n")
+            bare = buffer.find(b"\n.\n")
+            if at_line_start and buffer[:2] == b".\n":
+                bare = -1 if end == 0 else 0
+            if bare >= 0 and (end < 0 or bare < end):
+                raise BareLfEnd
+            if end >= 0 or len(buffer) > self._limit or self._eof:
+                return await self.readuntil(b".\r\n")
+            await self._wait_for_data("readuntil")
+
+
+class BareLfEnd(Exception):
+    """The client ended DATA with LF "." LF."""
 
 
 Command = Callable[["Session", str], Awaitable[None]]
@@ -256,6 +281,7 @@ class Session(aiosmtpd.smtp.SMTP):
         self.reservation = 0
         self.bad_commands = 0
         self.may_relay = False
+        self.drain_transaction = False  # had a transaction while the relay was draining (policy.drain_gate)
         self._greeting = policy.OK
 
     @property
@@ -343,7 +369,9 @@ class Session(aiosmtpd.smtp.SMTP):
 
     def _set_post_data_state(self) -> None:
         """aiosmtpd's reset of the envelope (after DATA, RSET, HELO/EHLO, STARTTLS): also gives back the
-        transaction's in-flight reservation."""
+        transaction's in-flight reservation, and notes a transaction that ends while draining."""
+        if self.server.state.draining and self._in_transaction:
+            self.drain_transaction = True
         self._release()
         super()._set_post_data_state()  # type: ignore[no-untyped-call]
 
@@ -412,8 +440,10 @@ class Session(aiosmtpd.smtp.SMTP):
         if idle and self.envelope is not None and self.envelope.mail_from is None:
             self.idle_since = self.loop.time()
 
-    async def _read(self, deadline: float, separator: bytes, *, idle: bool = False) -> bytes:
-        """reader.readuntil(separator); a LimitOverrunError (no separator within READ_LIMIT) propagates."""
+    async def _read(self, deadline: float, separator: bytes, *, idle: bool = False,
+                    at_line_start: bool | None = None) -> bytes:
+        """reader.readuntil(separator); a LimitOverrunError (no separator within READ_LIMIT) propagates.
+        With `at_line_start` (DATA's bulk read of b".\\r\\n"), a bare LF "." LF raises BareLfEnd."""
         if self.closed:
             raise ConnectionClosed
         reader = self._reader
@@ -425,6 +455,8 @@ class Session(aiosmtpd.smtp.SMTP):
         if not reader.holds(separator):
             await self._before_wait(deadline, idle)
         try:
+            if at_line_start is not None:
+                return await reader.read_data_piece(at_line_start)
             return await reader.readuntil(separator)
         except asyncio.IncompleteReadError:
             raise ConnectionClosed from None  # EOF
@@ -521,8 +553,8 @@ class Session(aiosmtpd.smtp.SMTP):
             return
         verb, _, arg = line.partition(" ")
         verb = verb.upper()
-        gate = policy.drain_gate(draining=self.server.state.draining, in_transaction=self._in_transaction,
-                                 verb=verb, hostname=self.cfg.hostname)
+        gate = policy.drain_gate(draining=self.server.state.draining, verb=verb,
+                                 drain_transaction_used=self.drain_transaction, hostname=self.cfg.hostname)
         if gate is not None:
             self.abort(gate, "draining")
             return
@@ -575,6 +607,8 @@ class Session(aiosmtpd.smtp.SMTP):
 
         decision = state.atomic(decide)
         if decision.accepted:
+            if state.draining:
+                self.drain_transaction = True  # the one transaction a draining relay still completes
             envelope.mail_from = decision.mail_from
             envelope.mail_options = list(decision.options)
             envelope.rcpt_tos = []
@@ -606,6 +640,14 @@ class Session(aiosmtpd.smtp.SMTP):
         if reply.code != 354:
             return
         deadline = self.loop.time() + self.cfg.data_timeout
+        try:
+            await self._read_data(deadline, envelope)
+        except BareLfEnd:
+            logs.event(log, "message.rejected", session=self.id, reason="bare_lf_end", size=0)
+            self.abort(policy.bare_lf_end(self.cfg.hostname), "bare_lf_end")
+
+    async def _read_data(self, deadline: float, envelope: Any) -> None:
+        """DATA after the 354: read, check, store, answer. Raises BareLfEnd."""
         block, held = await self._read_small_data(deadline)
         if block is not None:  # the common case: the whole message at once, checked at C speed
             outcome, content = policy.scan_block(block, self.cfg.max_message_size)
@@ -619,7 +661,10 @@ class Session(aiosmtpd.smtp.SMTP):
                     self._feed(scan, line)
             held = []
             while not scan.done:
-                self._feed(scan, await self.readline(deadline))
+                piece = await self.readline(deadline)
+                if piece == b".\n" and not scan.partial and scan.tail.endswith(b"\n"):
+                    raise BareLfEnd
+                self._feed(scan, piece)
             outcome, content, size = scan.outcome, scan.content(), scan.size
             scan.chunks = []
         queue_id = ""
@@ -666,7 +711,7 @@ class Session(aiosmtpd.smtp.SMTP):
         tail = b"\r\n"  # the last two bytes consumed so far
         while True:
             try:
-                chunk = await self._read(deadline, b".\r\n")
+                chunk = await self._read(deadline, b".\r\n", at_line_start=tail.endswith(b"\n"))
             except asyncio.LimitOverrunError:
                 return None, chunks
             chunks.append(chunk)

@@ -60,15 +60,27 @@ def test_drain_with_session_in_data_then_resume(tmp_path: pathlib.Path, sink: si
         late = Wire(relay.smtp_address)
         assert late.greeting == (421, [DRAINING_421])
         assert late.closed()
-        # the session between transactions: its next command gets 421 and the session closes
+        # the session greeted before the drain is still served: one more transaction completes...
+        assert between.cmd("NOOP")[0] == 250
+        assert between.cmd("MAIL FROM:<a@client.test>")[0] == 250
+        assert between.cmd("RCPT TO:<b@dest.test>")[0] == 250
+        assert between.cmd("DATA")[0] == 354
+        between_id, between_content = message("started after the drain")
+        between.send(between_content + b".\r\n")
+        assert between.reply()[0] == 250
+        # ...and the next MAIL after it gets 421 and the session closes
+        assert between.cmd("RSET")[0] == 250
         assert between.cmd("MAIL FROM:<a@client.test>") == (421, DRAINING_421)
         assert between.closed()
-        # the transaction in DATA finishes with 250, then its next command other than QUIT gets 421
+        # the transaction in DATA finishes with 250; RSET and NOOP are answered, the next MAIL gets 421
         in_data.send(content[40:] + b".\r\n")
         code, lines = in_data.reply()
         assert code == 250 and lines[0].startswith("2.0.0 Ok: queued as ")
-        assert in_data.cmd("RSET") == (421, DRAINING_421)
+        assert in_data.cmd("RSET")[0] == 250
+        assert in_data.cmd("NOOP")[0] == 250
+        assert in_data.cmd("MAIL FROM:<a@client.test>") == (421, DRAINING_421)
         assert in_data.closed()
+        assert wait_until(lambda: between_id in delivered_ids(sink))
         assert wait_until(lambda: msg_id in delivered_ids(sink))
         assert wait_until(lambda: relay.status()["drained"] is True)
 
@@ -81,6 +93,32 @@ def test_drain_with_session_in_data_then_resume(tmp_path: pathlib.Path, sink: si
         metrics = relay.metrics()
         assert 'mailrelay_relay_connections_total{result="refused_draining"} 1.0' in metrics
         assert "mailrelay_relay_draining 0.0" in metrics
+    finally:
+        relay.kill()
+
+
+def test_a_session_greeted_before_the_drain_is_served_from_ehlo_on(
+    tmp_path: pathlib.Path, sink: sinkmod.Sink
+) -> None:
+    """connect, 220, then the drain, then EHLO: dma (Debian's) deletes the message, with no bounce, when
+    EHLO gets anything but 2xx. A greeted session is in flight: EHLO, one transaction, then 421 at MAIL."""
+    relay = start_relay(tmp_path, sink.address, args=["--drain-grace", "30"])
+    try:
+        w = Wire(relay.smtp_address)
+        assert w.greeting is not None and w.greeting[0] == 220
+        assert relay.drain()["draining"] is True
+        assert w.ehlo()[0] == HOSTNAME
+        assert w.cmd("MAIL FROM:<a@client.test>")[0] == 250
+        assert w.cmd("RCPT TO:<b@dest.test>")[0] == 250
+        assert w.cmd("DATA")[0] == 354
+        msg_id, content = message("greeted before the drain")
+        w.send(content + b".\r\n")
+        assert w.reply()[0] == 250
+        assert w.cmd("EHLO client.test")[0] == 250
+        assert w.cmd("MAIL FROM:<a@client.test>") == (421, DRAINING_421)
+        assert w.closed()
+        assert wait_until(lambda: msg_id in delivered_ids(sink))
+        assert wait_until(lambda: relay.status()["drained"] is True)
     finally:
         relay.kill()
 

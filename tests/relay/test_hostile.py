@@ -48,6 +48,8 @@ def start_data(w: Wire) -> None:
     assert w.cmd("DATA")[0] == 354
 
 
+BARE_LF_END = (f"5.6.0 {HOSTNAME} Error: bare <LF> received; end DATA with <CRLF>.<CRLF> "
+               "(RFC 5321 section 4.1.1.4)")
 SMUGGLED = (b"MAIL FROM:<evil@attacker.test>\r\nRCPT TO:<victim@dest.test>\r\nDATA\r\n"
             b"Subject: smuggled\r\n\r\nsmuggled body\r\n")
 
@@ -60,16 +62,46 @@ def test_smuggling_vectors_never_make_two_messages(wire: Wire, sink: sinkmod.Sin
     # the fake end of data, a smuggled transaction, its own end, then the one real end of data
     wire.send(content.rstrip(b"\r\n") + fake_end + SMUGGLED + b".\r\n" + b"NOOP\r\n")
     first = wire.reply()
-    second = wire.reply()
-    if fake_end == b"\r\n\x00.\r\n":  # not bare: a NUL line is content, the message is one, and clean
-        assert first[0] == 250
+    if b"\n.\n" in fake_end:  # LF "." LF: answered at once, and the session closes
+        assert first == (550, [BARE_LF_END])
+        assert wire.closed()
     else:
-        assert first == (550, ["5.6.0 Error: bare CR or LF in message data (RFC 5321 section 2.3.8)"])
-    assert second == (250, ["2.0.0 Ok"])  # the NOOP: nothing inside the DATA was taken as a command
+        if fake_end == b"\r\n\x00.\r\n":  # ends DATA for a receiver that drops NUL octets
+            assert first == (550, ["5.6.0 Error: NUL octet in message data (RFC 5321 section 2.3.8)"])
+        else:
+            assert first == (550, ["5.6.0 Error: bare CR or LF in message data (RFC 5321 section 2.3.8)"])
+        # the NOOP: nothing inside the DATA was taken as a command
+        assert wire.reply() == (250, ["2.0.0 Ok"])
     time.sleep(0.3)
     assert not any(b"smuggled body" in m.content and b"Subject: smuggled" in m.content.split(b"\r\n\r\n")[0]
                    for m in sink.messages)
     assert all(m.mail_from != "evil@attacker.test" for m in sink.messages)
+
+
+@pytest.mark.parametrize("size", [100, 150_000])
+def test_a_bare_lf_end_of_data_is_answered_at_once(wire: Wire, sink: sinkmod.Sink, size: int) -> None:
+    """A client that ends DATA with LF "." LF gets 550 and a closed session at once, not the data
+    timeout's 421 (the relay here waits 2 s for a DATA; the reply would be 421 4.4.2 then)."""
+    start_data(wire)
+    msg_id, content = message("bare lf", size=size)
+    wire.send(content.replace(b"\r\n", b"\n") + b".\n")
+    assert wire.reply() == (550, [BARE_LF_END])
+    assert wire.closed()
+    assert msg_id not in b"".join(m.content for m in sink.messages).decode("latin-1")
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+def test_a_nul_octet_anywhere_is_refused_and_never_relayed(
+    wire: Wire, sink: sinkmod.Sink, where: str
+) -> None:
+    start_data(wire)
+    msg_id, content = message("nul")
+    at = {"start": 0, "middle": len(content) // 2, "end": len(content) - 2}[where]
+    wire.send(content[:at] + b"\x00" + content[at:] + b".\r\n")
+    assert wire.reply() == (550, ["5.6.0 Error: NUL octet in message data (RFC 5321 section 2.3.8)"])
+    assert wire.line("NOOP") == "250 2.0.0 Ok"
+    assert all(b"\x00" not in m.content for m in sink.messages)
+    assert msg_id not in b"".join(m.content for m in sink.messages).decode("latin-1")
 
 
 def test_over_long_command_line(wire: Wire) -> None:

@@ -129,20 +129,28 @@ def test_rcpt(arg: str, overrides: dict[str, object], line: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("draining", "in_transaction", "verb", "closes"),
+    ("draining", "used", "verb", "closes"),
     [
         (False, False, "MAIL", False),
-        (True, False, "MAIL", True),
-        (True, False, "NOOP", True),
-        (True, False, "RSET", True),
-        (True, False, "EHLO", True),
-        (True, False, "QUIT", False),
+        (False, True, "MAIL", False),
+        # a session greeted before the drain: answered as usual, and one transaction completes
+        (True, False, "EHLO", False),
+        (True, False, "HELO", False),
+        (True, False, "NOOP", False),
+        (True, False, "RSET", False),
+        (True, False, "MAIL", False),
         (True, True, "RCPT", False),
         (True, True, "DATA", False),
+        (True, True, "RSET", False),
+        (True, True, "NOOP", False),
+        (True, True, "EHLO", False),
+        (True, True, "QUIT", False),
+        # the next MAIL after that transaction: 421 and close
+        (True, True, "MAIL", True),
     ],
 )
-def test_drain_gate(draining: bool, in_transaction: bool, verb: str, closes: bool) -> None:
-    reply = policy.drain_gate(draining=draining, in_transaction=in_transaction, verb=verb, hostname=HOST)
+def test_drain_gate(draining: bool, used: bool, verb: str, closes: bool) -> None:
+    reply = policy.drain_gate(draining=draining, verb=verb, drain_transaction_used=used, hostname=HOST)
     if closes:
         assert reply is not None
         assert reply.line() == "421 4.3.2 relay.test Service shutting down, try again later" and reply.close
@@ -157,6 +165,7 @@ def test_drain_gate(draining: bool, in_transaction: bool, verb: str, closes: boo
         (policy.DataOutcome.TOO_BIG, "552 5.3.4 Error: message size exceeds fixed maximum message size"),
         (policy.DataOutcome.BARE_NEWLINE,
          "550 5.6.0 Error: bare CR or LF in message data (RFC 5321 section 2.3.8)"),
+        (policy.DataOutcome.NUL, "550 5.6.0 Error: NUL octet in message data (RFC 5321 section 2.3.8)"),
         (policy.DataOutcome.LINE_TOO_LONG,
          "550 5.6.0 Error: line longer than 1000 octets (RFC 5321 section 4.5.3.1.6)"),
         (policy.DataOutcome.INFLIGHT, "451 4.3.2 Error: too much mail in flight, try again later"),
@@ -192,6 +201,9 @@ def test_data_scan_needs_crlf_before_the_dot() -> None:
         ([b"a\rb\r\n", b".\r\n"], policy.DataOutcome.BARE_NEWLINE, b""),
         # the smuggling shape: a bare-LF "terminator" is not one; the real CRLF.CRLF ends the one message
         ([b"a\r\n", b".\n", b"MAIL FROM:<x@y.example>\r\n", b".\r\n"], policy.DataOutcome.BARE_NEWLINE, b""),
+        # a NUL anywhere (<CRLF>NUL.<CRLF> ends DATA early for a receiver that drops NULs)
+        ([b"first\r\n", b"\x00.\r\n", b"MAIL FROM:<s@y.example>\r\n", b".\r\n"], policy.DataOutcome.NUL, b""),
+        ([b"a\x00b\r\n", b".\r\n"], policy.DataOutcome.NUL, b""),
         ([b"x" * 999 + b"\r\n", b".\r\n"], policy.DataOutcome.LINE_TOO_LONG, b""),
         ([b"x" * 998 + b"\r\n", b".\r\n"], policy.DataOutcome.QUEUED, b"x" * 998 + b"\r\n"),
         ([b"y" * 998 + b"\r\n", b"y" * 998 + b"\r\n", b".\r\n"], policy.DataOutcome.TOO_BIG, b""),
@@ -274,6 +286,8 @@ def reference_scan(stream: bytes) -> tuple[policy.DataOutcome, bytes] | None:
     lines = raw.split(b"\r\n")[:-1] if raw else []
     if any(b"\r" in line or b"\n" in line for line in lines):
         return policy.DataOutcome.BARE_NEWLINE, b""
+    if any(b"\x00" in line for line in lines):
+        return policy.DataOutcome.NUL, b""
     unstuffed = [line[1:] if line.startswith(b".") else line for line in lines]
     if any(len(line) + 2 > policy.MAX_TEXT_LINE for line in unstuffed):
         return policy.DataOutcome.LINE_TOO_LONG, b""
@@ -340,7 +354,7 @@ def test_may_grow(total: int, mine: int, extra: int, limit: int, allowed: bool) 
 
 def test_worse_prefers_permanent_content_errors() -> None:
     order = [policy.DataOutcome.QUEUED, policy.DataOutcome.INFLIGHT, policy.DataOutcome.TOO_BIG,
-             policy.DataOutcome.LINE_TOO_LONG, policy.DataOutcome.BARE_NEWLINE]
+             policy.DataOutcome.LINE_TOO_LONG, policy.DataOutcome.NUL, policy.DataOutcome.BARE_NEWLINE]
     for i, a in enumerate(order):
         for j, b in enumerate(order):
             assert policy.worse(a, b) is order[max(i, j)]

@@ -315,8 +315,8 @@ def test_smuggling_one_data_never_becomes_two_messages(
     shared: tuple[h.RecordingSink, h.RelayProcess], ending: bytes
 ) -> None:
     """A DATA holding a fake end-of-data followed by a second, smuggled transaction gets exactly one
-    reply for the whole DATA (a 5xx: bare CR/LF is rejected), and nothing reaches the upstream: neither
-    the first part nor the smuggled message."""
+    reply for the whole DATA (a 5xx: bare CR/LF is rejected; an LF "." LF closes the session at once),
+    and nothing reaches the upstream: neither the first part nor the smuggled message."""
     sink, relay = shared
     tag = ending.hex().encode()
     payload = (b"Subject: first " + tag + b"\r\n\r\nfirst part" + ending
@@ -333,10 +333,15 @@ def test_smuggling_one_data_never_becomes_two_messages(
         assert r is not None, "connection closed instead of a reply"
         h.check_reply(r, enhanced=True)
         assert r[0][:1] == b"5", f"smuggling payload was not rejected: {h.text(r)}"
-        # Exactly one reply: the next thing on the wire answers our NOOP.
-        noop = c.cmd("NOOP")
-        assert noop is not None and noop[0].startswith(b"250 2.0.0"), \
-            f"the relay answered a smuggled command: {h.text(noop)}"
+        if b"\n.\n" in ending:
+            # LF "." LF: answered at once with 550 and the session closes; nothing after it is read
+            assert b"bare <LF> received" in r[0], h.text(r)
+            assert c.reply() is None, "the session stayed open after a bare LF end of data"
+        else:
+            # Exactly one reply: the next thing on the wire answers our NOOP.
+            noop = c.cmd("NOOP")
+            assert noop is not None and noop[0].startswith(b"250 2.0.0"), \
+                f"the relay answered a smuggled command: {h.text(noop)}"
     time.sleep(1.0)
     assert sink.bodies_containing(tag) == [], "something reached the upstream"
     assert relay.status()["queue"]["messages"] == 0
