@@ -1,4 +1,5 @@
-"""mailrelay_sandbox: the dev and test harness (real relay processes, sink, emulated cluster, demo).
+"""mailrelay_sandbox: the dev and test harness (the real control plane's processes, the process kubelet,
+a fault-injecting API proxy, real relay processes, an upstream sink, the load generator, the demo).
 
 Used by tests, `make demo` and `make bench`. Production code in relay/ and operator/ never imports it.
 """

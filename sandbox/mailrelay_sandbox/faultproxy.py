@@ -6,7 +6,9 @@ the API server over HTTPS. Rules, matched in order against method, path, query a
 - answer a status of their own instead of forwarding (`fail`: a 500, 503, 409 or 410 on cue);
 - forward the request and then answer a status anyway (`fail(..., after_forward=True)`: a write that
   happened but whose answer was lost);
-- hold the request for a while before forwarding it (`delay`: a slow server).
+- hold the request for a while before forwarding it (`delay`: a slow server);
+- hold the request until the test releases it, then forward it (`hold`: a barrier, e.g. a client's
+  re-watch that must reach the server only after the test changed something there).
 Each rule fires `times` times (None: for ever). Every request is recorded with the status it got
 (`records`), so a test can count what a client asked for.
 
@@ -45,6 +47,12 @@ class Rule:
     delay: float = 0.0
     times: int | None = 1
     fired: int = 0
+    gate: threading.Event | None = None  # `hold`: forward once it is set
+
+    def release(self) -> None:
+        """Let the requests a `hold` rule holds (and those it will match) through."""
+        if self.gate is not None:
+            self.gate.set()
 
     def matches(self, method: str, path: str, query: Mapping[str, str], agent: str) -> bool:
         if self.times is not None and self.fired >= self.times:
@@ -115,6 +123,15 @@ class FaultProxy:
             self._rules.append(rule)
         return rule
 
+    def hold(self, method: str | None, path: str | None, *, times: int | None = 1,
+             query: Mapping[str, str] | None = None, agent: str | None = None) -> Rule:
+        """Hold matching requests until `rule.release()`, then forward them. `rule.fired` counts them."""
+        rule = Rule(method, re.compile(path) if path else None, query, agent, times=times,
+                    gate=threading.Event())
+        with self._lock:
+            self._rules.append(rule)
+        return rule
+
     def clear(self) -> None:
         with self._lock:
             self._rules.clear()
@@ -142,6 +159,9 @@ class FaultProxy:
         rule = self._match(request.method, request.path, request.query, agent)
         if rule is not None and rule.delay:
             await asyncio.sleep(rule.delay)
+        # The test's thread releases the gate: a short poll, which stopping the proxy can cancel.
+        while rule is not None and rule.gate is not None and not rule.gate.is_set():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
         if rule is not None and rule.status is not None and not rule.after_forward:
             self._record(request, rule.status, True)
             return aiohttp.web.json_response(_status_body(rule.status), status=rule.status)

@@ -225,22 +225,6 @@ def relay_deployment(name: str, namespace: str, *, replicas: int, token_secret: 
     }
 
 
-async def trim_request_log(emulator: Any, *, keep: int = 200, every: float = 2.0) -> None:
-    """Keep kmock's request log short, for as long as the task runs.
-
-    kmock records every request and matches each new one by walking the whole log through its filters,
-    so the emulated API server slows down linearly with its age (quadratic overall): after a few
-    thousand requests each call costs tens of milliseconds of the sandbox's event loop. Nothing in the
-    demo or the e2e tests reads the log, so the oldest entries are dropped. The newest `keep` stay: a
-    request being matched right now is always among them.
-    """
-    while True:
-        await asyncio.sleep(every)
-        log: list[Any] | None = getattr(emulator, "_requests", None)
-        if log is not None and len(log) > keep * 2:
-            del log[:-keep]
-
-
 class OperatorProcess:
     """`mailrelay-operator` as a subprocess, pointed at the sandbox's kubeconfig, as in a cluster."""
 
