@@ -309,14 +309,13 @@ async def measure(cfg: Config, workdir: pathlib.Path, admin_port: int, control_p
     rng = random.Random()
     control_url = f"http://127.0.0.1:{control_port}"
     namespaces = sorted({namespace_of(index) for index in range(cfg.relays)})
-    cluster = await asyncio.to_thread(kubecluster.start, workdir / "kube")
-    try:
-        platform = await asyncio.to_thread(scenario.install, cluster, workdir)
+    async with scenario.platform(workdir) as platform:
+        cluster = platform.cluster
         for namespace in namespaces:
             await asyncio.to_thread(cluster.create_namespace, namespace, node=NODE)
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
-            apiclient.Api(cluster.url, cluster.admin_token, cluster.ca_file, timeout=60) as api,
+            cluster.api(timeout=60) as api,
             FootprintKubelet(cluster, workdir / "pods", control_url) as node,
         ):
             node._subnet = (rng.randint(0, 1), rng.randint(0, 150))
@@ -382,8 +381,6 @@ async def measure(cfg: Config, workdir: pathlib.Path, admin_port: int, control_p
                 await operator.stop()
             pods = len(await api.items(f"/api/v1/pods?fieldSelector=spec.nodeName%3D{NODE}"))
             control_plane = cluster.describe()
-    finally:
-        await asyncio.to_thread(cluster.stop)
     rates = {key: (requests_after.get(key, 0.0) - requests_before.get(key, 0.0)) / elapsed
              for key in requests_after}
     scrapes = after["status"] - before["status"]

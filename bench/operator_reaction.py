@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mailrelay_sandbox import apiclient, kubecluster, kubelet, loadgen, scenario
+from mailrelay_sandbox import apiclient, kubelet, loadgen, scenario
 
 from bench import environment, report, stats
 
@@ -189,12 +189,11 @@ async def measure(cfg: Config, workdir: pathlib.Path, seed: int = 1) -> tuple[li
         NAME, NAMESPACE, min_replicas=1, max_replicas=4, interval=cfg.interval,
         sessions_per_pod=TARGET_SESSIONS, max_sessions_per_pod=50, scale_up_step=4,
         scale_down_stabilization=0, scale_down_step=4, drain_timeout=30)
-    cluster = await asyncio.to_thread(kubecluster.start, workdir / "kube")
-    try:
-        platform = await asyncio.to_thread(scenario.install, cluster, workdir)
+    async with scenario.platform(workdir) as platform:
+        cluster = platform.cluster
         await asyncio.to_thread(cluster.create_namespace, NAMESPACE, node="bench-reaction")
         async with (scenario.upstream_sink() as upstream,
-                    apiclient.Api(cluster.url, cluster.admin_token, cluster.ca_file) as api,
+                    cluster.api() as api,
                     kubelet.ProcessKubelet.on(cluster, "bench-reaction",
                                            workdir / "pods", upstream.address,
                                            extra_env={"MAILRELAY_LOG_LEVEL": "warning"}) as plane,
@@ -220,8 +219,6 @@ async def measure(cfg: Config, workdir: pathlib.Path, seed: int = 1) -> tuple[li
             finally:
                 await operator.stop()
             return results, " ".join(operator.command)
-    finally:
-        await asyncio.to_thread(cluster.stop)
 
 
 def run(out: report.Report, cfg: Config) -> dict[str, Any]:

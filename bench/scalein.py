@@ -39,9 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mailrelay_operator import manifests
-from mailrelay_operator import spec as specmod
-from mailrelay_sandbox import apiclient, demo, kubecluster, kubelet, loadgen, scenario
+from mailrelay_sandbox import apiclient, demo, kubelet, loadgen, scenario
 
 from bench import environment, report
 
@@ -101,18 +99,6 @@ def _relay_manifest(cfg: Config) -> dict[str, Any]:
     return relay
 
 
-async def _create_naive(api: apiclient.Api, relay: dict[str, Any]) -> None:
-    """The operator's own manifests, applied once by hand: a plain Deployment with no one to drain it."""
-    parsed = specmod.parse(relay["spec"])
-    secret = dict(manifests.admin_secret(NAME, NAMESPACE, secrets.token_urlsafe(16)))
-    await api.request("POST", f"/api/v1/namespaces/{NAMESPACE}/secrets", secret)
-    deployment = manifests.deployment(NAME, NAMESPACE, parsed, image="mailrelay-relay:sandbox", replicas=3,
-                                      token_secret=manifests.admin_secret_name(NAME))
-    await api.request("POST", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments", dict(deployment))
-    await api.request("POST", f"/api/v1/namespaces/{NAMESPACE}/services",
-                      dict(manifests.service(NAME, NAMESPACE)))
-
-
 def _queued(plane: kubelet.ProcessKubelet) -> int:
     statuses = [r.last_status or {} for r in plane.runtimes.values()]
     return sum(int(status.get("queue", {}).get("messages", 0)) for status in statuses)
@@ -123,18 +109,15 @@ async def run_mode(mode: str, cfg: Config, workdir: pathlib.Path) -> ModeResult:
     extra_env = {"MAILRELAY_LOG_LEVEL": "warning"}
     if mode == "naive":
         extra_env["MAILRELAY_DRAIN_TIMEOUT"] = "0"
-    cluster = await asyncio.to_thread(kubecluster.start, workdir / "kube")
-    try:
-        platform = await asyncio.to_thread(scenario.install, cluster, workdir)
+    async with scenario.platform(workdir) as platform:
+        cluster = platform.cluster
         await asyncio.to_thread(cluster.create_namespace, NAMESPACE, node="bench-scalein")
         async with (scenario.upstream_sink() as upstream,
-                    apiclient.Api(cluster.url, cluster.admin_token, cluster.ca_file) as api,
+                    cluster.api() as api,
                     kubelet.ProcessKubelet.on(cluster, "bench-scalein",
                                            workdir / "pods", upstream.address, extra_env=extra_env) as plane,
                     kubelet.ServiceEndpoints(api, NAMESPACE, NAME) as service):
             return await _play(mode, cfg, relay, workdir, platform, api, plane, service, upstream)
-    finally:
-        await asyncio.to_thread(cluster.stop)
 
 
 async def _play(mode: str, cfg: Config, relay: dict[str, Any], workdir: pathlib.Path,
@@ -144,7 +127,7 @@ async def _play(mode: str, cfg: Config, relay: dict[str, Any], workdir: pathlib.
     gen: loadgen.LoadGenerator | None = None
     try:
         if mode == "naive":
-            await _create_naive(api, relay)
+            await scenario.create_naive(api, relay, replicas=3, token=secrets.token_urlsafe(16))
         else:
             await api.request("POST", scenario.mailrelay_path(NAMESPACE), relay)
             operator = scenario.OperatorProcess(platform.operator_kubeconfig, NAMESPACE,

@@ -11,11 +11,12 @@ import copy
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from mailrelay_sandbox import faultproxy, kubelet, scenario
 
 from tests import kubeenv
 
@@ -96,3 +97,36 @@ def kube(kube_session: kubeenv.SessionCluster) -> Iterator[kubeenv.KubeEnv]:
         yield env
     finally:
         kubeenv.end_env(env)
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[scenario.Upstream]:
+    """The upstream smarthost the relays deliver to (the sandbox's recording sink)."""
+    async with scenario.upstream_sink() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+def node_options() -> dict[str, Any]:
+    """Options of the test's process kubelet; a test folder overrides this fixture to change them."""
+    return {"extra_env": {"MAILRELAY_LOG_LEVEL": "warning"}}
+
+
+@pytest.fixture
+async def node(kube: kubeenv.KubeEnv, sink: scenario.Upstream, tmp_path: Path,
+               node_options: dict[str, Any]) -> AsyncIterator[kubelet.ProcessKubelet]:
+    """The test's node: the pods the scheduler binds to it run as real relay processes on their pod IPs,
+    delivering to `sink`."""
+    async with kubelet.ProcessKubelet.on(kube.cluster, kube.node, tmp_path / "pods", sink.address,
+                                         **node_options) as running:
+        yield running
+
+
+@pytest.fixture
+def proxy(kube: kubeenv.KubeEnv, tmp_path: Path) -> Iterator[faultproxy.FaultProxy]:
+    """A fault-injecting, recording proxy in front of the API server; `proxy.kubeconfig` carries the
+    operator's own ServiceAccount token, so RBAC still applies to everything forwarded."""
+    with faultproxy.FaultProxy(kube.url, kube.ca_file) as running:
+        running.kubeconfig = kubeenv.plain_kubeconfig(tmp_path / "proxy.kubeconfig", running.url,
+                                                      kube.session.operator_token)
+        yield running

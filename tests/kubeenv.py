@@ -71,7 +71,7 @@ class KubeEnv:
 
     def api(self) -> apiclient.Api:
         """An admin client: `async with env.api() as api`."""
-        return apiclient.Api(self.url, self.cluster.admin_token, self.ca_file)
+        return self.cluster.api()
 
     def path(self, resource: kube.Resource, name: str | None = None, subresource: str | None = None) -> str:
         return resource.path(self.namespace, name, subresource)

@@ -252,7 +252,7 @@ class Demo:
         cluster = self.platform.cluster
         await asyncio.to_thread(cluster.create_namespace, self.namespace, node=self.node)
         async with (scenario.upstream_sink() as upstream,
-                    apiclient.Api(cluster.url, cluster.admin_token, cluster.ca_file) as api):
+                    cluster.api() as api):
             self.upstream, self.api = upstream, api
             extra_env = {"MAILRELAY_LOG_LEVEL": "warning"}
             if self.mode == "naive":
@@ -270,7 +270,7 @@ class Demo:
                 try:
                     if self.mode == "naive":
                         naive = NaiveScaler(plane, api, self.namespace, relay)
-                        await self._create_naive_objects(api, naive)
+                        await scenario.create_naive(api, relay, replicas=naive.spec.replicas.min)
                         background.append(asyncio.create_task(naive.run()))
                     else:
                         await api.request("POST", scenario.mailrelay_path(self.namespace), relay)
@@ -285,19 +285,6 @@ class Demo:
                         task.cancel()
                     if operator is not None:
                         await operator.stop()
-
-    async def _create_naive_objects(self, api: apiclient.Api, naive: NaiveScaler) -> None:
-        from mailrelay_operator import manifests
-
-        token = "naive-demo-token"
-        secret = manifests.admin_secret(NAME, self.namespace, token)
-        await api.request("POST", f"/api/v1/namespaces/{self.namespace}/secrets", dict(secret))
-        deployment = manifests.deployment(NAME, self.namespace, naive.spec, image="mailrelay-relay:sandbox",
-                                          replicas=naive.spec.replicas.min,
-                                          token_secret=manifests.admin_secret_name(NAME))
-        await api.request("POST", deployment_path(self.namespace), dict(deployment))
-        await api.request("POST", f"/api/v1/namespaces/{self.namespace}/services",
-                          dict(manifests.service(NAME, self.namespace)))
 
     async def _wait_ready(self, operator: scenario.OperatorProcess | None) -> None:
         deadline = time.monotonic() + 120

@@ -105,6 +105,7 @@ class FaultProxy:
         self._stop: asyncio.Event | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
+        self._handlers: set[asyncio.Task[object]] = set()
 
     # -- rules ------------------------------------------------------------------------------------
     def fail(self, method: str | None, path: str | None, status: int, *, times: int | None = 1,
@@ -155,6 +156,19 @@ class FaultProxy:
 
     # -- serving ----------------------------------------------------------------------------------
     async def _handle(self, request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
+        """Serve one request; a client that went away meanwhile ends it quietly."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        try:
+            return await self._serve_one(request)
+        except ConnectionResetError:  # aiohttp's ClientConnectionResetError too: the client left
+            return aiohttp.web.Response(status=499)
+        finally:
+            if task is not None:
+                self._handlers.discard(task)
+
+    async def _serve_one(self, request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
         agent = request.headers.get("User-Agent", "")
         rule = self._match(request.method, request.path, request.query, agent)
         if rule is not None and rule.delay:
@@ -202,6 +216,10 @@ class FaultProxy:
         try:
             await self._stop.wait()
         finally:
+            # end the streams in flight (watches) before the server goes, so nothing is left pending
+            for task in list(self._handlers):
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
             await runner.cleanup()
             await self._session.close()
 

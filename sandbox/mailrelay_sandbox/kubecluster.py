@@ -50,6 +50,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from mailrelay_sandbox import apiclient
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 CONTROLLERS = (
@@ -208,6 +210,10 @@ class Cluster:
         except urllib.error.HTTPError as exc:
             raise ApiStatus(exc.code, exc.read().decode(errors="replace")) from None
         return json.loads(text) if text else None
+
+    def api(self, *, timeout: float = 10.0) -> apiclient.Api:
+        """An asyncio client as the admin: `async with cluster.api() as api`."""
+        return apiclient.Api(self.url, self.admin_token, self.ca_file, timeout=timeout)
 
     def binary(self, name: str) -> str:
         return str(self.binaries / name)

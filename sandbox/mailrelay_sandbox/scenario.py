@@ -7,7 +7,9 @@
   volume, spool emptyDir), for control-plane tests that run without the operator.
 - `OperatorProcess`: the real `mailrelay-operator` as a subprocess with the sandbox's kubeconfig.
 - `install()`: the README's install on a real control plane (`kubectl apply -f crds/`, `helm install` of
-  the chart) and a token of the chart's ServiceAccount, which the operator runs with.
+  the chart) and a token of the chart's ServiceAccount, which the operator runs with; `platform()`: a
+  control plane started and installed, for the demo and the benchmarks.
+- `create_naive()`: the owned objects applied by hand with no operator (plain HPA-style scaling).
 
 It holds no verdicts (tests and demo decide) and is never imported by `relay/` or `operator/`.
 """
@@ -28,7 +30,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from mailrelay_sandbox import kubecluster, sink
+from mailrelay_sandbox import apiclient, kubecluster, sink
 
 GROUP = "mailrelay.dev"
 VERSION = "v1alpha1"
@@ -182,6 +184,36 @@ def mailrelay(
 def mailrelay_path(namespace: str, name: str | None = None) -> str:
     base = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/mailrelays"
     return f"{base}/{name}" if name else base
+
+
+@contextlib.asynccontextmanager
+async def platform(workdir: Path) -> AsyncIterator[Platform]:
+    """A real control plane (kubecluster) under `workdir`, with `install()` done; stopped on exit."""
+    cluster = await asyncio.to_thread(kubecluster.start, workdir / "kube")
+    try:
+        yield await asyncio.to_thread(install, cluster, workdir)
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def create_naive(api: apiclient.Api, relay: dict[str, Any], *, replicas: int,
+                       token: str = "naive-token") -> Any:
+    """The operator's own manifests for `relay` (a MailRelay object), applied once by hand with no
+    operator: the admin Secret, the Deployment at `replicas` and the Service, as plain HPA scaling has
+    them (no one drains). Returns the parsed spec."""
+    from mailrelay_operator import manifests
+    from mailrelay_operator import spec as specmod
+
+    name, namespace = relay["metadata"]["name"], relay["metadata"]["namespace"]
+    parsed = specmod.parse(relay["spec"])
+    await api.request("POST", f"/api/v1/namespaces/{namespace}/secrets",
+                      dict(manifests.admin_secret(name, namespace, token)))
+    deployment = manifests.deployment(name, namespace, parsed, image="mailrelay-relay:sandbox",
+                                      replicas=replicas, token_secret=manifests.admin_secret_name(name))
+    await api.request("POST", f"/apis/apps/v1/namespaces/{namespace}/deployments", dict(deployment))
+    await api.request("POST", f"/api/v1/namespaces/{namespace}/services",
+                      dict(manifests.service(name, namespace)))
+    return parsed
 
 
 def relay_deployment(name: str, namespace: str, *, replicas: int, token_secret: str,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,27 +149,8 @@ def test_grants_kept_for_other_modes_are_still_granted() -> None:
 
 
 @pytest.fixture
-async def sink() -> AsyncIterator[scenario.Upstream]:
-    async with scenario.upstream_sink() as upstream:
-        yield upstream
-
-
-@pytest.fixture
-async def node(kube: kubeenv.KubeEnv, sink: scenario.Upstream,
-               tmp_path: Path) -> AsyncIterator[kubelet.ProcessKubelet]:
-    """The test's node: the relay pods run as real `mailrelay-relay` processes."""
-    async with kubelet.ProcessKubelet(
-        kube.url, kube.cluster.kubelet_token, kube.ca_file, kube.node, tmp_path / "pods", sink.address,
-        extra_env={"MAILRELAY_LOG_LEVEL": "warning"}, max_grace_seconds=15,
-    ) as running:
-        yield running
-
-
-@pytest.fixture
-def proxy(kube: kubeenv.KubeEnv) -> Iterator[faultproxy.FaultProxy]:
-    """The recording proxy in front of the API server (the operator's requests and their statuses)."""
-    with faultproxy.FaultProxy(kube.url, kube.ca_file) as running:
-        yield running
+def node_options() -> dict[str, Any]:
+    return {"extra_env": {"MAILRELAY_LOG_LEVEL": "warning"}, "max_grace_seconds": 15}
 
 
 def refusals(proxy: faultproxy.FaultProxy, operator: OperatorHarness) -> list[str]:

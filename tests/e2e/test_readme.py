@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from mailrelay_operator import kube as k
 from mailrelay_operator import manifests
-from mailrelay_sandbox import apiclient, kubecluster, kubelet, scenario
+from mailrelay_sandbox import kubecluster, kubelet, scenario
 
 from tests.conftest import REPO_ROOT, TOOLS_BIN, eventually, require_tool
 
@@ -124,7 +124,7 @@ async def test_the_install_section_works_as_written(
     async with (scenario.upstream_sink() as sink,
                 kubelet.ProcessKubelet.on(cluster, "readme-node", tmp_path / "pods", sink.address,
                                           extra_env={"MAILRELAY_LOG_LEVEL": "warning"}) as node,
-                apiclient.Api(cluster.url, cluster.admin_token, cluster.ca_file) as api):
+                cluster.api() as api):
         operator = scenario.OperatorProcess(kubeconfig, "mail", tmp_path / "operator.log",
                                             "--liveness", "", "--metrics-port", "0")
         await operator.start()

@@ -10,35 +10,24 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mailrelay_operator import cli
-from mailrelay_sandbox import apiclient, faultproxy, kubelet, scenario
+from mailrelay_sandbox import apiclient, kubelet
 
 from tests import kubeenv
 from tests.conftest import eventually as eventually  # re-exported for the tests here
 
 
 @pytest.fixture
-async def sink() -> AsyncIterator[scenario.Upstream]:
-    async with scenario.upstream_sink() as upstream:
-        yield upstream
-
-
-@pytest.fixture
-async def node(kube: kubeenv.KubeEnv, sink: scenario.Upstream,
-               tmp_path: Path) -> AsyncIterator[kubelet.ProcessKubelet]:
-    """The test's node: pods of the operator's Deployment run as real relays on their pod IPs."""
-    async with kubelet.ProcessKubelet.on(
-        kube.cluster, kube.node, tmp_path / "pods", sink.address,
-        # A long drain grace: the tests' idle SMTP sessions stand for clients mid-transaction, which a
-        # draining relay must let finish (by default it sends idle sessions a 421 after 2 s).
-        extra_env={"MAILRELAY_LOG_LEVEL": "warning", "MAILRELAY_DRAIN_GRACE": "600"}, max_grace_seconds=15,
-    ) as running:
-        yield running
+def node_options() -> dict[str, Any]:
+    """A long drain grace: the tests' idle SMTP sessions stand for clients mid-transaction, which a
+    draining relay must let finish (by default it sends idle sessions a 421 after 2 s)."""
+    return {"extra_env": {"MAILRELAY_LOG_LEVEL": "warning", "MAILRELAY_DRAIN_GRACE": "600"},
+            "max_grace_seconds": 15}
 
 
 class ForbiddenLog(logging.Handler):
@@ -137,16 +126,6 @@ async def client(kube: kubeenv.KubeEnv) -> AsyncIterator[apiclient.Api]:
     """An admin client of the API server, for the test's own reads and writes."""
     async with kube.api() as http:
         yield http
-
-
-@pytest.fixture
-def proxy(kube: kubeenv.KubeEnv, tmp_path: Path) -> Iterator[faultproxy.FaultProxy]:
-    """A fault-injecting proxy in front of the API server; `proxy.kubeconfig` carries the operator's
-    own ServiceAccount token, so RBAC still applies to everything forwarded."""
-    token = kube.session.operator_token
-    with faultproxy.FaultProxy(kube.url, kube.ca_file) as running:
-        running.kubeconfig = kubeenv.plain_kubeconfig(tmp_path / "proxy.kubeconfig", running.url, token)
-        yield running
 
 
 class Sessions:
