@@ -36,11 +36,15 @@ def require_tool(name: str) -> str:
             candidate = Path(extra) / name
             if candidate.exists():
                 return str(candidate)
-        message = f"required tool {name!r} is not installed (run `make tools`)"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"required tool {name!r} is not installed (run `make tools`)")
     return path
+
+
+def missing(message: str) -> None:
+    """Something a test needs is not on this machine: skip locally, fail with CI=true (never hidden)."""
+    if in_ci():
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float = 60.0,
@@ -77,10 +81,7 @@ def kube_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kubeenv.S
     from mailrelay_sandbox import kubecluster
 
     if kubecluster.find_binaries() is None:
-        message = "the control plane's binaries are not built (run `make tools` or scripts/install-kube.sh)"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("the control plane's binaries are not built (run `make tools` or scripts/install-kube.sh)")
     require_tool("helm")
     session = kubeenv.start_session_cluster(tmp_path_factory.mktemp("kube"))
     try:

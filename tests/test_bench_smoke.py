@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from bench import stats, workdir
-from tests.conftest import REPO_ROOT, require_tool
+from tests.conftest import REPO_ROOT, missing, require_tool
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,7 @@ def test_quick_throughput_run_delivers_everything_and_cleans_up(tmp_path: pathli
     for tool in ("postfix", "smtp-source", "smtp-sink"):
         require_tool(tool)
     if os.geteuid() != 0:
-        pytest.skip("a private Postfix instance needs root (postfix -c DIR start)")
+        missing("a private Postfix instance needs root (postfix -c DIR start)")
     result_file = tmp_path / "results.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench", "throughput", "--quick", "--json", str(result_file)],

@@ -26,7 +26,7 @@ import yaml
 
 from tests.chart import livestack
 from tests.chart.test_images import _instruction, _stages
-from tests.conftest import require_tool
+from tests.conftest import missing, require_tool
 
 
 def _relay_entrypoint() -> list[str]:
@@ -55,7 +55,7 @@ def test_sigterm_to_pid_1_drains_the_relay(tmp_path: Path) -> None:
     tini = require_tool("tini")
     unshare = require_tool("unshare")
     if os.geteuid() != 0:
-        pytest.skip("a new PID namespace needs root (CI runs as root)")
+        missing("a new PID namespace needs root (CI runs as root)")
     argv = _relay_entrypoint()
     argv[0] = tini
     argv[-1] = str(Path(sys.executable).with_name("mailrelay-relay"))

@@ -19,8 +19,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from mailrelay_sandbox import kubelet
 
-from tests.conftest import require_tool
+from tests.conftest import missing, require_tool
 from tests.relay import test_faults_support as h
 
 pytestmark = pytest.mark.timeout(120)
@@ -100,21 +101,16 @@ def test_open_relay_client_outside_accept_from_gets_554_for_any_domain(
         assert h.spool_problems(relay.spool) == []
 
 
-def _non_loopback_ipv4() -> str | None:
-    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.connect(("192.0.2.1", 9))  # no packet is sent: this only asks the kernel for a route
-        addr = str(s.getsockname()[0])
-        if not addr.startswith("127."):
-            return addr
-    return None
+def _non_loopback_ipv4() -> str:
+    """A local address outside 127.0.0.0/8: one of the sandbox's pod network (routed to this host)."""
+    kubelet.ensure_pod_network()
+    return kubelet.pod_ip(1, 250, 7)
 
 
 def test_open_relay_default_accepts_only_loopback(tmp_path: pathlib.Path, sink: h.RecordingSink) -> None:
     """Without --accept-from the relay relays for loopback only: a client on another local address
     gets 554 5.7.1, a loopback client gets through."""
     addr = _non_loopback_ipv4()
-    if addr is None:
-        pytest.skip("this machine has no non-loopback IPv4 address to probe from")
     r = h.RelayProcess(tmp_path, sink.address, host=addr)
     try:
         r.start()
@@ -144,7 +140,7 @@ def test_open_relay_ipv6_client_is_checked_against_accept_from(
     """An IPv6 client is held to --accept-from like an IPv4 one: a relay on [::1] that accepts only
     127.0.0.0/8 refuses ::1 with 554 5.7.1; with ::1/128 added it relays."""
     if not _ipv6_loopback():
-        pytest.skip("no IPv6 loopback on this machine")
+        missing("no IPv6 loopback on this machine")
     for accept, expected in (("127.0.0.0/8", b"554 5.7.1"), ("127.0.0.0/8,::1/128", b"250")):
         r = h.RelayProcess(tmp_path / accept.replace("/", "_").replace(",", "+").replace(":", "c"),
                            sink.address, smtp_host="::1", extra=["--accept-from", accept])
