@@ -4,6 +4,7 @@ policy)."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -40,6 +41,57 @@ REPLICAS = {"f:spec": {"f:replicas": {}, "f:template": {}}}
 )
 def test_manager_owns(obj: dict[str, Any], path: tuple[str, ...], owned: bool) -> None:
     assert kube.manager_owns(obj, path) is owned
+
+
+SERVICE: dict[str, Any] = {
+    "apiVersion": "v1", "kind": "Service",
+    "metadata": {"name": "s", "namespace": "n", "labels": {"a": "1"}},
+    "spec": {"selector": {"app": "r"}, "ports": [{"name": "smtp", "port": 25, "targetPort": "smtp"}]},
+}
+
+
+def live_of(applied: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    """What the server would hold after `applied`: its defaults and others' fields added."""
+    live = copy.deepcopy(applied)
+    live["metadata"]["labels"]["someone-else"] = "x"
+    live["metadata"]["resourceVersion"] = "7"
+    live["spec"]["clusterIP"] = "10.96.0.9"
+    live["spec"]["ports"][0]["protocol"] = "TCP"
+    live["spec"].update(changes)
+    return live
+
+
+def test_an_apply_that_would_change_nothing_is_known() -> None:
+    applied = kube.with_applied_digest(SERVICE)
+    assert kube.already_applied(live_of(applied), applied)
+    # the same desired object gets the same digest; another one another
+    assert kube.with_applied_digest(SERVICE) == applied
+    other = kube.with_applied_digest({**SERVICE, "spec": {**SERVICE["spec"], "selector": {"app": "q"}}})
+    assert not kube.already_applied(live_of(applied), other)        # a field we now set differently
+    dropped = kube.with_applied_digest({**SERVICE, "metadata": {"name": "s", "namespace": "n"}})
+    assert not kube.already_applied(live_of(applied), dropped)      # a field we stopped setting
+    drifted = live_of(applied, ports=[{"name": "smtp", "port": 2500, "targetPort": "smtp"}])
+    assert not kube.already_applied(drifted, applied)               # someone changed a field we own
+    assert not kube.already_applied(live_of(SERVICE), applied)      # applied before digests existed
+    # a resourceVersion precondition is not content: the digest is the same with one
+    with_version = {**SERVICE, "metadata": {**SERVICE["metadata"], "resourceVersion": "41"}}
+    assert kube.with_applied_digest(with_version)["metadata"]["annotations"] == \
+        applied["metadata"]["annotations"]
+
+
+@pytest.mark.parametrize(
+    ("live", "desired", "held"),
+    [
+        ({"a": 1, "b": 2}, {"a": 1}, True),
+        ({"a": 1}, {"a": 1, "b": 2}, False),
+        ({"l": [{"x": 1, "y": 2}]}, {"l": [{"x": 1}]}, True),
+        ({"l": [{"x": 1}, {"x": 2}]}, {"l": [{"x": 1}]}, False),   # lists: same length
+        ({"a": "1"}, {"a": 1}, False),
+        ({"a": {"b": None}}, {"a": {"b": None}}, True),
+    ],
+)
+def test_contains(live: Any, desired: Any, held: bool) -> None:
+    assert kube.contains(live, desired) is held
 
 
 @given(st.integers(min_value=1, max_value=20))

@@ -4,6 +4,8 @@ real control plane, with real relay processes run by the test's process kubelet.
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,7 +13,7 @@ import aiohttp
 import pytest
 from mailrelay_operator import kube as k
 from mailrelay_operator import manifests
-from mailrelay_sandbox import apiclient, kubelet, scenario
+from mailrelay_sandbox import apiclient, faultproxy, kubelet, scenario
 
 from tests import kubeenv
 from tests.conftest import require_tool
@@ -174,3 +176,44 @@ async def test_invalid_spec_is_refused_by_the_server_with_the_crd_message(
     # A valid one goes through, and the operator acts on it.
     await client.request("POST", kube.path(k.MAILRELAYS), relay_object(kube, min_replicas=1))
     await eventually(lambda: deployment_replicas(kube) == 1, within=30, what="the Deployment")
+
+
+OWNED_PATH = r"/(services|secrets|poddisruptionbudgets|networkpolicies|deployments)/outbound(-admin)?$"
+
+
+async def test_resync_applies_only_what_changed(
+    kube: kubeenv.KubeEnv, node: kubelet.ProcessKubelet, client: apiclient.Api,
+    proxy: faultproxy.FaultProxy,
+) -> None:
+    """Every resync reads the owned objects; it applies one only when it differs from what the operator
+    last applied (the applied-digest annotation), so a quiet MailRelay costs GETs, not writes. A field
+    someone changed by hand, and a spec change, are applied at the next resync."""
+    assert proxy.kubeconfig is not None
+    harness = OperatorHarness(kube, kubeconfig=proxy.kubeconfig, resync_seconds=1.0)
+    await harness.start()
+    try:
+        await client.request("POST", kube.path(k.MAILRELAYS), relay_object(kube, min_replicas=1))
+        await eventually(lambda: condition(mailrelay(kube), "Ready").get("status") == "True", within=60,
+                         what="Ready condition")
+
+        def owned(method: str, since: float) -> list[faultproxy.Record]:
+            return [r for r in proxy.requests(agent=k.USER_AGENT, since=since)
+                    if r.method == method and re.search(OWNED_PATH, r.path)]
+
+        quiet = time.time()
+        # three resyncs (each reads all five owned objects), and not one apply among them
+        await eventually(lambda: len(owned("GET", quiet)) >= 15, within=60, what="three resyncs")
+        assert owned("PATCH", quiet) == [], [r.path for r in owned("PATCH", quiet)]
+
+        # a label of ours removed by hand: the next resync applies the Service again, and only it
+        touched = time.time()
+        await client.request("PATCH", kube.path(k.SERVICES, NAME),
+                             [{"op": "remove", "path": "/metadata/labels/app.kubernetes.io~1managed-by"}],
+                             content_type="application/json-patch+json")
+        await eventually(lambda: (kube.get(k.SERVICES, NAME) or {}).get("metadata", {}).get("labels", {})
+                         .get("app.kubernetes.io/managed-by") == "mailrelay-operator",
+                         within=30, what="the label put back")
+        assert {r.path.rsplit("/", 2)[-2] for r in owned("PATCH", touched)} == {"services"}
+    finally:
+        await harness.stop()
+    harness.assert_never_forbidden()
