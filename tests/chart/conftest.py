@@ -1,4 +1,5 @@
-"""Fixtures of the chart/observability tests: the live stack, run once per session and shared."""
+"""Fixtures of the chart/observability tests: the live stack (tests/chart/livestack.py), run once per
+session on the session's real control plane (`kube_session`, tests/conftest.py) and shared."""
 
 from __future__ import annotations
 
@@ -6,18 +7,17 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests import kubeenv
 from tests.chart import livestack
 from tests.conftest import require_tool
 
 
 @pytest.fixture(scope="session")
-def live() -> Iterator[livestack.Stack]:
+def live(kube_session: kubeenv.SessionCluster) -> Iterator[livestack.Stack]:
     prometheus = require_tool("prometheus")
     require_tool("helm")
-    with livestack.running(prometheus) as stack:
+    with livestack.running(prometheus, kube_session) as stack:
         if stack.error is not None:
-            log = ""
-            if stack.workdir is not None and (stack.workdir / "operator.log").exists():
-                log = (stack.workdir / "operator.log").read_text(errors="replace")[-4000:]
+            log = stack.operator_log[-4000:]
             pytest.fail(f"live stack failed: {stack.error!r}\n" + "\n".join(stack.events) + "\n" + log)
         yield stack

@@ -1,5 +1,6 @@
 """Every PromQL expression the project ships returns data from a real Prometheus scraping real relays
-and the real operator under load (the scenario of tests/chart/livestack.py).
+and the real operator under load, on the real control plane (the scenario of tests/chart/livestack.py;
+only the kubelet, pod discovery and the MTA clients are simulated there).
 
 A panel that shows nothing under load is a failed test: each dashboard query, run as Grafana would run
 it over the scenario's time range, must give at least one series with a finite value. Alert expressions
@@ -16,6 +17,9 @@ import re
 import pytest
 
 from tests.chart import livestack, promql
+
+# The first test to use the live stack runs its scenario (and may start the session's control plane).
+pytestmark = pytest.mark.timeout(900)
 
 RATE_INTERVAL = "5s"  # Grafana's $__rate_interval for a 1s scrape interval is 4s plus the step
 
@@ -73,7 +77,7 @@ def test_dashboard_variables_have_values(live: livestack.Stack, expression: prom
     match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", grafana_substitute(expression.expr))
     assert match, expression.expr
     values = live.label_values(match.group(2), match.group(1))
-    assert values == [livestack.NAMESPACE if match.group(2) == "namespace" else livestack.NAME]
+    assert values == [live.namespace if match.group(2) == "namespace" else livestack.NAME]
 
 
 def test_scenario_provoked_what_the_panels_show(live: livestack.Stack) -> None:
@@ -110,5 +114,15 @@ def test_docs_scrape_config_keeps_the_metrics_ports_and_drops_the_others(live: l
     assert {"smtp", "health"} <= gone
     relay = next(t for t in active if t["labels"]["job"] == "mailrelay-relay")
     assert (
-        relay["labels"]["mailrelay"] == livestack.NAME and relay["labels"]["namespace"] == livestack.NAMESPACE
+        relay["labels"]["mailrelay"] == livestack.NAME and relay["labels"]["namespace"] == live.namespace
     )
+
+
+def test_the_operator_ran_with_the_charts_rbac_and_was_never_refused(live: livestack.Stack) -> None:
+    """The scenario's operator ran as the chart renders it (watching the stack's namespace) with the
+    chart's ServiceAccount token; the real API server refused none of its calls (a refusal is logged as
+    Forbidden), so what the panels show is what an operator with the chart's RBAC does."""
+    assert f"--namespace={live.namespace}" in live.operator_args
+    assert live.operator_log, "the operator's log is empty"
+    refused = [line for line in live.operator_log.splitlines() if "forbidden" in line.lower()]
+    assert refused == [], "RBAC refused the operator:\n" + "\n".join(refused[:20])
