@@ -260,7 +260,7 @@ def relay_deployment(name: str, namespace: str, *, replicas: int, token_secret: 
 class OperatorProcess:
     """`mailrelay-operator` as a subprocess, pointed at the sandbox's kubeconfig, as in a cluster."""
 
-    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, *extra_args: str,
+    def __init__(self, kubeconfig: Path, namespace: str | None, log_path: Path, *extra_args: str,
                  env: dict[str, str] | None = None) -> None:
         self.kubeconfig = kubeconfig
         self.namespace = namespace
@@ -273,7 +273,8 @@ class OperatorProcess:
     @property
     def command(self) -> list[str]:
         binary = str(Path(sys.executable).parent / "mailrelay-operator")
-        return [binary, "--standalone", "--namespace", self.namespace, *self.extra_args]
+        scope = ["--namespace", self.namespace] if self.namespace else []  # None: cluster-wide
+        return [binary, "--standalone", *scope, *self.extra_args]
 
     async def start(self) -> None:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), **self.env}

@@ -2,8 +2,9 @@
 
 Every `kubectl` and `helm` command of README.md's ```sh blocks runs here, in order, with the real
 binaries, in a folder that holds `crds/`, `charts/` and the README's `outbound.yaml`. A process kubelet
-runs the relays; the operator runs with a token of the ServiceAccount the README's `helm install` made
-(its own pod, from the image the README names, is not run: the process kubelet runs relays only). Then
+runs the relays; the operator runs cluster-wide, as the chart installs it, with a token of the
+ServiceAccount the README's `helm install` made (its own pod, from the image the README names, is not
+run: the process kubelet runs relays only), and RBAC must refuse it nothing. Then
 `kubectl get mailrelays -n mail` must print the README's columns, with the numbers of this pool; and
 `kubectl scale mr`, as docs/operator.md shows it, must reach the relays' Deployment.
 
@@ -125,7 +126,8 @@ async def test_the_install_section_works_as_written(
                 kubelet.ProcessKubelet.on(cluster, "readme-node", tmp_path / "pods", sink.address,
                                           extra_env={"MAILRELAY_LOG_LEVEL": "warning"}) as node,
                 cluster.api() as api):
-        operator = scenario.OperatorProcess(kubeconfig, "mail", tmp_path / "operator.log",
+        # cluster-wide, as the chart installs it by default (operator.watchNamespaces empty)
+        operator = scenario.OperatorProcess(kubeconfig, None, tmp_path / "operator.log",
                                             "--liveness", "", "--metrics-port", "0")
         await operator.start()
         try:
@@ -165,6 +167,8 @@ async def test_the_install_section_works_as_written(
             assert len(node.runtimes) == 3
         finally:
             await operator.stop()
+        log = (tmp_path / "operator.log").read_text(errors="replace")
+        assert "forbidden" not in log.lower(), "RBAC refused the cluster-wide operator:\n" + log[-3000:]
 
 
 def test_helm_alone_installs_the_crd_from_the_chart(

@@ -1,9 +1,9 @@
-"""RBAC in `--namespace` mode: the chart's scenario (tests/chart/test_rbac.py) runs cluster-wide, so this
-runs the real operator with `--namespace` and the chart's ServiceAccount token against the real API
-server (RBAC enforced), through a create and a first scaling tick, and checks that the server refused
-none of its requests, that every request it sent is allowed by `kube.RBAC_RULES` (the declaration the
-chart's ClusterRole is derived from), and that the grants kept only for this mode (namespaces list and
-watch, for Kopf's namespace observer) are really used here.
+"""RBAC in `--namespace` mode (the cluster-wide mode, the chart's default, runs in tests/e2e/test_readme.py
+on a control plane of its own): the real operator with `--namespace` and the chart's ServiceAccount token
+against the real API server (RBAC enforced), through a create and a first scaling tick, and checks that
+the server refused none of its requests, that every request it sent is allowed by `kube.RBAC_RULES` (the
+declaration the chart's ClusterRole is derived from), and that the grants kept only for this mode
+(namespaces list and watch, for Kopf's namespace observer) are really used here.
 
 The operator's requests are the ones that pass the fault proxy (which injects nothing here); the test's
 own requests go to the API server directly, as the admin."""
