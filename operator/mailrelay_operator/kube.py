@@ -24,7 +24,7 @@ import random
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import aiohttp
 import aiohttp.helpers
@@ -343,7 +343,8 @@ class Kube:
         self._written(res, applied, deleted=False)
         return applied
 
-    async def ensure(self, desired: Mapping[str, Any], *, create_only: bool = False) -> tuple[JSON, str]:
+    async def ensure(self, desired: Mapping[str, Any], *, create_only: bool = False,
+                     live: JSON | Literal["unknown"] | None = "unknown") -> tuple[JSON, str]:
         """Make the object match `desired` by server-side apply. Idempotent.
 
         An apply that would change nothing is not sent (`already_applied`): the resync of every owned
@@ -357,7 +358,8 @@ class Kube:
         res = BY_KIND[str(desired["kind"])]
         meta = desired.get("metadata", {})
         namespace, name = meta.get("namespace"), str(meta["name"])
-        live = await self.get(res, namespace, name)
+        if live == "unknown":  # the caller may pass what it has just read (None: absent)
+            live = await self.get(res, namespace, name)
         if create_only:
             if live is None:
                 try:

@@ -150,7 +150,8 @@ async def ensure_owned(
     kopf.adopt(objects, owner=owner)
     actions: dict[str, str] = {}
     for obj in objects:
-        live, action = await rt.kube.ensure(obj, create_only=obj["kind"] == "Secret")
+        known: Any = live_deployment if obj["kind"] == "Deployment" else "unknown"
+        live, action = await rt.kube.ensure(obj, create_only=obj["kind"] == "Secret", live=known)
         actions[obj["kind"]] = action
         if obj["kind"] == "Secret":
             memory.token = _token_of(live)
