@@ -347,10 +347,12 @@ class Session(aiosmtpd.smtp.SMTP):
         self.transport = None
 
     def eof_received(self) -> bool | None:
-        """The client closed its side: the reader gets EOF and the transport closes (aiosmtpd would cancel
-        the session's coroutine here)."""
-        asyncio.StreamReaderProtocol.eof_received(self)
-        return False
+        """The client closed its sending side: the reader gets EOF (aiosmtpd would cancel the session's
+        coroutine here). The transport stays open (a half-close, except over TLS) until the session has
+        answered what it received and reaches the EOF: Exim pipelines QUIT after a message's final dot
+        and shuts down its side, then reads the 250; closing at the EOF would drop that 250 for a message
+        already queued, and the client would send it again."""
+        return asyncio.StreamReaderProtocol.eof_received(self)
 
     def pause_writing(self) -> None:
         self.write_paused = True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import smtplib
+import socket
 import subprocess
 from collections.abc import Iterator
 
@@ -78,6 +79,27 @@ def test_queued_message_is_delivered(wire: Wire, sink: sinkmod.Sink) -> None:
     # dot-stuffing undone on the way in, redone by the delivery client: the upstream sees one dot
     assert got.content.replace(b"\r\n", b"\n") == content.replace(b"\r\n", b"\n").replace(b"\n..", b"\n.")
     assert "BODY=8BITMIME" in got.mail_options
+
+
+@pytest.mark.parametrize("quit_too", [True, False])
+def test_a_half_closed_client_still_gets_its_replies(wire: Wire, sink: sinkmod.Sink, quit_too: bool) -> None:
+    """Exim pipelines QUIT after a message's final dot and shuts down its sending side, then reads the
+    replies. The relay used to close at that EOF: the message was queued and delivered, the client never
+    saw its 250 and sent it again (a duplicate). Now it gets 250 (and 221), and the message arrives once."""
+    wire.ehlo()
+    assert wire.cmd("MAIL FROM:<a@client.test>")[0] == 250
+    assert wire.cmd("RCPT TO:<b@dest.test>")[0] == 250
+    assert wire.cmd("DATA")[0] == 354
+    msg_id, content = message("half-close")
+    wire.send(content + b".\r\n" + (b"QUIT\r\n" if quit_too else b""))
+    wire.sock.shutdown(socket.SHUT_WR)
+    code, lines = wire.reply()
+    assert code == 250 and lines[0].startswith("2.0.0 Ok: queued as ")
+    if quit_too:
+        assert wire.reply() == (221, ["2.0.0 Bye"])
+    assert wire.closed()
+    assert wait_until(lambda: delivered(sink, msg_id))
+    assert sum(1 for m in sink.messages if msg_id.encode() in m.content) == 1
 
 
 @pytest.mark.parametrize(
