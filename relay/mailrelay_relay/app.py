@@ -145,7 +145,8 @@ class Node:
         sender = delivery.make_sender(_upstream(cfg, self.password))
         self.delivery = delivery.Delivery(self.spool, sender, queue_lifetime=cfg.queue_lifetime,
                                           concurrency=cfg.upstream_connections,
-                                          deferral_log_interval=cfg.deferral_log_interval)
+                                          deferral_log_interval=cfg.deferral_log_interval,
+                                          hostname=cfg.hostname, notify=cfg.notify_senders)
         recovered = self.recovered(self.spool)
         for msg in recovered:
             self.delivery.submit(msg)

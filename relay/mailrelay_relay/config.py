@@ -72,6 +72,9 @@ FLAGS: tuple[Flag, ...] = (
          metavar="SECONDS"),
     Flag("--queue-lifetime", "432000", "undelivered messages older than this go to dead-letter",
          metavar="SECONDS"),
+    Flag("--notify-senders", "true",
+         "mail the sender a delivery status notification (RFC 3464) for a message that fails for good or "
+         "expires, and for NOTIFY=SUCCESS through an upstream without DSN", metavar="BOOL"),
     Flag("--deferral-log-interval", "60",
          "log a delivery deferral at warning at most once per kind of failure per this long (per worker)",
          metavar="SECONDS"),
@@ -114,6 +117,7 @@ class Config:
     drain_timeout: float = 600.0
     drain_grace: float = 2.0
     queue_lifetime: float = 432000.0
+    notify_senders: bool = True
     deferral_log_interval: float = 60.0
     command_timeout: float = 300.0
     data_timeout: float = 600.0
@@ -279,6 +283,7 @@ def from_values(values: Mapping[str, RawValue], *, default_hostname: str) -> Con
         drain_timeout=parse_seconds("--drain-timeout", need("--drain-timeout")),
         drain_grace=parse_seconds("--drain-grace", need("--drain-grace")),
         queue_lifetime=parse_seconds("--queue-lifetime", need("--queue-lifetime"), minimum=1.0),
+        notify_senders=parse_bool("--notify-senders", need("--notify-senders")),
         deferral_log_interval=parse_seconds("--deferral-log-interval", need("--deferral-log-interval")),
         command_timeout=parse_seconds("--command-timeout", need("--command-timeout"), minimum=0.1),
         data_timeout=parse_seconds("--data-timeout", need("--data-timeout"), minimum=0.1),

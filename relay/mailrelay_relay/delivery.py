@@ -56,15 +56,12 @@ import socket
 import ssl
 import time
 import typing
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Literal, NamedTuple
 
 import aiosmtplib
 
-from mailrelay_relay import backoff, logs, metrics
-
-if TYPE_CHECKING:
-    from mailrelay_relay import spool
+from mailrelay_relay import backoff, dsn, logs, metrics, spool
 
 log = logging.getLogger("mailrelay.delivery")
 
@@ -102,9 +99,10 @@ class RecipientsRejected(Exception):
     dead-lettered (see the module docstring).
     """
 
-    def __init__(self, failures: Mapping[str, Reply]) -> None:
+    def __init__(self, failures: Mapping[str, Reply], *, dsn_passed: bool | None = None) -> None:
         super().__init__("; ".join(f"<{r}>: {c} {t}" for r, (c, t) in failures.items()))
         self.failures = dict(failures)
+        self.dsn_passed = dsn_passed  # as send()'s result, for the recipients that were accepted
 
 
 class UpstreamUnavailable(ConnectionError):
@@ -123,8 +121,10 @@ def classify(code: int, text: str) -> DeliveryFailure:
 class Sender(typing.Protocol):
     """The swappable upstream. The default is `SmtpSender`, made by `make_sender`."""
 
-    async def send(self, envelope: spool.Envelope, content: bytes) -> None:
-        """Hand one message on; return on the upstream's 250 for every recipient.
+    async def send(self, envelope: spool.Envelope, content: bytes) -> bool | None:
+        """Hand one message on; return on the upstream's 250 for every recipient: False when the
+        upstream does not offer DSN, so the DSN parameters were not passed on and the relay must report
+        NOTIFY=SUCCESS itself (None: not known, taken as passed on).
 
         Raises TemporaryFailure / PermanentFailure (whole message), RecipientsRejected (some or all
         recipients refused), or ConnectionError / TimeoutError / OSError (upstream unreachable or lost).
@@ -275,14 +275,14 @@ class SmtpSender:
         else:
             conn.smtp.close()
 
-    async def send(self, envelope: spool.Envelope, content: bytes) -> None:
+    async def send(self, envelope: spool.Envelope, content: bytes) -> bool | None:
         if self._closed:
             raise UpstreamUnavailable("sender is closed")
         async with self._slots:
             conn, reused = await self._acquire()
             try:
                 try:
-                    await self._transaction(conn.smtp, envelope, content)
+                    return await self._transaction(conn.smtp, envelope, content)
                 except _DiedAtMail:
                     if not reused:
                         raise
@@ -290,12 +290,13 @@ class SmtpSender:
                     # on, so one retry on a fresh connection is safe.
                     conn.smtp.close()
                     conn = await self._connect()
-                    await self._transaction(conn.smtp, envelope, content)
+                    return await self._transaction(conn.smtp, envelope, content)
             finally:
                 self._release(conn)
 
-    async def _transaction(self, smtp: aiosmtplib.SMTP, envelope: spool.Envelope, content: bytes) -> None:
+    async def _transaction(self, smtp: aiosmtplib.SMTP, envelope: spool.Envelope, content: bytes) -> bool:
         utf8 = any(o.upper() == "SMTPUTF8" for o in envelope.mail_options)
+        dsn_passed = "dsn" in smtp.esmtp_extensions
         if utf8 and "smtputf8" not in smtp.esmtp_extensions:
             raise PermanentFailure(553, "5.6.7 upstream does not offer SMTPUTF8, which this message needs")
         encoding = "utf-8" if utf8 else "ascii"
@@ -312,9 +313,10 @@ class SmtpSender:
             raise PermanentFailure(553, f"5.1.7 sender address not usable upstream: {exc}") from exc
         failures: dict[str, Reply] = {}
         accepted: list[str] = []
-        for rcpt in envelope.rcpt_tos:
+        for index, rcpt in enumerate(envelope.rcpt_tos):
+            rcpt_options = list(envelope.options_of(index)) if dsn_passed else []
             try:
-                await _command(smtp, b"RCPT TO:", rcpt, [], encoding, (250, 251))
+                await _command(smtp, b"RCPT TO:", rcpt, rcpt_options, encoding, (250, 251))
             except aiosmtplib.SMTPResponseException as exc:
                 if not smtp.is_connected:
                     # 421 (or a reply and a hang-up): the upstream closed the session mid-transaction.
@@ -335,7 +337,8 @@ class SmtpSender:
             failures.update({rcpt: Reply(exc.code, exc.message) for rcpt in accepted})
             raise RecipientsRejected(failures) from exc
         if failures:
-            raise RecipientsRejected(failures)
+            raise RecipientsRejected(failures, dsn_passed=dsn_passed)
+        return dsn_passed
 
     async def close(self) -> None:
         """Close every pooled connection (QUIT, best effort). Idempotent."""
@@ -384,6 +387,13 @@ def _root_cause(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _only(envelope: spool.Envelope, recipients: tuple[str, ...]) -> spool.Envelope:
+    """The envelope for the recipients still to try, each with its own RCPT parameters."""
+    options = tuple(envelope.options_of(envelope.rcpt_tos.index(r)) for r in recipients)
+    return dataclasses.replace(envelope, rcpt_tos=recipients,
+                               rcpt_options=options if any(options) else ())
+
+
 def make_sender(cfg: UpstreamConfig) -> Sender:
     return SmtpSender(cfg)
 
@@ -402,6 +412,7 @@ class _Item:
     attempts: int = 0
     delivered_to: int = 0
     permanent: list[str] = dataclasses.field(default_factory=list)
+    failed: list[dsn.Recipient] = dataclasses.field(default_factory=list)  # for the sender's notification
 
 
 class Delivery:
@@ -424,6 +435,8 @@ class Delivery:
         rand: Callable[[], float] = random.random,
         stop_grace: float = 10.0,
         deferral_log_interval: float = 60.0,
+        hostname: str = "localhost",
+        notify: bool = False,
     ) -> None:
         if queue_lifetime <= 0:
             raise ValueError("queue_lifetime must be > 0")
@@ -458,6 +471,9 @@ class Delivery:
         self._remover: asyncio.Task[None] | None = None
         self._stopping = False
         self._deferral_log = logs.RateLimiter(deferral_log_interval)
+        self._hostname = hostname  # the Reporting-MTA of notifications
+        self._notify = notify  # False: no notifications to senders (--notify-senders false)
+        self._notifying: set[asyncio.Task[None]] = set()
 
     # -- the interface app.py uses ----------------------------------------------------------------
 
@@ -511,6 +527,8 @@ class Delivery:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self._notifying:  # each one spools a notification, then dead-letters its message: let it end
+            await asyncio.wait(set(self._notifying), timeout=self._stop_grace)
         if self._remover is not None:
             await self._remover
         await self._sender.close()
@@ -618,16 +636,18 @@ class Delivery:
             return
         envelope = msg.envelope
         if item.remaining != tuple(envelope.rcpt_tos):
-            envelope = dataclasses.replace(envelope, rcpt_tos=item.remaining)
+            envelope = _only(envelope, item.remaining)
         item.attempts += 1
         try:
-            await self._sender.send(envelope, content)
+            dsn_passed = await self._sender.send(envelope, content)
         except RecipientsRejected as exc:
-            self._on_recipients_rejected(item, exc.failures)
+            self._on_recipients_rejected(item, exc.failures, exc.dsn_passed, content)
         except PermanentFailure as exc:
             metrics.attempt("permanent")
             self._upstream_ok()
             item.permanent.extend(f"<{r}>: {exc.code} {exc.text}" for r in item.remaining)
+            item.failed.extend(self._recipient(item, r, "failed", dsn.status_of(exc.code, exc.text),
+                                               f"{exc.code} {exc.text}") for r in item.remaining)
             item.remaining = ()
             self._finish(item)
         except TemporaryFailure as exc:
@@ -654,15 +674,23 @@ class Delivery:
         else:
             metrics.attempt("success")
             self._upstream_ok()
+            if dsn_passed is False:
+                self._relayed(item, item.remaining, content)
             item.delivered_to += len(item.remaining)
             item.remaining = ()
             self._finish(item)
 
-    def _on_recipients_rejected(self, item: _Item, failures: Mapping[str, Reply]) -> None:
+    def _on_recipients_rejected(self, item: _Item, failures: Mapping[str, Reply], dsn_passed: bool | None,
+                                content: bytes) -> None:
         temporary = tuple(r for r in item.remaining if r in failures and not 500 <= failures[r].code <= 599)
         permanent = [r for r in item.remaining if r in failures and 500 <= failures[r].code <= 599]
+        if dsn_passed is False:
+            self._relayed(item, [r for r in item.remaining if r not in failures], content)
         item.delivered_to += len(item.remaining) - len(temporary) - len(permanent)
         item.permanent.extend(f"<{r}>: {failures[r].code} {failures[r].text}" for r in permanent)
+        item.failed.extend(
+            self._recipient(item, r, "failed", dsn.status_of(failures[r].code, failures[r].text),
+                            f"{failures[r].code} {failures[r].text}") for r in permanent)
         self._upstream_ok()
         if temporary:
             metrics.attempt("temporary")
@@ -708,6 +736,9 @@ class Delivery:
             rand=self._rand_unit(),
         )
         if isinstance(decision, backoff.Expire):
+            item.failed.extend(self._recipient(item, r, "failed", "4.4.7",
+                                               f"delivery time expired; last error: {why}")
+                               for r in item.remaining)
             self._dead_letter(item, "expired", f"expired after {decision.age:.0f}s in the queue "
                               f"({item.attempts} attempts); last error: {why}")
             return
@@ -763,7 +794,75 @@ class Delivery:
                 logs.event(log, "delivery.spool_remove_failed", level=logging.ERROR, queue_id=msg.id,
                            error=str(exc))
 
+    # -- notifications to the sender (dsn.py builds them) -------------------------------------------
+
+    def _recipient(self, item: _Item, address: str, action: dsn.Action, status: str,
+                   diagnostic: str) -> dsn.Recipient:
+        envelope = item.msg.envelope
+        index = envelope.rcpt_tos.index(address) if address in envelope.rcpt_tos else len(envelope.rcpt_tos)
+        return dsn.Recipient(address, action, status, diagnostic, envelope.options_of(index))
+
+    def _due(self, item: _Item, recipients: list[dsn.Recipient]) -> list[dsn.Recipient]:
+        """The recipients the sender asked (or by default wants) to hear about."""
+        if not self._notify or not dsn.needs_notice(item.msg.envelope.mail_from):
+            return []
+        return [r for r in recipients if dsn.wanted(r.action, r.options)]
+
+    def _relayed(self, item: _Item, delivered: Sequence[str], content: bytes) -> None:
+        """NOTIFY=SUCCESS through an upstream without DSN: RFC 3461 section 6.2.3 has the relay report
+        "relayed" itself."""
+        due = self._due(item, [self._recipient(item, r, "relayed", "2.0.0", "250 passed on to an upstream "
+                                               "that does not report delivery") for r in delivered])
+        if due:
+            self._spawn(self._queue_notice(item, due, content))
+
+    def _spawn(self, work: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._notifying.add(task)
+        task.add_done_callback(self._notifying.discard)
+
+    async def _queue_notice(self, item: _Item, recipients: list[dsn.Recipient],
+                            content: bytes | None) -> None:
+        """Build the notification and spool it (it is then delivered like any message: from <>, so its
+        own failure is dead-lettered without another notification). A failure is logged; the message's
+        dead-letter copy stays either way."""
+        msg = item.msg
+        try:
+            if content is None:
+                content = await self._read(msg)
+            now = self._clock()
+            notice = dsn.build(reporting_mta=self._hostname, envelope_sender=msg.envelope.mail_from,
+                               mail_options=msg.envelope.mail_options, arrival=msg.received_at,
+                               recipients=recipients, original=content, now=now,
+                               message_id=f"{msg.id}.{recipients[0].action}")
+            options = (("SMTPUTF8",) if notice.smtputf8 else ()) + (("BODY=8BITMIME",) if notice.eight_bit
+                                                                    else ())
+            queued = await self._spool.store(
+                spool.Envelope("", (notice.envelope_sender,), options), notice.content, now)
+        except (OSError, ValueError) as exc:
+            logs.event(log, "delivery.notification_failed", level=logging.ERROR, queue_id=msg.id,
+                       error=str(exc))
+            return
+        metrics.notification(recipients[0].action)
+        logs.event(log, "delivery.notification_queued", queue_id=msg.id, notification_id=queued.id,
+                   kind=recipients[0].action, recipients=len(recipients))
+        self.submit(queued)
+
+    async def _notice_then_dead_letter(self, item: _Item, recipients: list[dsn.Recipient],
+                                       reason: Literal["permanent", "expired"], text: str) -> None:
+        await self._queue_notice(item, recipients, None)
+        self._dead_letter_now(item, reason, text)
+
     def _dead_letter(self, item: _Item, reason: Literal["permanent", "expired"], text: str) -> None:
+        """Dead-letter the message; first, when its sender wants to hear of it, spool a notification."""
+        due = self._due(item, item.failed)
+        item.failed = []
+        if due:
+            self._spawn(self._notice_then_dead_letter(item, due, reason, text))
+        else:
+            self._dead_letter_now(item, reason, text)
+
+    def _dead_letter_now(self, item: _Item, reason: Literal["permanent", "expired"], text: str) -> None:
         try:
             self._spool.dead_letter(item.msg, text)
         except OSError as exc:

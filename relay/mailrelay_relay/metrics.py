@@ -57,6 +57,7 @@ FSYNC_DURATION_BUCKETS = (
 CONNECTION_RESULTS = ("accepted", "refused_busy", "refused_draining")
 DEAD_LETTER_REASONS = ("permanent", "expired")
 ATTEMPT_RESULTS = ("success", "temporary", "permanent", "connection_error")
+NOTIFICATION_KINDS = ("failed", "delayed", "relayed")
 
 BUILD_INFO = prometheus_client.Gauge(
     PREFIX + "build_info", "Build information; always 1.", ["version"], multiprocess_mode="max"
@@ -81,6 +82,10 @@ MESSAGES_DELIVERED = prometheus_client.Counter(
 )
 MESSAGES_DEAD_LETTERED = prometheus_client.Counter(
     PREFIX + "messages_dead_lettered", "Messages moved to the dead-letter folder, by reason.", ["reason"]
+)
+NOTIFICATIONS = prometheus_client.Counter(
+    PREFIX + "notifications",
+    "Delivery status notifications the relay queued for a sender, by what they report.", ["kind"]
 )
 DELIVERY_ATTEMPTS = prometheus_client.Counter(
     PREFIX + "delivery_attempts", "Delivery attempts to the upstream, by result.", ["result"]
@@ -124,6 +129,8 @@ for _reason in DEAD_LETTER_REASONS:
     MESSAGES_DEAD_LETTERED.labels(reason=_reason)
 for _result in ATTEMPT_RESULTS:
     DELIVERY_ATTEMPTS.labels(result=_result)
+for _kind in NOTIFICATION_KINDS:
+    NOTIFICATIONS.labels(kind=_kind)
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 
@@ -166,6 +173,13 @@ def dead_lettered(reason: str) -> None:
     if reason not in DEAD_LETTER_REASONS:
         raise ValueError(f"unknown dead-letter reason {reason!r}")
     MESSAGES_DEAD_LETTERED.labels(reason=reason).inc()
+
+
+def notification(kind: str) -> None:
+    """Count one queued notification (kind is one of NOTIFICATION_KINDS)."""
+    if kind not in NOTIFICATION_KINDS:
+        raise ValueError(f"unknown notification kind {kind!r}")
+    NOTIFICATIONS.labels(kind=kind).inc()
 
 
 def attempt(result: str) -> None:

@@ -98,7 +98,8 @@ def _busy_reply(hostname: str) -> Reply:
 
 def ehlo(hostname: str, *, max_message_size: int, starttls: bool) -> list[str]:
     """The EHLO reply lines (without CRLF)."""
-    features = [hostname, "PIPELINING", f"SIZE {max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
+    features = [hostname, "PIPELINING", f"SIZE {max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES",
+                "SMTPUTF8", "DSN"]
     if starttls:
         features.append("STARTTLS")
     return [f"250-{item}" for item in features[:-1]] + [f"250 {features[-1]}"]
@@ -118,10 +119,20 @@ BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Error: command line too long")
 NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
 VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
-HELP = Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS")
 START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
 TLS_ALREADY = Reply(503, "5.5.1", "Error: TLS already active")
+
+
+def vrfy(arg: str) -> Reply:
+    """VRFY needs an argument (RFC 5321 section 4.1.1.6); the relay never verifies one (252)."""
+    return VRFY if arg.strip() else syntax("VRFY address")
+
+
+def help_reply(*, starttls: bool) -> Reply:
+    """The commands this session may use: STARTTLS only where it is offered (a certificate, not yet TLS)."""
+    verbs = "HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP" + (" STARTTLS" if starttls else "")
+    return Reply(214, "2.0.0", f"Commands: {verbs}")
 
 
 def unknown_command(verb: str) -> Reply:
@@ -140,23 +151,36 @@ NOT_OFFERED = {"BDAT", "EXPN", "TURN", "ETRN", "ATRN", "AUTH", "SEND", "SOML", "
 # --- addresses and ESMTP parameters ---------------------------------------------------------------------
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
-_DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_UTF8 = "\u0080-\U0010ffff"  # RFC 6531: UTF8-non-ascii may stand in local parts and domain labels
+_ATEXT_UTF8 = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{_UTF8}-]"
 _QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+_QUOTED_UTF8 = rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*"'
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
+_LABEL_UTF8 = rf"[A-Za-z0-9{_UTF8}](?:[A-Za-z0-9{_UTF8}-]*[A-Za-z0-9{_UTF8}])?"
 _LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
-_MAILBOX = re.compile(rf"(?P<local>{_DOT_STRING}|{_QUOTED})@(?P<domain>{_DOMAIN}|{_LITERAL})")
+
+
+def _mailbox(atext: str, quoted: str, label: str) -> re.Pattern[str]:
+    dot_string = rf"{atext}+(?:\.{atext}+)*"
+    domain = rf"{label}(?:\.{label})*"
+    return re.compile(rf"(?P<local>{dot_string}|{quoted})@(?P<domain>{domain}|{_LITERAL})")
+
+
+_MAILBOX = _mailbox(_ATEXT, _QUOTED, _LABEL)
+_MAILBOX_UTF8 = _mailbox(_ATEXT_UTF8, _QUOTED_UTF8, _LABEL_UTF8)
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
 _SOURCE_ROUTE = re.compile(rf"@{_DOMAIN}(?:,@{_DOMAIN})*:")
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+")
+_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})+")  # RFC 3461 section 4
+_ATOM = re.compile(rf"{_ATEXT}+")
 
-MAIL_PARAMS_OFFERED = {"SIZE", "BODY"}
-# Known extensions this relay does not offer (not advertised): 455 4.3.3, the feature is missing here.
-MAIL_PARAMS_NOT_OFFERED = {
-    "SMTPUTF8", "RET", "ENVID", "REQUIRETLS", "AUTH", "MT-PRIORITY", "HOLDFOR", "HOLDUNTIL", "BY", "MTRK",
-    "TRANSID",
-}
-RCPT_PARAMS_NOT_OFFERED = {"NOTIFY", "ORCPT", "RRVS", "MTRK", "BY"}
+# What the relay offers. Anything else is never offered (555 5.5.4): a client that retried it as a 4xx
+# would gain nothing. SMTPUTF8 (RFC 6531) and DSN (RFC 3461: RET, ENVID, NOTIFY, ORCPT) are relayed.
+MAIL_PARAMS_OFFERED = {"SIZE", "BODY", "SMTPUTF8", "RET", "ENVID"}
+RCPT_PARAMS_OFFERED = {"NOTIFY", "ORCPT"}
+MAX_ENVID = 100  # RFC 3461 section 4.4
+MAX_ORCPT = 500  # RFC 3461 section 4.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,47 +189,68 @@ class Path:
     params: tuple[tuple[str, str | None], ...]  # (KEYWORD upper-cased, value or None)
 
 
-def parse_path(arg: str, keyword: str) -> Path | None:
-    """Parse 'FROM:<a@b> P1 P2=v' (keyword 'FROM') or 'TO:<a@b> ...'; None on any syntax error."""
+class PathError(enum.Enum):
+    ADDRESS = "address"  # the path: 501 5.1.7 at MAIL, 501 5.1.3 at RCPT
+    PARAMETERS = "parameters"  # malformed or repeated parameters: 501 5.5.4
+
+
+def parse_path(arg: str, keyword: str) -> Path | PathError:
+    """Parse 'FROM:<a@b> P1 P2=v' (keyword 'FROM') or 'TO:<a@b> ...'. Non-ASCII addresses parse here;
+    whether the transaction allows them (SMTPUTF8) is the caller's question."""
     text = arg.strip()
     if text[: len(keyword) + 1].upper() != keyword + ":":
-        return None
+        return PathError.ADDRESS
     text = text[len(keyword) + 1:].lstrip(" ")
     if text.startswith("<"):
         end = text.find(">")
         if end < 0:
-            return None
+            return PathError.ADDRESS
         inner, rest = text[1:end], text[end + 1:]
         if rest and not rest.startswith(" "):
-            return None
+            return PathError.ADDRESS
     else:  # lenient: a bare address without angle brackets
         inner, _, rest = text.partition(" ")
         if not inner:
-            return None
+            return PathError.ADDRESS
     route = _SOURCE_ROUTE.match(inner)
     if route:
         inner = inner[route.end():]
-    if inner and not valid_mailbox(inner):
-        if keyword == "TO" and inner.lower() == "postmaster":
-            pass
-        else:
-            return None
+    if inner and not valid_mailbox(inner) and not (keyword == "TO" and inner.lower() == "postmaster"):
+        return PathError.ADDRESS
     params = parse_params(rest)
     if params is None:
-        return None
+        return PathError.PARAMETERS
     return Path(inner, params)
 
 
 def valid_mailbox(address: str) -> bool:
-    if len(address) > MAX_PATH - 2:
+    """A mailbox of RFC 5321 section 4.1.2, with RFC 6531's UTF-8 where it is not ASCII; an address
+    literal must be a valid IPv4 address or `IPv6:` and a valid IPv6 address (section 4.1.3)."""
+    if len(address.encode("utf-8")) > MAX_PATH - 2:
         return False
-    match = _MAILBOX.fullmatch(address)
+    match = (_MAILBOX if address.isascii() else _MAILBOX_UTF8).fullmatch(address)
     if match is None:
         return False
-    return len(match.group("local")) <= MAX_LOCAL_PART and len(match.group("domain")) <= MAX_DOMAIN
+    local, domain = match.group("local"), match.group("domain")
+    if len(local.encode("utf-8")) > MAX_LOCAL_PART or len(domain.encode("utf-8")) > MAX_DOMAIN:
+        return False
+    return not domain.startswith("[") or valid_address_literal(domain[1:-1])
+
+
+def valid_address_literal(text: str) -> bool:
+    """The inside of `[...]`: IPv4 dotted quad (each number 0-255) or `IPv6:` and an IPv6 address."""
+    try:
+        if text[:5].upper() == "IPV6:":
+            ipaddress.IPv6Address(text[5:])
+        else:
+            ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_params(text: str) -> tuple[tuple[str, str | None], ...] | None:
+    """ESMTP parameters; None when one is malformed or given twice."""
     params: list[tuple[str, str | None]] = []
     seen: set[str] = set()
     for item in text.split(" "):
@@ -220,6 +265,35 @@ def parse_params(text: str) -> tuple[tuple[str, str | None], ...] | None:
         seen.add(upper)
         params.append((upper, value if eq else None))
     return tuple(params)
+
+
+def valid_notify(value: str | None) -> bool:
+    """NOTIFY=NEVER, or a list of SUCCESS, FAILURE and DELAY, each at most once (RFC 3461 section 4.1)."""
+    if not value:
+        return False
+    items = [v.upper() for v in value.split(",")]
+    if items == ["NEVER"]:
+        return True
+    return len(set(items)) == len(items) and set(items) <= {"SUCCESS", "FAILURE", "DELAY"}
+
+
+def valid_orcpt(value: str | None) -> bool:
+    """ORCPT=addr-type;xtext (RFC 3461 section 4.2)."""
+    if not value or len(value) > MAX_ORCPT:
+        return False
+    addr_type, semi, original = value.partition(";")
+    return bool(semi) and _ATOM.fullmatch(addr_type) is not None and _XTEXT.fullmatch(original) is not None
+
+
+def _bad_param(key: str) -> Reply:
+    return Reply(501, "5.5.4", f"Error: bad {key} parameter value")
+
+
+def _unsupported(verb: str, key: str) -> Reply:
+    return Reply(555, "5.5.4", f"Error: {verb} parameter {key} not supported")
+
+
+NEED_SMTPUTF8 = Reply(553, "5.6.7", "Error: non-ASCII address needs SMTPUTF8")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -258,6 +332,28 @@ class MailDecision:
     options: tuple[str, ...] = ()  # MAIL parameters to pass upstream
     reservation: int = 0  # bytes to add to the pod's in-flight sum
 
+    @property
+    def smtputf8(self) -> bool:
+        return "SMTPUTF8" in self.options
+
+
+def _mail_option(key: str, value: str | None) -> str | Reply:
+    """The option to keep for one offered MAIL parameter, or the reply refusing it."""
+    if key == "BODY":
+        body = (value or "").upper()
+        if body == "BINARYMIME":  # needs CHUNKING, which the relay never offers
+            return Reply(555, "5.5.4", "Error: BODY=BINARYMIME not supported")
+        return f"BODY={body}" if body in ("7BIT", "8BITMIME") else _bad_param(key)
+    if key == "SMTPUTF8":
+        return "SMTPUTF8" if value is None else _bad_param(key)
+    if key == "RET":
+        ret = (value or "").upper()
+        return f"RET={ret}" if ret in ("FULL", "HDRS") else _bad_param(key)
+    # ENVID
+    if value is None or len(value) > MAX_ENVID or _XTEXT.fullmatch(value) is None:
+        return _bad_param(key)
+    return f"ENVID={value}"
+
 
 def decide_mail(arg: str | None, ctx: MailContext) -> MailDecision:
     if not ctx.greeted:
@@ -265,31 +361,29 @@ def decide_mail(arg: str | None, ctx: MailContext) -> MailDecision:
     if ctx.in_transaction:
         return MailDecision(Reply(503, "5.5.1", "Error: nested MAIL command"))
     path = parse_path(arg or "", "FROM")
-    if path is None:
+    if path is PathError.ADDRESS:
         return MailDecision(syntax("MAIL FROM:<address> [parameters]", "5.1.7"))
+    if path is PathError.PARAMETERS:
+        return MailDecision(Reply(501, "5.5.4", "Error: malformed or repeated MAIL parameter"))
+    assert isinstance(path, Path)
     if path.params and not ctx.extended:
         return MailDecision(Reply(501, "5.5.4", "Error: parameters need EHLO"))
     size: int | None = None
     options: list[str] = []
-    for key, _value in path.params:
-        if key in MAIL_PARAMS_NOT_OFFERED:
-            continue  # judged after every unknown one, below
-        if key not in MAIL_PARAMS_OFFERED:
-            return MailDecision(Reply(555, "5.5.4", f"Error: MAIL parameter {key} not recognized"))
     for key, value in path.params:
-        if key in MAIL_PARAMS_NOT_OFFERED:
-            return MailDecision(Reply(455, "4.3.3", f"Error: MAIL parameter {key} not supported here"))
+        if key not in MAIL_PARAMS_OFFERED:
+            return MailDecision(_unsupported("MAIL", key))
         if key == "SIZE":
             if value is None or not value.isdigit() or len(value) > 20:
                 return MailDecision(Reply(501, "5.5.4", "Error: bad SIZE value"))
             size = int(value)
-        elif key == "BODY":
-            body = (value or "").upper()
-            if body == "BINARYMIME":
-                return MailDecision(Reply(455, "4.3.3", "Error: BODY=BINARYMIME not supported here"))
-            if body not in ("7BIT", "8BITMIME"):
-                return MailDecision(Reply(501, "5.5.4", "Error: BODY must be 7BIT or 8BITMIME"))
-            options.append(f"BODY={body}")
+            continue
+        option = _mail_option(key, value)
+        if isinstance(option, Reply):
+            return MailDecision(option)
+        options.append(option)
+    if not path.address.isascii() and "SMTPUTF8" not in options:
+        return MailDecision(NEED_SMTPUTF8)
     if size is not None and size > ctx.max_message_size:
         return MailDecision(Reply(552, "5.3.4", "Error: message size exceeds fixed maximum message size"))
     reservation = size if size is not None else min(DEFAULT_RESERVATION, ctx.max_message_size)
@@ -312,6 +406,7 @@ class RcptContext:
     recipients: int  # accepted so far in this transaction
     max_recipients: int
     may_relay: bool
+    smtputf8: bool = False  # the transaction's MAIL carried SMTPUTF8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,26 +414,38 @@ class RcptDecision:
     reply: Reply
     accepted: bool = False
     address: str = ""
+    options: tuple[str, ...] = ()  # RCPT parameters to pass upstream (NOTIFY, ORCPT)
 
 
 def decide_rcpt(arg: str | None, ctx: RcptContext) -> RcptDecision:
     if not ctx.in_transaction:
         return RcptDecision(Reply(503, "5.5.1", "Error: need MAIL command"))
     path = parse_path(arg or "", "TO")
-    if path is None or not path.address:
+    if path is PathError.PARAMETERS:
+        return RcptDecision(Reply(501, "5.5.4", "Error: malformed or repeated RCPT parameter"))
+    if not isinstance(path, Path) or not path.address:
         return RcptDecision(syntax("RCPT TO:<address> [parameters]", "5.1.3"))
     if path.params and not ctx.extended:
         return RcptDecision(Reply(501, "5.5.4", "Error: parameters need EHLO"))
-    for key, _ in path.params:
-        if key not in RCPT_PARAMS_NOT_OFFERED:
-            return RcptDecision(Reply(555, "5.5.4", f"Error: RCPT parameter {key} not recognized"))
-    for key, _ in path.params:
-        return RcptDecision(Reply(455, "4.3.3", f"Error: RCPT parameter {key} not supported here"))
+    options: list[str] = []
+    for key, value in path.params:
+        if key not in RCPT_PARAMS_OFFERED:
+            return RcptDecision(_unsupported("RCPT", key))
+        if key == "NOTIFY":
+            if not valid_notify(value):
+                return RcptDecision(_bad_param(key))
+            options.append(f"NOTIFY={(value or '').upper()}")
+        else:
+            if not valid_orcpt(value):
+                return RcptDecision(_bad_param(key))
+            options.append(f"ORCPT={value}")
+    if not path.address.isascii() and not ctx.smtputf8:
+        return RcptDecision(NEED_SMTPUTF8)
     if not ctx.may_relay:
         return RcptDecision(Reply(554, "5.7.1", "Relay access denied"))
     if ctx.recipients >= ctx.max_recipients:
         return RcptDecision(Reply(452, "4.5.3", "Error: too many recipients"))
-    return RcptDecision(RCPT_OK, accepted=True, address=path.address)
+    return RcptDecision(RCPT_OK, accepted=True, address=path.address, options=tuple(options))
 
 
 # --- DATA -----------------------------------------------------------------------------------------------

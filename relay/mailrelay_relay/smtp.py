@@ -282,6 +282,7 @@ class Session(aiosmtpd.smtp.SMTP):
         self.bad_commands = 0
         self.may_relay = False
         self.drain_transaction = False  # had a transaction while the relay was draining (policy.drain_gate)
+        self.rcpt_options: list[tuple[str, ...]] = []  # per accepted recipient of this transaction
         self._greeting = policy.OK
 
     @property
@@ -546,7 +547,7 @@ class Session(aiosmtpd.smtp.SMTP):
             return
         text = raw.rstrip(b"\r\n")
         try:
-            line = text.decode("ascii")
+            line = text.decode("utf-8")  # UTF-8 only in MAIL and RCPT addresses (SMTPUTF8, below)
         except UnicodeDecodeError:
             self._bad(policy.BAD_SYNTAX)
             return
@@ -555,6 +556,9 @@ class Session(aiosmtpd.smtp.SMTP):
             return
         verb, _, arg = line.partition(" ")
         verb = verb.upper()
+        if not line.isascii() and verb not in ("MAIL", "RCPT"):
+            self._bad(policy.BAD_SYNTAX)
+            return
         gate = policy.drain_gate(draining=self.server.state.draining, verb=verb,
                                  drain_transaction_used=self.drain_transaction, hostname=self.cfg.hostname)
         if gate is not None:
@@ -614,6 +618,7 @@ class Session(aiosmtpd.smtp.SMTP):
             envelope.mail_from = decision.mail_from
             envelope.mail_options = list(decision.options)
             envelope.rcpt_tos = []
+            self.rcpt_options = []
             self.reservation = decision.reservation
             metrics.INFLIGHT_BYTES.inc(decision.reservation)
         elif decision.reply.code in (500, 501):
@@ -626,9 +631,10 @@ class Session(aiosmtpd.smtp.SMTP):
         decision = policy.decide_rcpt(arg, policy.RcptContext(
             extended=session.extended_smtp, in_transaction=envelope.mail_from is not None,
             recipients=len(envelope.rcpt_tos), max_recipients=self.cfg.max_recipients,
-            may_relay=self.may_relay))
+            may_relay=self.may_relay, smtputf8="SMTPUTF8" in envelope.mail_options))
         if decision.accepted:
             envelope.rcpt_tos.append(decision.address)
+            self.rcpt_options.append(decision.options)
         elif decision.reply.code == 554:
             logs.event(log, "relay.denied", session=self.id, peer=self.peer_ip)
         self.reply(decision.reply)
@@ -673,7 +679,7 @@ class Session(aiosmtpd.smtp.SMTP):
         if outcome is policy.DataOutcome.QUEUED:
             assert envelope.mail_from is not None
             record = spool.Envelope(envelope.mail_from, tuple(envelope.rcpt_tos),
-                                    tuple(envelope.mail_options))
+                                    tuple(envelope.mail_options), tuple(self.rcpt_options))
             self.flush()
             try:
                 msg = await self.server.spool.store(record, content, time.time())
@@ -735,10 +741,10 @@ class Session(aiosmtpd.smtp.SMTP):
         self.reply(policy.OK)
 
     async def smtp_VRFY(self, arg: str) -> None:
-        self.reply(policy.VRFY)
+        self.reply(policy.vrfy(arg))
 
     async def smtp_HELP(self, arg: str) -> None:
-        self.reply(policy.HELP)
+        self.reply(policy.help_reply(starttls=self.tls_context is not None and self._tls_protocol is None))
 
     async def smtp_QUIT(self, arg: str) -> None:
         self.reply_now(policy.BYE)

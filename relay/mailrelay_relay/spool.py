@@ -116,6 +116,12 @@ class Envelope:
     mail_from: str  # "" for the null sender <>
     rcpt_tos: tuple[str, ...]
     mail_options: tuple[str, ...] = ()  # ESMTP MAIL params to pass upstream, e.g. ("BODY=8BITMIME",)
+    # ESMTP RCPT params, one tuple per recipient in rcpt_tos order (DSN's NOTIFY and ORCPT); () for none
+    rcpt_options: tuple[tuple[str, ...], ...] = ()
+
+    def options_of(self, index: int) -> tuple[str, ...]:
+        """The RCPT parameters of recipient `index` (none when the envelope carries none)."""
+        return self.rcpt_options[index] if index < len(self.rcpt_options) else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +140,7 @@ def encode_record(msg_id: str, envelope: Envelope, content: bytes, received_at: 
         "mail_from": envelope.mail_from,
         "rcpt_tos": list(envelope.rcpt_tos),
         "mail_options": list(envelope.mail_options),
+        **({"rcpt_options": [list(o) for o in envelope.rcpt_options]} if any(envelope.rcpt_options) else {}),
         "size": len(content),
         "received_at": received_at,
         "crc32": zlib.crc32(content),
@@ -155,6 +162,7 @@ def decode_record(data: bytes) -> tuple[str, Envelope, bytes, float]:
         mail_from = header["mail_from"]
         rcpt_tos = tuple(header["rcpt_tos"])
         options = tuple(header["mail_options"])
+        rcpt_options = tuple(tuple(o) for o in header.get("rcpt_options", ()))
         size = header["size"]
         received_at = float(header["received_at"])
         crc = header["crc32"]
@@ -162,14 +170,16 @@ def decode_record(data: bytes) -> tuple[str, Envelope, bytes, float]:
         raise CorruptRecord(f"bad header: {error.__class__.__name__}") from None
     if not (isinstance(msg_id, str) and isinstance(mail_from, str) and isinstance(size, int)
             and isinstance(crc, int) and all(isinstance(r, str) for r in rcpt_tos)
-            and all(isinstance(o, str) for o in options)):
+            and all(isinstance(o, str) for o in options)
+            and len(rcpt_options) in (0, len(rcpt_tos))
+            and all(isinstance(o, str) for group in rcpt_options for o in group)):
         raise CorruptRecord("bad header types")
     content = data[end + 1:]
     if len(content) != size:
         raise CorruptRecord(f"size {len(content)} != {size}")
     if zlib.crc32(content) != crc:
         raise CorruptRecord("crc mismatch")
-    return msg_id, Envelope(mail_from, rcpt_tos, options), content, received_at
+    return msg_id, Envelope(mail_from, rcpt_tos, options, rcpt_options), content, received_at
 
 
 @dataclasses.dataclass

@@ -236,18 +236,19 @@ def test_upstream_permanent_failure_dead_letters_with_reason(
     tmp_path: pathlib.Path, verb: str, reply: bytes
 ) -> None:
     """A 5xx from the upstream moves the message to dead-letter, with the upstream's reply in its reason
-    and its content intact, and counts it (`reason="permanent"`). It is not retried and not lost."""
+    and its content intact, and counts it (`reason="permanent"`). It is not retried and not lost. The
+    sender's notification meets the same refusal: it is dead-lettered too, and nothing more is sent."""
     behaviour = h.SinkBehaviour(fail={verb: reply})
     with h.RecordingSink(behaviour) as sink, h.relay(tmp_path, sink.address) as relay:
         assert send_many(relay, ["perm-1"]) == ["perm-1"]
-        assert h.wait_until(lambda: relay.status()["dead_letter"]["messages"] == 1, 30)
-        assert queue_len(relay) == 0
+        assert h.wait_until(lambda: relay.status()["dead_letter"]["messages"] == 2, 30)
+        assert h.wait_until(lambda: queue_len(relay) == 0, 30)
         dead = h.dead_letters(relay.spool)
-        assert len(dead) == 1
-        _, reason, content = dead[0]
+        assert len(dead) == 2
+        [(_, reason, _)] = [d for d in dead if b"Message-ID: <perm-1@test>" in d[2].split(b"\r\n\r\n")[0]]
         assert reply[:3].decode() in reason, reason
-        assert b"Message-ID: <perm-1@test>" in content
-        assert metric(relay, "mailrelay_relay_messages_dead_lettered_total", 'reason="permanent"') == 1
+        assert metric(relay, "mailrelay_relay_messages_dead_lettered_total", 'reason="permanent"') == 2
+        assert metric(relay, "mailrelay_relay_notifications_total", 'kind="failed"') == 1
         assert h.spool_problems(relay.spool) == []
 
 
@@ -279,16 +280,18 @@ def test_upstream_tls_failure_defers_and_never_falls_back_to_plaintext(
 
 def test_queue_lifetime_expiry_dead_letters_with_reason(tmp_path: pathlib.Path) -> None:
     """The upstream stays down longer than --queue-lifetime: the message goes to dead-letter with reason
-    "expired" (counted as such), never silently dropped."""
+    "expired" (counted as such), never silently dropped. Its sender's notification, queued behind it,
+    expires the same way and is dead-lettered without another."""
     port = h.free_port()
     with h.relay(tmp_path, f"127.0.0.1:{port}", extra=["--queue-lifetime", "2"]) as relay:
         assert send_many(relay, ["expire-1"]) == ["expire-1"]
-        assert h.wait_until(lambda: relay.status()["dead_letter"]["messages"] == 1, 30)
-        (_, reason, content), = h.dead_letters(relay.spool)
+        assert h.wait_until(lambda: relay.status()["dead_letter"]["messages"] == 2, 30)
+        assert h.wait_until(lambda: queue_len(relay) == 0, 30)
+        dead = h.dead_letters(relay.spool)
+        [(_, reason, _)] = [d for d in dead if b"Message-ID: <expire-1@test>" in d[2].split(b"\r\n\r\n")[0]]
         assert "expire" in reason.lower()
-        assert b"<expire-1@test>" in content
-        assert metric(relay, "mailrelay_relay_messages_dead_lettered_total", 'reason="expired"') == 1
-        assert queue_len(relay) == 0
+        assert metric(relay, "mailrelay_relay_messages_dead_lettered_total", 'reason="expired"') == 2
+        assert len(h.dead_letters(relay.spool)) == 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -619,10 +622,12 @@ def test_disk_full_when_a_5xx_must_dead_letter_keeps_the_message(tmp_path: pathl
             filler.unlink()
             relay.kill()
             relay.start()
-            assert h.wait_until(lambda: relay.status()["dead_letter"]["messages"] == 1, 30)
-            (_, reason, content), = h.dead_letters(relay.spool)
-            assert "550" in reason and b"<full-5xx@test>" in content
-            assert queue_len(relay) == 0
+            # with space again: dead-lettered, and so is its notification (the upstream refuses it too)
+            assert h.wait_until(lambda: relay.status()["dead_letter"]["messages"] == 2, 30)
+            assert h.wait_until(lambda: queue_len(relay) == 0, 30)
+            [(_, reason, _)] = [d for d in h.dead_letters(relay.spool)
+                                if b"Message-ID: <full-5xx@test>" in d[2].split(b"\r\n\r\n")[0]]
+            assert "550" in reason
             assert h.spool_problems(relay.spool) == []
         finally:
             relay.kill()
