@@ -146,7 +146,8 @@ class Node:
         self.delivery = delivery.Delivery(self.spool, sender, queue_lifetime=cfg.queue_lifetime,
                                           concurrency=cfg.upstream_connections,
                                           deferral_log_interval=cfg.deferral_log_interval,
-                                          hostname=cfg.hostname, notify=cfg.notify_senders)
+                                          hostname=cfg.hostname, notify=cfg.notify_senders,
+                                          delay_warning=cfg.delay_warning_time)
         recovered = self.recovered(self.spool)
         for msg in recovered:
             self.delivery.submit(msg)

@@ -75,6 +75,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--notify-senders", "true",
          "mail the sender a delivery status notification (RFC 3464) for a message that fails for good or "
          "expires, and for NOTIFY=SUCCESS through an upstream without DSN", metavar="BOOL"),
+    Flag("--delay-warning-time", "0",
+         "warn the sender once when a message has waited this long undelivered (0: never; Postfix's "
+         "delay_warning_time)", metavar="SECONDS"),
     Flag("--deferral-log-interval", "60",
          "log a delivery deferral at warning at most once per kind of failure per this long (per worker)",
          metavar="SECONDS"),
@@ -118,6 +121,7 @@ class Config:
     drain_grace: float = 2.0
     queue_lifetime: float = 432000.0
     notify_senders: bool = True
+    delay_warning_time: float = 0.0
     deferral_log_interval: float = 60.0
     command_timeout: float = 300.0
     data_timeout: float = 600.0
@@ -284,6 +288,7 @@ def from_values(values: Mapping[str, RawValue], *, default_hostname: str) -> Con
         drain_grace=parse_seconds("--drain-grace", need("--drain-grace")),
         queue_lifetime=parse_seconds("--queue-lifetime", need("--queue-lifetime"), minimum=1.0),
         notify_senders=parse_bool("--notify-senders", need("--notify-senders")),
+        delay_warning_time=parse_seconds("--delay-warning-time", need("--delay-warning-time")),
         deferral_log_interval=parse_seconds("--deferral-log-interval", need("--deferral-log-interval")),
         command_timeout=parse_seconds("--command-timeout", need("--command-timeout"), minimum=0.1),
         data_timeout=parse_seconds("--data-timeout", need("--data-timeout"), minimum=0.1),

@@ -413,6 +413,7 @@ class _Item:
     delivered_to: int = 0
     permanent: list[str] = dataclasses.field(default_factory=list)
     failed: list[dsn.Recipient] = dataclasses.field(default_factory=list)  # for the sender's notification
+    warned: bool = False  # the sender had its delay warning (in memory: a restart may warn once more)
 
 
 class Delivery:
@@ -437,6 +438,7 @@ class Delivery:
         deferral_log_interval: float = 60.0,
         hostname: str = "localhost",
         notify: bool = False,
+        delay_warning: float = 0.0,
     ) -> None:
         if queue_lifetime <= 0:
             raise ValueError("queue_lifetime must be > 0")
@@ -474,6 +476,7 @@ class Delivery:
         self._hostname = hostname  # the Reporting-MTA of notifications
         self._notify = notify  # False: no notifications to senders (--notify-senders false)
         self._notifying: set[asyncio.Task[None]] = set()
+        self._delay_warning = delay_warning  # > 0: warn the sender once a message has waited this long
 
     # -- the interface app.py uses ----------------------------------------------------------------
 
@@ -743,6 +746,12 @@ class Delivery:
                               f"({item.attempts} attempts); last error: {why}")
             return
         delay = max(0.0, decision.at - now)
+        if self._delay_warning > 0 and not item.warned and now - item.msg.received_at >= self._delay_warning:
+            item.warned = True
+            waiting = [self._recipient(item, r, "delayed", "4.0.0", why) for r in item.remaining]
+            late = self._due(item, waiting)
+            if late:
+                self._spawn(self._queue_notice(item, late, None))
         suppressed = self._deferral_log.allow(kind, time.monotonic())
         logs.event(log, "delivery.deferred", level=logging.DEBUG if suppressed is None else logging.WARNING,
                    kind=kind, reason=logs.redact(why), queue_id=item.msg.id, attempts=item.attempts,
@@ -806,7 +815,8 @@ class Delivery:
         """The recipients the sender asked (or by default wants) to hear about."""
         if not self._notify or not dsn.needs_notice(item.msg.envelope.mail_from):
             return []
-        return [r for r in recipients if dsn.wanted(r.action, r.options)]
+        return [r for r in recipients
+                if dsn.wanted(r.action, r.options, delays_by_default=self._delay_warning > 0)]
 
     def _relayed(self, item: _Item, delivered: Sequence[str], content: bytes) -> None:
         """NOTIFY=SUCCESS through an upstream without DSN: RFC 3461 section 6.2.3 has the relay report

@@ -56,12 +56,13 @@ def option(options: Sequence[str], keyword: str) -> str | None:
     return None
 
 
-def wanted(action: Action, rcpt_options: Sequence[str]) -> bool:
-    """Does the recipient's NOTIFY ask to hear about `action`? Without NOTIFY: failures only, as RFC
-    3461 section 4.1 lets a relay choose (and Postfix does); NOTIFY=NEVER: nothing."""
+def wanted(action: Action, rcpt_options: Sequence[str], *, delays_by_default: bool = False) -> bool:
+    """Does the recipient's NOTIFY ask to hear about `action`? Without NOTIFY: failures, and delays when
+    the relay sends delay warnings (`delays_by_default`), as RFC 3461 section 4.1 lets a relay choose and
+    Postfix does; NOTIFY=NEVER: nothing."""
     notify = option(rcpt_options, "NOTIFY")
     if notify is None:
-        return action == "failed"
+        return action == "failed" or (action == "delayed" and delays_by_default)
     wants = {item.strip().upper() for item in notify.split(",")}
     return {"failed": "FAILURE", "delayed": "DELAY", "relayed": "SUCCESS"}[action] in wants
 

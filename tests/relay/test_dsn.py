@@ -107,3 +107,9 @@ def test_utf8_addresses_use_the_global_types() -> None:
     assert notice.smtputf8 and notice.eight_bit
     assert b"message/global-delivery-status" in notice.content
     assert "Final-Recipient: utf-8; rë@dest.test".encode() in notice.content
+
+
+@pytest.mark.parametrize(("options", "wanted"), [((), True), (("NOTIFY=FAILURE",), False),
+                                                 (("NOTIFY=DELAY",), True), (("NOTIFY=NEVER",), False)])
+def test_delay_warnings_by_default_when_the_relay_sends_them(options: tuple[str, ...], wanted: bool) -> None:
+    assert dsn.wanted("delayed", options, delays_by_default=True) is wanted

@@ -27,6 +27,7 @@ EXPECTED = {
     "mailrelay_relay_messages_accepted": ("counter", set()),
     "mailrelay_relay_messages_delivered": ("counter", set()),
     "mailrelay_relay_messages_dead_lettered": ("counter", {"reason"}),
+    "mailrelay_relay_notifications": ("counter", {"kind"}),
     "mailrelay_relay_delivery_attempts": ("counter", {"result"}),
     "mailrelay_relay_queue_messages": ("gauge", set()),
     "mailrelay_relay_queue_bytes": ("gauge", set()),

@@ -215,3 +215,24 @@ def test_smtputf8_through_an_upstream_without_it_fails_and_is_reported(
     finally:
         relay.kill()
         smtp_sink.stop()
+
+
+def test_a_delay_warning_is_sent_once(tmp_path: pathlib.Path, upstream: sinkmod.Sink) -> None:
+    """--delay-warning-time: a message still deferred after it gets one "delayed" report; once the
+    upstream takes it, it arrives, and the report was the only one."""
+    upstream.fail("rcpt", 451, "4.2.0 Try again later", recipients={"slow@dest.test"})
+    relay = start_relay(tmp_path, upstream.address, args=["--delay-warning-time", "1"])
+    try:
+        msg_id, content = message("slow")
+        send(relay, SENDER, ["slow@dest.test"], content)
+        [(_, notice)] = wait_for_notices(upstream, 1)
+        recipients, _ = report_of(notice)
+        assert recipients[0]["Action"] == "delayed"
+        assert recipients[0]["Final-Recipient"] == "rfc822; slow@dest.test"
+        assert "451 4.2.0 Try again later" in recipients[0]["Diagnostic-Code"]
+        upstream.clear_failures()
+        assert wait_until(lambda: any(msg_id.encode() in m.content for m in upstream.messages
+                                      if m.mail_from == SENDER), timeout=WAIT)
+        assert len(notifications(upstream)) == 1
+    finally:
+        relay.kill()
