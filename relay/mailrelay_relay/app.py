@@ -158,6 +158,7 @@ class Node:
         metrics.MAX_SESSIONS.set(cfg.max_sessions)
         metrics.DRAINING.set(0)
         self.server = smtp.Server(cfg, self.state, self.spool, self._on_queued,
+                                  upstream_lacks=self.delivery.upstream_lacks,
                                   tls_context=smtp.tls_context(cfg), worker=self.worker)
         await self.server.start(reuse_port=self.reuse_port)
         runner = None

@@ -211,6 +211,7 @@ class SmtpSender:
         self._closed = False
         self._local_hostname = cfg.local_hostname or socket.gethostname() or "localhost"
         self._tls_context: ssl.SSLContext | None = None
+        self.extensions: frozenset[str] | None = None  # what the upstream's last EHLO offered
         if cfg.tls != "none":
             context = ssl.create_default_context(cafile=cfg.cafile)
             if not cfg.validate_certs:
@@ -242,6 +243,7 @@ class SmtpSender:
                     await smtp.ehlo()
                 except aiosmtplib.SMTPHeloError:
                     await smtp.helo()  # an upstream without ESMTP
+            self.extensions = frozenset(smtp.esmtp_extensions)
         except aiosmtplib.SMTPResponseException as exc:
             smtp.close()
             raise UpstreamUnavailable(f"upstream refused the session: {exc.code} {exc.message}") from exc
@@ -492,6 +494,12 @@ class Delivery:
             self._empty.clear()
         self._wake_workers(1)
         self._publish()
+
+    def upstream_lacks(self, extension: str) -> bool:
+        """True when the upstream's last EHLO (seen by this worker's sender) did not offer `extension`
+        (lower case, e.g. "smtputf8"); False while that is not known."""
+        offered: frozenset[str] | None = getattr(self._sender, "extensions", None)
+        return offered is not None and extension not in offered
 
     def stats(self) -> QueueStats:
         """Messages and bytes queued (waiting, deferred or in flight) and the oldest one's age."""

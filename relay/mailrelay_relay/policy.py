@@ -322,6 +322,7 @@ class MailContext:
     free_bytes: int  # free space on the spool's file system now
     inflight_bytes: int  # the pod's sum of reservations of open transactions
     max_inflight_bytes: int
+    upstream_lacks_smtputf8: bool = False  # the upstream's last EHLO did not offer SMTPUTF8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,6 +385,10 @@ def decide_mail(arg: str | None, ctx: MailContext) -> MailDecision:
         options.append(option)
     if not path.address.isascii() and "SMTPUTF8" not in options:
         return MailDecision(NEED_SMTPUTF8)
+    if "SMTPUTF8" in options and ctx.upstream_lacks_smtputf8:
+        # offered, but impossible now: the message could only bounce; the client keeps it and retries
+        return MailDecision(Reply(455, "4.3.3", "Error: SMTPUTF8 is not available upstream now, "
+                                  "try again later"))
     if size is not None and size > ctx.max_message_size:
         return MailDecision(Reply(552, "5.3.4", "Error: message size exceeds fixed maximum message size"))
     reservation = size if size is not None else min(DEFAULT_RESERVATION, ctx.max_message_size)

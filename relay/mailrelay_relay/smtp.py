@@ -94,8 +94,10 @@ class Server:
 
     def __init__(self, cfg: config.Config, state: podstate.PodState, spool_: spool.Spool,
                  on_queued: Callable[[spool.QueuedMessage], None], *,
-                 tls_context: ssl.SSLContext | None = None, worker: int = 0) -> None:
+                 tls_context: ssl.SSLContext | None = None, worker: int = 0,
+                 upstream_lacks: Callable[[str], bool] = lambda extension: False) -> None:
         self.cfg = cfg
+        self.upstream_lacks = upstream_lacks  # e.g. ("smtputf8"): the upstream's last EHLO lacked it
         self.state = state
         self.spool = spool_
         self.on_queued = on_queued
@@ -606,7 +608,8 @@ class Session(aiosmtpd.smtp.SMTP):
                 extended=session.extended_smtp, greeted=session.host_name is not None,
                 in_transaction=envelope.mail_from is not None,
                 max_message_size=cfg.max_message_size, free_bytes=free,
-                inflight_bytes=state.get(podstate.INFLIGHT), max_inflight_bytes=cfg.max_inflight_bytes))
+                inflight_bytes=state.get(podstate.INFLIGHT), max_inflight_bytes=cfg.max_inflight_bytes,
+                upstream_lacks_smtputf8=self.server.upstream_lacks("smtputf8")))
             if decision.accepted:
                 state.set(podstate.INFLIGHT, state.get(podstate.INFLIGHT) + decision.reservation)
             return decision

@@ -212,6 +212,13 @@ def test_smtputf8_through_an_upstream_without_it_fails_and_is_reported(
         assert b"Status: 5.6.7" in body and b"Action: failed" in body
         assert b"message/global-delivery-status" in body  # a UTF-8 recipient: RFC 6533's types
         assert len(dead_letters(relay)) == 1
+        # now the relay knows its upstream lacks SMTPUTF8: the next such MAIL is refused for now (455),
+        # so the client keeps the message instead of getting it back
+        with smtplib.SMTP(*relay.smtp_address, timeout=30) as client:
+            client.ehlo("client.test")
+            assert client.mail(SENDER, ["SMTPUTF8"]) == (
+                455, b"4.3.3 Error: SMTPUTF8 is not available upstream now, try again later")
+            assert client.mail(SENDER)[0] == 250
     finally:
         relay.kill()
         smtp_sink.stop()
