@@ -6,7 +6,11 @@ recovered from the spool at start). `Delivery` hands it to a `Sender` until the 
 then removes the spool file. Temporary failures (4xx, 421, a lost or refused connection, a timeout) are
 retried on the schedule of `backoff` (exponential, jittered, capped); a permanent failure (5xx), or a
 message that outlives the queue lifetime, is moved to the dead-letter folder with its reason and
-counted. Nothing is ever dropped silently: a message leaves the queue only through `spool.remove`
+counted, and its sender gets a delivery status notification (dsn.py builds it; it is spooled and
+delivered like any message, from <>, so its own failure ends in dead-letter without another; NOTIFY and
+--notify-senders decide who gets one, --delay-warning-time adds a one-time delay warning, and
+NOTIFY=SUCCESS through an upstream without DSN gets a "relayed" report). Nothing is ever dropped
+silently: a message leaves the queue only through `spool.remove`
 after the upstream's 250, or through `spool.dead_letter` with a reason, and each way is counted
 (`messages_delivered_total` / `messages_dead_lettered_total{reason}`), so per message exactly one of the
 two counters moves.
