@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # One file, two images. Build each with its target:
 #   docker build --target relay    -t mailrelay-relay:0.1.0 .
 #   docker build --target operator -t mailrelay-operator:0.1.0 .
@@ -21,7 +20,7 @@ COPY relay/ relay/
 COPY operator/ operator/
 COPY sandbox/ sandbox/
 RUN /opt/venv/bin/pip install --no-compile . \
- && /opt/venv/bin/python -m compileall -q /opt/venv/lib
+ && /opt/venv/bin/python -m compileall -q --invalidation-mode unchecked-hash /opt/venv/lib
 
 # ---- base: what both runtime images share -------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS base

@@ -96,6 +96,19 @@ def check_ca_file(path: pathlib.Path | None) -> None:
         raise config.ConfigError(f"--upstream-ca-file: cannot read {str(path)!r}: {error.strerror}") from None
 
 
+def metrics_dir() -> str | None:
+    """A new private folder for the workers' metrics files: in the temporary directory, else in /dev/shm
+    (a tmpfs in most containers even when the root is read-only); None when neither is writable."""
+    try:
+        return tempfile.mkdtemp(prefix="mailrelay-metrics-")
+    except OSError:  # FileNotFoundError: "No usable temporary directory found"
+        pass
+    try:
+        return tempfile.mkdtemp(prefix="mailrelay-metrics-", dir="/dev/shm")
+    except OSError:
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -116,7 +129,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if cfg.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Before anything imports prometheus_client (metrics.py docstring): one coherent /metrics.
-        directory = tempfile.mkdtemp(prefix="mailrelay-metrics-")
+        directory = metrics_dir()
+        if directory is None:
+            print("mailrelay-relay: error: --workers above 1 needs a writable folder for the workers' "
+                  "metrics, and neither the temporary directory (TMPDIR, /tmp) nor /dev/shm is writable: "
+                  "with a read-only root filesystem mount a tmpfs on /tmp (the chart does), or set "
+                  "PROMETHEUS_MULTIPROC_DIR to an empty writable folder", file=sys.stderr)
+            return 2
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
         os.environ["MAILRELAY_OWN_METRICS_DIR"] = directory
     from mailrelay_relay import app  # imported late: after the metrics mode is chosen

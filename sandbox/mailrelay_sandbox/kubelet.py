@@ -19,9 +19,17 @@ runs each pod the real scheduler binds to it as real processes:
 `ServiceEndpoints` is the node's view of a Service, as kube-proxy has it: the ready endpoints of the
 Service's EndpointSlices, which the real EndpointSlice controller writes.
 
+With `images=True`, a pod whose container image is in podman's local storage (`make images` builds
+the project's two) runs from that image instead: `podman run` on the host's network, with the pod's
+volumes mounted (the projected service-account token, the API server's CA and the namespace at
+/var/run/secrets/kubernetes.io/serviceaccount, as a real kubelet mounts them),
+KUBERNETES_SERVICE_HOST/PORT pointing at the API server, and the container's securityContext's
+read-only root. That is how the operator runs from its image, in-cluster. Relays keep running as
+processes (faster to start, and what every test of the drain measures).
+
 It must not make scaling or drain decisions (the operator's job), nor do any controller's work (the
-real controllers do). It is never imported by `relay/` or `operator/`. Not simulated: images, resource
-limits, exec probes, networking rules (NetworkPolicy has no effect on loopback).
+real controllers do). It is never imported by `relay/` or `operator/`. Not simulated: image pulls,
+resource limits, exec probes, networking rules (NetworkPolicy has no effect on loopback).
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from typing import Any
 
 import aiohttp
 
-from mailrelay_sandbox import apiclient, kubecluster, loadgen
+from mailrelay_sandbox import apiclient, containers, kubecluster, loadgen
 
 log = logging.getLogger("mailrelay_sandbox.kubelet")
 
@@ -185,6 +193,9 @@ class PodRuntime:
     last_exit: Obj | None = None
     last_status: Obj | None = None
     task: asyncio.Task[None] | None = None
+    command: list[str] | None = None  # a container's `podman run` (None: the relay process)
+    container: str | None = None  # its podman name
+    image: str = "mailrelay-relay"
 
     @property
     def smtp_port(self) -> int:
@@ -232,6 +243,7 @@ class ProcessKubelet:
         subnet: tuple[int, int] | None = None,
         max_grace_seconds: float | None = None,
         observe_status: bool = True,
+        images: bool = False,
     ) -> None:
         self.api = apiclient.Api(api_url, token, ca_file)
         self.node = node
@@ -246,6 +258,7 @@ class ProcessKubelet:
         self._next_host = 0
         self.max_grace_seconds = max_grace_seconds
         self.observe_status = observe_status
+        self.images = images  # run pods whose image is in podman's local storage from that image
         self.runtimes: dict[str, PodRuntime] = {}
         self.terminations: list[Termination] = []
         self.pods: list[Obj] = []
@@ -411,11 +424,16 @@ class ProcessKubelet:
         meta = pod["metadata"]
         name, namespace = meta["name"], meta["namespace"]
         spec = pod["spec"]
-        containers = spec.get("containers") or []
-        container = next((c for c in containers
+        pod_containers = spec.get("containers") or []
+        container = next((c for c in pod_containers
                           if any(p.get("name") == "smtp" for p in c.get("ports") or [])), None)
         if container is None:
-            await self._cannot_run(pod)
+            local = next((c for c in pod_containers
+                          if self.images and containers.has_image(str(c.get("image")))), None)
+            if local is not None:
+                await self._start_container(pod, local)
+            else:
+                await self._cannot_run(pod)
             return
         ports = {str(p.get("name")): int(p["containerPort"]) for p in container.get("ports") or []}
         workdir = self.workdir / namespace / name
@@ -457,6 +475,50 @@ class ProcessKubelet:
                              grace=float(spec.get("terminationGracePeriodSeconds", 30)))
         self.runtimes[name] = runtime
         runtime.task = asyncio.create_task(self._run(runtime, container, env, args))
+
+    async def _start_container(self, pod: Obj, container: Obj) -> None:
+        """Run `container` from its local image with podman, as a kubelet with a container runtime would."""
+        meta, spec = pod["metadata"], pod["spec"]
+        name, namespace = meta["name"], meta["namespace"]
+        workdir = self.workdir / namespace / name
+        workdir.mkdir(parents=True, exist_ok=True)
+        mounts = await self._volumes(pod, container, workdir)
+        ip = self._allocate_ip()
+        env: dict[str, str] = {}
+        for item in container.get("env") or []:
+            value = await self._env_value(pod, item, ip)
+            if value is not None:
+                env[item["name"]] = value
+        api = self.api.base_url.split("://", 1)[1]
+        host, _, port = api.rpartition(":")
+        env.update({"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port})
+        podman_name = f"k8s_{namespace}_{name}_{str(meta.get('uid'))[:8]}"
+        options = ["--rm", "--name", podman_name, "--network", "host", "--hostname", name]
+        security = container.get("securityContext") or {}
+        if security.get("readOnlyRootFilesystem"):
+            options += ["--read-only", "--read-only-tmpfs=false"]
+        if security.get("runAsUser") is not None:
+            group = security.get("runAsGroup", security["runAsUser"])
+            options += ["--user", f"{security['runAsUser']}:{group}"]
+        for mount in container.get("volumeMounts") or []:
+            host_folder = mounts.get(mount["mountPath"])
+            if host_folder is not None:
+                host_folder.chmod(0o777)  # a folder the container's user may write (an emptyDir)
+                read_only = ":ro" if mount.get("readOnly") else ""
+                options += ["-v", f"{host_folder}:{mount['mountPath']}{read_only}"]
+        for key, value in env.items():
+            options += ["-e", f"{key}={value}"]
+        if container.get("command"):
+            options += ["--entrypoint", str(container["command"][0])]
+        args = [str(a) for a in [*(container.get("command") or [])[1:], *(container.get("args") or [])]]
+        ports = {str(p.get("name")): int(p["containerPort"]) for p in container.get("ports") or []}
+        runtime = PodRuntime(name=name, namespace=namespace, uid=str(meta.get("uid")), ip=ip, ports=ports,
+                             workdir=workdir, spool=workdir / "no-spool", token_file=None,
+                             grace=float(spec.get("terminationGracePeriodSeconds", 30)),
+                             command=containers.run_command(str(container["image"]), options, args),
+                             container=podman_name, image=str(container["image"]))
+        self.runtimes[name] = runtime
+        runtime.task = asyncio.create_task(self._run(runtime, container, {}, []))
 
     async def _cannot_run(self, pod: Obj) -> None:
         """A pod without a relay container (one with an `smtp` port): this kubelet runs relays only, so it
@@ -508,7 +570,14 @@ class ProcessKubelet:
             return
         ref = source.get("secret") or source.get("configMap")
         if ref is None:
-            return  # emptyDir, a claim, downwardAPI and anything else: a folder
+            items = (source.get("downwardAPI") or {}).get("items") or []
+            fields = {"metadata.namespace": namespace, "metadata.name": pod["metadata"]["name"],
+                      "metadata.uid": str(pod["metadata"].get("uid"))}
+            for item in items:
+                path = (item.get("fieldRef") or {}).get("fieldPath")
+                if path in fields:
+                    (folder / item["path"]).write_text(fields[path])
+            return  # emptyDir, a claim and anything else: a folder
         kind = "secrets" if "secret" in source else "configmaps"
         name = ref.get("secretName") or ref.get("name")
         obj = await self.api.get_or_none(f"/api/v1/namespaces/{namespace}/{kind}/{name}")
@@ -576,9 +645,10 @@ class ProcessKubelet:
                     if runtime.terminating:
                         break
                     probes = {kind: Probe(p.spec) for kind, p in probes.items()}
+                command = runtime.command or [*self.relay_command, *args]
                 with (runtime.workdir / "relay.log").open("ab") as logfile:
                     runtime.process = await asyncio.create_subprocess_exec(
-                        *self.relay_command, *args, env=full_env, stdout=logfile, stderr=logfile,
+                        *command, env=full_env, stdout=logfile, stderr=logfile,
                         stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
                 container_started = now_iso()
                 now = time.monotonic()
@@ -589,7 +659,7 @@ class ProcessKubelet:
                 log.warning("relay %s failed its %s probe; restarting", runtime.name, restart)
                 await self._stop_process(runtime, runtime.grace)
                 continue
-            if self.observe_status:
+            if self.observe_status and runtime.command is None:
                 await self._observe(runtime)
             state = (runtime.ready, runtime.started, runtime.restarts)
             if (state != reported and not runtime.terminating
@@ -683,9 +753,11 @@ class ProcessKubelet:
         flag = "True" if ready else "False"
         state: Obj = ({"waiting": {"reason": "CrashLoopBackOff"}} if waiting
                       else {"running": {"startedAt": container_started}})
-        status: Obj = {"name": "relay", "ready": ready, "started": runtime.started and not waiting,
-                       "restartCount": runtime.restarts, "state": state, "image": "mailrelay-relay",
-                       "imageID": "", "containerID": f"process://{runtime.uid}"}
+        status: Obj = {"name": "relay" if runtime.command is None else "operator", "ready": ready,
+                       "started": runtime.started and not waiting, "restartCount": runtime.restarts,
+                       "state": state, "image": runtime.image, "imageID": "",
+                       "containerID": (f"podman://{runtime.container}" if runtime.container
+                                       else f"process://{runtime.uid}")}
         if runtime.last_exit is not None:
             status["lastState"] = runtime.last_exit
         return {
@@ -764,6 +836,11 @@ class ProcessKubelet:
         if process is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)  # workers left behind, if any
+        if runtime.container is not None:  # `podman run` gone: make sure its container is too
+            remove = await asyncio.create_subprocess_exec(
+                containers.podman() or "podman", "rm", "-f", "-t", "0", runtime.container,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            await remove.wait()
         queue = runtime.spool / "queue"
         return Termination(pod=runtime.name, signalled_at=signalled, exited_at=time.time(),
                            returncode=process.returncode if process else None, killed=killed,
