@@ -2,6 +2,7 @@
 # One file, two images. Build each with its target:
 #   docker build --target relay    -t mailrelay-relay:0.1.0 .
 #   docker build --target operator -t mailrelay-operator:0.1.0 .
+# (A third target, e2e-sink, is a fixture of tests/e2e/kind only.)
 # The chart's values.yaml names these repositories; tests/chart/test_images.py keeps them in step.
 #
 # Both images: a slim Python base, a virtualenv built in a separate stage (no compiler in the result)
@@ -73,3 +74,12 @@ COPY --from=build-operator /opt/venv /opt/venv
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/bin/tini", "--", "mailrelay-operator"]
 CMD []
+
+# ---- e2e-sink: the upstream SMTP sink of tests/e2e/kind/run.sh (a test fixture, never published) ------
+# aiosmtpd's own Sink handler, which accepts and discards. The relay image no longer carries aiosmtpd.
+FROM ${PYTHON_IMAGE} AS e2e-sink
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+RUN pip install 'aiosmtpd>=1.4.6,<1.5'
+USER 10001:10001
+EXPOSE 2525
+ENTRYPOINT ["python", "-m", "aiosmtpd", "-n", "-l", "0.0.0.0:2525", "-c", "aiosmtpd.handlers.Sink"]

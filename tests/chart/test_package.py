@@ -87,6 +87,7 @@ def test_the_wheel_declares_one_extra_per_program(wheel: pathlib.Path) -> None:
     assert extras_of("kopf") == {"operator"}
     assert extras_of("kubernetes-asyncio") == {"operator"}
     assert extras_of("aiosmtplib") == {"relay"}
+    assert extras_of("aiosmtpd") == {"test"}  # the sandbox's sink; the relay's SMTP server is its own
     assert extras_of("aiohttp") == {""}  # both programs
     assert extras_of("cryptography") == {"test"} and extras_of("matplotlib") == {"test"}
 
@@ -94,8 +95,10 @@ def test_the_wheel_declares_one_extra_per_program(wheel: pathlib.Path) -> None:
 # program: (its package, libraries only the other program or the sandbox use, absent from its install).
 # Both packages are in the one wheel, so both images hold both; only the libraries differ.
 _PROGRAMS = {
-    "relay": ("mailrelay_relay", ("kopf", "kubernetes_asyncio", "cryptography", "mailrelay_sandbox")),
-    "operator": ("mailrelay_operator", ("aiosmtpd", "aiosmtplib", "cryptography", "mailrelay_sandbox")),
+    "relay": ("mailrelay_relay",
+              ("kopf", "kubernetes_asyncio", "aiosmtpd", "cryptography", "mailrelay_sandbox")),
+    "operator": ("mailrelay_operator",
+                 ("aiosmtpd", "aiosmtplib", "cryptography", "mailrelay_sandbox")),
 }
 
 _IMPORT_ALL = """
