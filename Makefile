@@ -13,10 +13,11 @@ setup: venv tools
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The project (both programs and the test tools) and, next to it, the dev-only sandbox (never shipped).
+$(STAMP): pyproject.toml sandbox/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test]' -e ./sandbox
 	touch $(STAMP)
 
 tools:
@@ -53,4 +54,4 @@ e2e-kind: setup
 	bash tests/e2e/kind/run.sh
 
 clean:
-	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache build *.egg-info sandbox/*.egg-info

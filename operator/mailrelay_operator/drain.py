@@ -1,4 +1,4 @@
-"""Drain-first scale-in (DESIGN.md §7): which relays to drain, when a drain is over, what to resume.
+"""Drain-first scale-in (docs/operator.md §4): which relays to drain, when a drain is over, what to resume.
 
 All drain state lives on the pods, as the annotations of docs/contracts.md, so `plan` is a function of
 what the cluster shows (Deployment replicas, pods with their annotations, relay /status) and of the

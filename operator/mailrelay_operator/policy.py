@@ -1,6 +1,6 @@
 """The scaling policy: how many serving relays a MailRelay should have, from the load its pods report.
 
-It follows the Kubernetes HPA (DESIGN.md §6): per metric `ceil(sum(observed) / target)` over the pods
+It follows the Kubernetes HPA (docs/operator.md §3): per metric `ceil(sum(observed) / target)` over the pods
 that serve (not draining), a tolerance of 0.1, the highest recommendation over the metrics, the HPA's
 missing-metric rule (a missing value counts as 100 % of target when scaling down and 0 % when scaling
 up), stabilization windows and per-step limits, and finally the min/max bounds. One stricter rule than

@@ -1,4 +1,5 @@
-"""The relay's SMTP reply policy (DESIGN.md §3), as pure functions of the command and the relay's state.
+"""The relay's SMTP reply policy (docs/relay.md, "Replies"), as pure functions of the command and the
+relay's state.
 
 What it is for: every decision about what to answer — the greeting under load or drain, MAIL/RCPT
 parsing with our own ESMTP parameter handling, SIZE against the fixed maximum, the spool's free space

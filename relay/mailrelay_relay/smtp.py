@@ -1,42 +1,33 @@
-"""The relay's SMTP server: aiosmtpd's `SMTP` protocol, subclassed to cover its gaps, asking policy.py
-what to answer.
+"""The relay's SMTP server: one asyncio protocol per connection, asking policy.py what to answer.
 
-What it is for: the wire. `Session` is an `aiosmtpd.smtp.SMTP` (an asyncio StreamReaderProtocol): its
-reader and writer, its Session/Envelope state, its `tls_context` and STARTTLS layering (the reset and
-the discarded plaintext after the handshake) and its connection life cycle are aiosmtpd's. What aiosmtpd
-lacks or decides differently from DESIGN.md §3 is overridden here:
+What it is for: the wire. `Session` is an asyncio StreamReaderProtocol of the relay's own: it reads
+commands, streams DATA, keeps the session and transaction state and writes policy.py's replies. The
+asyncio internals it needs (looks at the reader's buffer, the STARTTLS layering) are stream.py's.
 
-- `connection_made`: the connect hook aiosmtpd lacks. The pod's session cap and the drain flag are
-  checked (under podstate's lock) before aiosmtpd sets anything up; a refused client gets its 421 and
-  the connection closes, while the listener stays open.
-- `_handle_client`: aiosmtpd's command loop answers with its own texts (no enhanced status codes, a
-  512-octet line limit, its own bad-command budget) and waits for every reply to drain. Ours keeps
-  policy.py's replies, batches replies to pipelined commands, applies the drain gate before each
-  command and the per-command deadline, and never cancels a session that is storing a message.
-- `smtp_MAIL`/`smtp_RCPT`: our own parameter parsing (policy.py), since aiosmtpd answers unknown
-  parameters with 555 before any hook runs.
-- `smtp_DATA`: aiosmtpd buffers DATA whole and ends it at any CRLF "." CRLF line it reads with
-  readuntil(CRLF). Ours streams the content from aiosmtpd's reader with policy.py's scanner: a small
-  message in one pass, a large one line by line, content past the limits counted but never kept, and
-  only a real CRLF "." CRLF ends it, so one DATA is never two messages. 250 only after spool.store().
-- timeouts: aiosmtpd arms a timer per command; here one 0.1 s sweep per worker enforces the
-  per-command, whole-DATA and client-must-read deadlines with 421 4.4.2.
-- `__init__`: aiosmtpd's constructor introspects the handler and the protocol on every connection
-  (inspect.getmembers, dir: about 300 µs here, for AUTH mechanisms and handler hooks this relay does
-  not use). `Session.__init__` sets the same fields without the introspection; the command table is
-  built once per class (`_COMMANDS`), the AUTH and hook tables are class-level and empty.
+- `connection_made`: the pod's session cap and the drain flag are checked (under podstate's lock) before
+  anything is set up; a refused client gets its 421 and the connection closes, while the listener stays
+  open.
+- the command loop (`_handle_client`): policy.py's replies with enhanced status codes, replies to
+  pipelined commands batched, the drain gate before each command, the per-command deadline, a session
+  that is storing a message never cancelled (a lost connection ends it at its next read).
+- MAIL/RCPT parameters are parsed by policy.py.
+- DATA is streamed with policy.py's scanner: a small message in one pass, a large one line by line,
+  content past the limits counted but never kept, and only a real CRLF "." CRLF ends it, so one DATA is
+  never two messages. 250 only after spool.store().
+- timeouts: one 0.1 s sweep per worker (`Server._sweep`) enforces the per-command, whole-DATA and
+  client-must-read deadlines with 421 4.4.2; there is no timer per command.
+- building a session is cheap (no introspection): the command table is built once per class.
 
 The drain gate (421 4.3.2 to the next command outside a transaction) and the unprompted 421 to idle
 sessions are driven by app.py through `Server`.
 
-What it must not do: decide replies itself (policy.py does), deliver (delivery.py does), or log message
-content.
+What it must not do: decide replies itself (policy.py does), deliver (delivery.py does), log message
+content, or touch asyncio's private names (stream.py does).
 """
 
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto
 import collections
 import itertools
 import logging
@@ -47,9 +38,7 @@ import typing
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
-import aiosmtpd.smtp
-
-from mailrelay_relay import config, logs, metrics, podstate, policy, spool
+from mailrelay_relay import config, logs, metrics, podstate, policy, spool, stream
 
 log = logging.getLogger("mailrelay.smtp")
 
@@ -62,9 +51,6 @@ _YIELD_EVERY = 64  # lines read without waiting before the session yields to oth
 _session_ids = itertools.count(1)
 _REPLY_CHILDREN: dict[int, object] = {}
 _CONNECTION_CHILDREN = {result: metrics.CONNECTIONS.labels(result=result.value) for result in policy.Greeting}
-
-# aiosmtpd logs every connection at INFO ("Peer: ..."); its logger stays quiet like aiohttp's access log.
-_AIOSMTPD_LOG = logging.getLogger("mail.log")
 
 
 class ConnectionClosed(Exception):
@@ -107,8 +93,6 @@ class Server:
         self.drain_started: float | None = None  # monotonic time this worker saw the drain begin
         self._server: asyncio.Server | None = None
         self._id_prefix = f"{os.getpid():x}-"
-        if not log.isEnabledFor(logging.DEBUG):
-            _AIOSMTPD_LOG.setLevel(logging.WARNING)
 
     def new_session_id(self) -> str:
         return f"{self._id_prefix}{next(_session_ids):x}"
@@ -131,7 +115,7 @@ class Server:
         for session in list(self.sessions):
             deadline = session.deadline
             if deadline is not None and now >= deadline:
-                session._timeout_cb()
+                session.timed_out()
         asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
 
     def bound_port(self) -> int:
@@ -145,7 +129,7 @@ class Server:
         if draining and self.drain_started is None:
             self.drain_started = now
             for session in self.sessions:  # a transaction in progress is the one each may complete
-                if session._in_transaction:
+                if session.in_transaction:
                     session.drain_transaction = True
         elif not draining:
             self.drain_started = None
@@ -174,101 +158,48 @@ class Server:
             await self._server.wait_closed()
 
 
-class _Reader(asyncio.StreamReader):
-    """aiosmtpd's stream reader plus the two looks at its buffer a session needs: is a whole line already
-    there (then replies to pipelined commands stay batched), and dropping plaintext pipelined after
-    STARTTLS (RFC 3207; aiosmtpd clears the same buffer again once the handshake is done)."""
-
-    _buffer: bytearray  # StreamReader's buffer, limit, EOF flag and waiter (CPython asyncio, since 3.4)
-    _limit: int
-    _eof: bool
-    _wait_for_data: Callable[[str], Awaitable[None]]
-
-    def holds(self, separator: bytes) -> bool:
-        """Would readuntil(separator) return (or fail) without waiting?"""
-        return self._buffer.find(separator) >= 0 or len(self._buffer) > self._limit
-
-    def discard(self) -> None:
-        self._buffer.clear()
-
-    async def read_data_piece(self, at_line_start: bool) -> bytes:
-        """readuntil(b".\\r\\n"), but raise BareLfEnd as soon as the buffer shows LF "." LF before it (a DATA
-        ended with bare line feeds, which would otherwise wait for the data timeout). `at_line_start`:
-        the bytes consumed so far end with a line feed (the start of DATA counts as one)."""
-        while True:
-            buffer = self._buffer
-            end = buffer.find(b".\r\n")
-            bare = buffer.find(b"\n.\n")
-            if at_line_start and buffer[:2] == b".\n":
-                bare = -1 if end == 0 else 0
-            if bare >= 0 and (end < 0 or bare < end):
-                raise BareLfEnd
-            if end >= 0 or len(buffer) > self._limit or self._eof:
-                return await self.readuntil(b".\r\n")
-            await self._wait_for_data("readuntil")
-
-
-class BareLfEnd(Exception):
-    """The client ended DATA with LF "." LF."""
-
-
 Command = Callable[["Session", str], Awaitable[None]]
 
 
 def _command_table(cls: type[Session]) -> dict[str, Command]:
-    """The verbs this relay implements and their methods, looked up once per class (aiosmtpd builds the
-    same table per connection from dir(self), which would also pick up its smtp_AUTH and smtp_EXPN)."""
+    """The verbs this relay implements and their methods, looked up once per class."""
     return {verb: getattr(cls, f"smtp_{verb}") for verb in sorted(policy.IMPLEMENTED)}
 
 
-class Session(aiosmtpd.smtp.SMTP):
-    """One SMTP connection: aiosmtpd's protocol with the overrides listed in the module docstring."""
+class Envelope:
+    """The transaction in progress: MAIL FROM (None outside a transaction), its parameters, recipients."""
+
+    __slots__ = ("mail_from", "mail_options", "rcpt_tos")
+
+    def __init__(self) -> None:
+        self.mail_from: str | None = None
+        self.mail_options: list[str] = []
+        self.rcpt_tos: list[str] = []
+
+
+class Session(asyncio.StreamReaderProtocol):
+    """One SMTP connection (see the module docstring)."""
 
     _COMMANDS: ClassVar[dict[str, Command]] = {}
-
-    # Fields aiosmtpd's SMTP.__init__ sets per instance, fixed for this relay and so set once here.
-    enable_SMTPUTF8 = False
-    _decode_data = False
-    require_starttls = False
-    _tls_handshake_okay = True
-    _auth_require_tls = True
-    _auth_required = False
-    _proxy_timeout = None
-    _authenticator = None
-    _auth_callback = None
-    _enforce_call_limit = False
-    _ehlo_hook_ver = None
-    _auth_methods: dict[str, Any] = {}  # never mutated: no AUTH here
-    _handle_hooks: dict[str, Callable[..., Any]] = {}  # never mutated: no handler hooks
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._COMMANDS = _command_table(cls)
 
     def __init__(self, server: Server) -> None:
-        """Deliberately not SMTP.__init__ (see the module docstring): the StreamReaderProtocol base with
-        aiosmtpd's reader/writer callback, and the per-connection fields aiosmtpd's own methods read."""
         loop = asyncio.get_running_loop()
-        asyncio.StreamReaderProtocol.__init__(self, _Reader(limit=READ_LIMIT, loop=loop),
-                                              client_connected_cb=self._cb_client_connected, loop=loop)
+        self.reader = stream.Reader(limit=READ_LIMIT, loop=loop)
+        super().__init__(self.reader, client_connected_cb=self._connected, loop=loop)
         cfg = server.cfg
-        self.__ident__ = "ESMTP mailrelay"
         self.loop = loop
-        self.event_handler = server
-        self.data_size_limit = cfg.max_message_size
-        self.hostname = cfg.hostname
         self.tls_context = server.tls_context
-        self._timeout_duration = cfg.command_timeout
-        self._timeout_handle = None
-        self._tls_protocol = None
-        self._original_transport = None
-        self.session = None
-        self.envelope = None
-        self.transport = None
-        self._handler_coroutine = None
-        self._reader: _Reader
-        self._writer: asyncio.StreamWriter
-        # ours
+        self.tls: stream.TlsLayer | None = None  # after STARTTLS
+        self.transport: asyncio.BaseTransport | None = None
+        self.writer: asyncio.StreamWriter  # set by _connected, when the connection is accepted
+        self.task: asyncio.Task[None] | None = None  # the session's coroutine, once accepted
+        self.host_name: str | None = None  # from HELO/EHLO
+        self.extended_smtp = False  # EHLO rather than HELO
+        self.envelope = Envelope()
         self.server = server
         self.cfg = cfg
         self.id = ""
@@ -287,17 +218,19 @@ class Session(aiosmtpd.smtp.SMTP):
         self.rcpt_options: list[tuple[str, ...]] = []  # per accepted recipient of this transaction
         self._greeting = policy.OK
 
-    @property
-    def _smtp_methods(self) -> dict[str, Any]:  # type: ignore[override]
-        """aiosmtpd's per-instance table of bound smtp_* methods, built only if something asks for it."""
-        return {verb: getattr(self, f"smtp_{verb}") for verb in self._COMMANDS}
+    def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
 
-    # -- connection life cycle (asyncio.Protocol, through aiosmtpd) ---------------------------------------
+    # -- connection life cycle (asyncio.Protocol) ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._original_transport is not None:
-            # the TLS layer after STARTTLS: aiosmtpd's own branch swaps the reader's and writer's
-            # transport, discards plaintext read before the handshake and starts a fresh session state
-            super().connection_made(transport)
+        if self.tls is not None:
+            # the TLS layer after STARTTLS's handshake: RFC 3207 section 4.2, the session starts afresh
+            # (no HELO/EHLO, no transaction) and plaintext that came meanwhile is dropped
+            self.reset_transaction()
+            self.host_name = None
+            self.extended_smtp = False
+            self.transport = transport
+            self.tls.adopt(self.reader, self.writer)
             return
         state = self.server.state
         cfg = self.cfg
@@ -321,19 +254,20 @@ class Session(aiosmtpd.smtp.SMTP):
         metrics.SESSIONS.inc()
         self.id = self.server.new_session_id()
         self._greeting = reply
-        super().connection_made(transport)  # aiosmtpd: session, envelope, reader/writer, _handle_client
-        assert self.session is not None
-        peer = self.session.peer
+        super().connection_made(transport)  # the reader's transport and the writer (_connected)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
         self.peer_ip = peer[0] if isinstance(peer, tuple) and peer else None
         self.may_relay = policy.may_relay(self.peer_ip, cfg.accept_from)
         self.server.sessions.add(self)
         logs.event(log, "session.open", level=logging.DEBUG, session=self.id, peer=self.peer_ip)
+        self.task = self.loop.create_task(self._handle_client())
 
     def connection_lost(self, error: Exception | None) -> None:
-        """Unlike aiosmtpd's, this does not cancel the session's coroutine: the reader gets EOF and the
-        session ends at its next read, so a message being stored is stored and handed to delivery."""
+        """This does not cancel the session's coroutine: the reader gets EOF and the session ends at its
+        next read, so a message being stored is stored and handed to delivery."""
         self.closed = True
-        if self._handler_coroutine is None:
+        if self.task is None:
             return  # refused at the greeting: nothing was set up
         self.deadline = None
         self.idle_since = None
@@ -344,18 +278,18 @@ class Session(aiosmtpd.smtp.SMTP):
             metrics.SESSIONS.dec()
             self.server.sessions.discard(self)
             logs.event(log, "session.close", level=logging.DEBUG, session=self.id)
-        if self._original_transport is not None:  # after STARTTLS, as aiosmtpd does
-            self._original_transport.close()
-        asyncio.StreamReaderProtocol.connection_lost(self, error)
+        if self.tls is not None:  # after STARTTLS the socket's own transport is closed explicitly
+            self.tls.plain.close()
+        super().connection_lost(error)
         self.transport = None
 
     def eof_received(self) -> bool | None:
-        """The client closed its sending side: the reader gets EOF (aiosmtpd would cancel the session's
-        coroutine here). The transport stays open (a half-close, except over TLS) until the session has
+        """The client closed its sending side: the reader gets EOF (the session's coroutine is not
+        cancelled). The transport stays open (a half-close, except over TLS) until the session has
         answered what it received and reaches the EOF: Exim pipelines QUIT after a message's final dot
         and shuts down its side, then reads the 250; closing at the EOF would drop that 250 for a message
         already queued, and the client would send it again."""
-        return asyncio.StreamReaderProtocol.eof_received(self)
+        return super().eof_received()
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -365,20 +299,18 @@ class Session(aiosmtpd.smtp.SMTP):
         self.write_paused = False
         super().resume_writing()
 
-    def _reset_timeout(self, duration: float | None = None) -> None:
-        """aiosmtpd arms a timer per command; here Server's sweep checks `deadline` (only while waiting)."""
-
-    def _timeout_cb(self) -> None:
+    def timed_out(self) -> None:
+        """The awaited input (or the client's reading) did not come by `deadline` (Server's sweep)."""
         logs.event(log, "session.timeout", session=self.id)
         self.abort(policy.timeout(self.cfg.hostname), "timeout")
 
-    def _set_post_data_state(self) -> None:
-        """aiosmtpd's reset of the envelope (after DATA, RSET, HELO/EHLO, STARTTLS): also gives back the
-        transaction's in-flight reservation, and notes a transaction that ends while draining."""
-        if self.server.state.draining and self._in_transaction:
+    def reset_transaction(self) -> None:
+        """Forget the transaction (after DATA, RSET, HELO/EHLO, STARTTLS): give back its in-flight
+        reservation, and note a transaction that ends while draining."""
+        if self.server.state.draining and self.in_transaction:
             self.drain_transaction = True
         self._release()
-        super()._set_post_data_state()  # type: ignore[no-untyped-call]
+        self.envelope = Envelope()
 
     # -- replies and reading ----------------------------------------------------------------------------
     def abort(self, reply: policy.Reply, reason: str) -> None:
@@ -396,8 +328,7 @@ class Session(aiosmtpd.smtp.SMTP):
             self.reply_now(reply)
             self.closed = True
             transport.close()
-        if self._reader is not None:
-            self._reader.feed_eof()  # wakes a read in progress
+        self.reader.feed_eof()  # wakes a read in progress
 
     def reply(self, reply: policy.Reply) -> None:
         """Queue a reply; it is written when the session next waits for input (PIPELINING batches)."""
@@ -425,7 +356,7 @@ class Session(aiosmtpd.smtp.SMTP):
             return
         self.deadline = deadline
         try:
-            await self._writer.drain()
+            await self.writer.drain()
         except OSError:
             raise ConnectionClosed from None
         finally:
@@ -439,10 +370,10 @@ class Session(aiosmtpd.smtp.SMTP):
         if self.closed:
             raise ConnectionClosed
         if self.loop.time() >= deadline:
-            self._timeout_cb()
+            self.timed_out()
             raise ConnectionClosed
         self.deadline = deadline  # enforced by Server's sweep (a timer per wait costs more than a sweep)
-        if idle and self.envelope is not None and self.envelope.mail_from is None:
+        if idle and not self.in_transaction:
             self.idle_since = self.loop.time()
 
     async def _read(self, deadline: float, separator: bytes, *, idle: bool = False,
@@ -451,7 +382,7 @@ class Session(aiosmtpd.smtp.SMTP):
         With `at_line_start` (DATA's bulk read of b".\\r\\n"), a bare LF "." LF raises BareLfEnd."""
         if self.closed:
             raise ConnectionClosed
-        reader = self._reader
+        reader = self.reader
         if self.write_paused or len(self.out) >= _MAX_QUEUED_REPLIES:
             await self._writable(deadline)  # a pipelining client must read its replies
         self.lines_served += 1
@@ -478,7 +409,7 @@ class Session(aiosmtpd.smtp.SMTP):
         try:
             return await self._read(deadline, b"\n", idle=idle)
         except asyncio.LimitOverrunError as error:
-            return await self._reader.read(error.consumed)
+            return await self.reader.read(error.consumed)
 
     # -- the session --------------------------------------------------------------------------------------
     async def _handle_client(self) -> None:
@@ -540,8 +471,8 @@ class Session(aiosmtpd.smtp.SMTP):
         return True
 
     @property
-    def _in_transaction(self) -> bool:
-        return self.envelope is not None and self.envelope.mail_from is not None
+    def in_transaction(self) -> bool:
+        return self.envelope.mail_from is not None
 
     async def command(self, raw: bytes) -> None:
         if len(raw) > policy.MAX_COMMAND_LINE:
@@ -579,33 +510,30 @@ class Session(aiosmtpd.smtp.SMTP):
         if not hostname:
             self.reply(policy.syntax("HELO hostname"))
             return
-        self._set_post_data_state()  # aiosmtpd's _set_rset_state
-        assert self.session is not None
-        self.session.host_name = hostname
-        self.session.extended_smtp = False
+        self.reset_transaction()
+        self.host_name = hostname
+        self.extended_smtp = False
         self.reply(policy.helo(self.cfg.hostname))
 
     async def smtp_EHLO(self, hostname: str) -> None:
         if not hostname:
             self.reply(policy.syntax("EHLO hostname"))
             return
-        self._set_post_data_state()  # aiosmtpd's _set_rset_state
-        assert self.session is not None
-        self.session.host_name = hostname
-        self.session.extended_smtp = True
+        self.reset_transaction()
+        self.host_name = hostname
+        self.extended_smtp = True
         self.reply_lines(policy.ehlo(self.cfg.hostname, max_message_size=self.cfg.max_message_size,
-                                     starttls=self.tls_context is not None and self._tls_protocol is None))
+                                     starttls=self.tls_context is not None and self.tls is None))
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         state = self.server.state
         free = self.server.spool.free_bytes()
         cfg = self.cfg
-        session, envelope = self.session, self.envelope
-        assert session is not None and envelope is not None
+        envelope = self.envelope
 
         def decide() -> policy.MailDecision:
             decision = policy.decide_mail(arg, policy.MailContext(
-                extended=session.extended_smtp, greeted=session.host_name is not None,
+                extended=self.extended_smtp, greeted=self.host_name is not None,
                 in_transaction=envelope.mail_from is not None,
                 max_message_size=cfg.max_message_size, free_bytes=free,
                 inflight_bytes=state.get(podstate.INFLIGHT), max_inflight_bytes=cfg.max_inflight_bytes,
@@ -629,10 +557,9 @@ class Session(aiosmtpd.smtp.SMTP):
         self.reply(decision.reply)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
-        session, envelope = self.session, self.envelope
-        assert session is not None and envelope is not None
+        envelope = self.envelope
         decision = policy.decide_rcpt(arg, policy.RcptContext(
-            extended=session.extended_smtp, in_transaction=envelope.mail_from is not None,
+            extended=self.extended_smtp, in_transaction=envelope.mail_from is not None,
             recipients=len(envelope.rcpt_tos), max_recipients=self.cfg.max_recipients,
             may_relay=self.may_relay, smtputf8="SMTPUTF8" in envelope.mail_options))
         if decision.accepted:
@@ -644,7 +571,6 @@ class Session(aiosmtpd.smtp.SMTP):
 
     async def smtp_DATA(self, arg: str) -> None:
         envelope = self.envelope
-        assert envelope is not None
         reply = policy.decide_data(arg, in_transaction=envelope.mail_from is not None,
                                    recipients=len(envelope.rcpt_tos))
         self.reply(reply)
@@ -653,11 +579,11 @@ class Session(aiosmtpd.smtp.SMTP):
         deadline = self.loop.time() + self.cfg.data_timeout
         try:
             await self._read_data(deadline, envelope)
-        except BareLfEnd:
+        except stream.BareLfEnd:
             logs.event(log, "message.rejected", session=self.id, reason="bare_lf_end", size=0)
             self.abort(policy.bare_lf_end(self.cfg.hostname), "bare_lf_end")
 
-    async def _read_data(self, deadline: float, envelope: Any) -> None:
+    async def _read_data(self, deadline: float, envelope: Envelope) -> None:
         """DATA after the 354: read, check, store, answer. Raises BareLfEnd."""
         block, held = await self._read_small_data(deadline)
         if block is not None:  # the common case: the whole message at once, checked at C speed
@@ -674,7 +600,7 @@ class Session(aiosmtpd.smtp.SMTP):
             while not scan.done:
                 piece = await self.readline(deadline)
                 if piece == b".\n" and not scan.partial and scan.tail.endswith(b"\n"):
-                    raise BareLfEnd
+                    raise stream.BareLfEnd
                 self._feed(scan, piece)
             outcome, content, size = scan.outcome, scan.content(), scan.size
             scan.chunks = []
@@ -701,7 +627,7 @@ class Session(aiosmtpd.smtp.SMTP):
                            size=msg.size, rcpts=len(record.rcpt_tos))
         else:
             logs.event(log, "message.rejected", session=self.id, reason=outcome.value, size=size)
-        self._set_post_data_state()
+        self.reset_transaction()
         self.reply(policy.data_reply(outcome, queue_id))
 
     def _feed(self, scan: policy.DataScan, piece: bytes) -> None:
@@ -714,7 +640,7 @@ class Session(aiosmtpd.smtp.SMTP):
         """DATA up to the terminating CRLF "." CRLF when it ends within _BULK_LIMIT bytes: (the block
         before the dot, []); else (None, the whole lines consumed so far) and the rest is read by line.
 
-        Reads up to each ".\\r\\n" from aiosmtpd's reader; it ends the DATA only when the two bytes
+        Reads up to each ".\\r\\n" from the reader; it ends the DATA only when the two bytes
         before it (counting the start of DATA as a CRLF) are a real CRLF.
         """
         chunks: list[bytes] = []
@@ -737,7 +663,7 @@ class Session(aiosmtpd.smtp.SMTP):
             tail = chunk[-2:]
 
     async def smtp_RSET(self, arg: str) -> None:
-        self._set_post_data_state()  # aiosmtpd's _set_rset_state
+        self.reset_transaction()
         self.reply(policy.OK)
 
     async def smtp_NOOP(self, arg: str) -> None:
@@ -762,27 +688,22 @@ class Session(aiosmtpd.smtp.SMTP):
         if self.tls_context is None:
             self.reply(policy.TLS_NOT_AVAILABLE)
             return
-        if self._tls_protocol is not None:
+        if self.tls is not None:
             self.reply(policy.TLS_ALREADY)
             return
         # RFC 3207: anything the client pipelined after STARTTLS is discarded (command injection).
-        self._reader.discard()
+        self.reader.discard()
         self.reply_now(policy.START_TLS)
-        # aiosmtpd's layering: the TLS protocol goes between the socket and this protocol; once the
-        # handshake is done it calls connection_made (aiosmtpd's STARTTLS branch, which resets the
-        # session and drops any plaintext that came meanwhile).
-        waiter: asyncio.Future[None] = self.loop.create_future()
-        self._tls_protocol = asyncio.sslproto.SSLProtocol(
-            self.loop, self, self.tls_context, waiter, server_side=True,
-            ssl_handshake_timeout=max(1, min(60, int(self.cfg.command_timeout))))
+        # The TLS layer goes between the socket and this protocol; once the handshake is done asyncio
+        # calls connection_made again (the branch that starts the session afresh).
         plain = self.transport
         assert plain is not None
-        self._original_transport = plain
-        plain.set_protocol(self._tls_protocol)
-        self.transport = self._tls_protocol._app_transport
-        self._tls_protocol.connection_made(plain)
+        self.tls = stream.TlsLayer(self, plain, self.tls_context,
+                                   handshake_timeout=max(1, min(60, int(self.cfg.command_timeout))))
+        self.transport = self.tls.transport
+        self.tls.start()
         try:
-            await waiter
+            await self.tls.handshake
         except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as error:
             logs.event(log, "tls.failed", session=self.id, error=error.__class__.__name__)
             plain.close()

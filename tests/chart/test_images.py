@@ -133,3 +133,23 @@ def test_operator_built_relay_pods_fit_the_relay_image() -> None:
     assert [manifests.SPOOL_PATH] in [yaml.safe_load(v) for v in _instruction(stages["relay"], "VOLUME")]
     envs = " ".join(_instruction(stages["relay"], "ENV"))
     assert f"MAILRELAY_SPOOL={manifests.SPOOL_PATH}" in envs
+
+
+def test_each_image_gets_a_virtualenv_with_its_own_extra_and_no_sandbox() -> None:
+    """The relay image's virtualenv comes from a stage that installs '.[relay]', the operator's from one
+    that installs '.[operator]' (tests/chart/test_package.py installs each extra and checks what it holds),
+    and the build context holds every folder the wheel's packages come from, but never the sandbox."""
+    stages = _stages()
+    for target in ("relay", "operator"):
+        sources = [line.split()[0].removeprefix("--from=") for line in _instruction(stages[target], "COPY")
+                   if line.startswith("--from=")]
+        assert len(sources) == 1, f"{target}: one virtualenv, copied from one build stage"
+        installs = " ".join(_instruction(stages[sources[0]], "RUN"))
+        assert f"'.[{target}]'" in installs, f"{target} image must install the {target} extra"
+        other = "operator" if target == "relay" else "relay"
+        assert f".[{other}" not in installs and "[test" not in installs
+    with (promql.ROOT / "pyproject.toml").open("rb") as fh:
+        where = tomllib.load(fh)["tool"]["setuptools"]["packages"]["find"]["where"]
+    copied = {line.split()[0].rstrip("/") for line in _instruction(stages["build"], "COPY")}
+    assert {folder for folder in where if (promql.ROOT / folder).is_dir()} <= copied
+    assert not [line for stage in stages.values() for line in stage if "sandbox" in line]

@@ -109,7 +109,7 @@ async def test_unreachable_admin_endpoint_blocks_scale_down_until_it_answers(
     of the scale-down arithmetic by design, docs/operator.md §3.)
 
     Expected: both relays idle and `replicas.min` lowered to 1, so a healthy pool would drain one; but the
-    missing metric blocks every scale-down (DESIGN §6, docs/operator.md §3: `PartialMetrics`): no drain
+    missing metric blocks every scale-down (docs/operator.md §3: `PartialMetrics`): no drain
     annotation, no Event, the Deployment stays at 2, and `scrape_errors_total` counts the failures. Once
     the endpoint answers again the normal drain-first scale-in runs (DrainStarted, DrainCompleted,
     ScaledDown; the removed relay was drained, its spool empty). Nothing that got a 250 is lost: every

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import pathlib
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Sequence
 
 from mailrelay_sandbox import relayproc
+
+from tests.conftest import require_tool
 
 RELAY_HOST = "127.0.0.5"
 HOSTNAME = "relay.test"
@@ -75,6 +78,16 @@ class Wire:
             self.sock.close()
         except OSError:
             pass
+
+
+def certificate(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """A self-signed certificate and key for HOSTNAME, made by openssl in `directory`."""
+    openssl = require_tool("openssl")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", f"/CN={HOSTNAME}", "-addext",
+                    f"subjectAltName=DNS:{HOSTNAME}"], check=True, capture_output=True, timeout=120)
+    return cert, key
 
 
 def message(subject: str = "test", body: str = "hello", size: int = 0) -> tuple[str, bytes]:

@@ -1,9 +1,12 @@
 """The upstream sink itself (sandbox/mailrelay_sandbox/sink.py), driven by independent clients: smtplib
-and swaks in-process, and the `python -m mailrelay_sandbox.sink` process the demo uses."""
+and swaks in-process, and the `python -m mailrelay_sandbox.sink` process the demo uses; and the same
+in-process tests on the newest aiosmtpd release, which the sink is built on."""
 
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import signal
 import smtplib
 import socket
@@ -13,7 +16,9 @@ import sys
 import pytest
 from mailrelay_sandbox import sink as sinkmod
 
-from tests.conftest import require_tool
+from tests.conftest import missing, require_tool
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_counts_and_stores_exactly_what_arrives() -> None:
@@ -125,3 +130,30 @@ def test_bad_arguments_exit_2() -> None:
     out = subprocess.run([sys.executable, "-m", "mailrelay_sandbox.sink", "--fail", "bogus"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "COMMAND:CODE" in out.stderr
+
+
+@pytest.mark.slow
+def test_the_sink_on_the_newest_aiosmtpd_release(tmp_path: pathlib.Path) -> None:
+    """The sink subclasses aiosmtpd's SMTP and overrides its private _handle_client (the greeting hook
+    aiosmtpd lacks), so the pin (<1.5) stays on the release these tests pass on. This runs the sink's
+    tests above again with the newest aiosmtpd release installed from the package index into a private
+    folder, so a new release shows up here as a failing test before anyone moves the pin."""
+    target = tmp_path / "aiosmtpd-newest"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target), "aiosmtpd"],
+        capture_output=True, text=True, timeout=600, check=False)
+    if install.returncode != 0:
+        missing(f"pip could not install the newest aiosmtpd:\n{install.stderr[-2000:]}")
+    path = [str(target), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
+    probe = subprocess.run(
+        [sys.executable, "-c", "import aiosmtpd; print(aiosmtpd.__version__, aiosmtpd.__file__)"],
+        capture_output=True, text=True, timeout=60, env=env, check=True)
+    version, location = probe.stdout.split()
+    assert pathlib.Path(location).is_relative_to(target), probe.stdout
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "not newest_aiosmtpd and not swaks and not as_a_process"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT, check=False)
+    assert run.returncode == 0, (
+        f"the sink fails on aiosmtpd {version}:\n{run.stdout[-4000:]}{run.stderr[-2000:]}")

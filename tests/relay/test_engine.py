@@ -1,8 +1,10 @@
-"""The SMTP engine: `mailrelay_relay.smtp.Session` is aiosmtpd's `SMTP`, subclassed.
+"""The SMTP engine: `mailrelay_relay.smtp.Session` on `mailrelay_relay.stream`, checked by behaviour.
 
-- Its contract with aiosmtpd: a Session has every field a stock `SMTP` instance has after its
-  constructor (the overrides skip that constructor and aiosmtpd's inherited methods read those fields),
-  and building one never introspects (the cost the override exists to avoid).
+- stream.py's contract with asyncio (the private names it uses), on the running Python and on both
+  event loops the relay runs on (asyncio's and uvloop): the reader's looks at its buffer answer as
+  readuntil() would, and STARTTLS layered under a live server protocol hands the reader and writer over
+  to the TLS transport and drops the plaintext pipelined behind the STARTTLS line. A Python release that
+  changes those internals fails here rather than in a session.
 - Its DATA reader, against a real relay and sink: a small DATA is read up to each ".CRLF" and ends only
   where the two bytes before it are a real CRLF, so lines ending in "." (sent whole or trickled) never
   end it; a DATA full of such lines that outgrows the one-pass limit, and a large one without them,
@@ -12,65 +14,178 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import pathlib
+import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
-import aiosmtpd.smtp
 import pytest
-from mailrelay_relay import config, podstate, policy, smtp, spool
+import uvloop
+from mailrelay_relay import smtp, stream
 from mailrelay_sandbox import relayproc
 from mailrelay_sandbox import sink as sinkmod
 
-from tests.relay.relay_harness import Wire, start_relay, wait_until
+from tests.relay import relay_harness
+from tests.relay.relay_harness import HOSTNAME, Wire, start_relay, wait_until
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
-class _Handler:
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        return "250 OK"
+def _run(loop: str, main: Coroutine[Any, Any, None]) -> None:
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(asyncio.wait_for(main, 60))
 
 
-def _server(tmp_path: pathlib.Path) -> smtp.Server:
-    cfg = config.Config(listen_host="127.0.0.5", listen_port=0, upstream_host="127.0.0.1", upstream_port=9,
-                        spool=tmp_path / "spool", hostname="relay.test")
-    return smtp.Server(cfg, podstate.PodState(1), spool.Spool(cfg.spool), lambda msg: None)
+# -- stream.Reader ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_reader_holds_a_line_exactly_when_readuntil_would_not_wait(loop: str) -> None:
+    async def main() -> None:
+        reader = stream.Reader(limit=16)
+        assert not reader.holds(b"\n")
+        reader.feed_data(b"NOOP")
+        assert not reader.holds(b"\n")
+        reader.feed_data(b"\r\nRSET\r\n")
+        assert reader.holds(b"\n")
+        assert await reader.readuntil(b"\n") == b"NOOP\r\n"
+        assert reader.holds(b"\n")
+        assert await reader.readuntil(b"\n") == b"RSET\r\n"
+        assert not reader.holds(b"\n")
+        reader.feed_data(b"x" * 17)  # past the limit: readuntil fails at once, so it does not wait either
+        assert reader.holds(b"\n")
+        with pytest.raises(asyncio.LimitOverrunError):
+            await reader.readuntil(b"\n")
+
+    _run(loop, main())
 
 
-def test_session_has_every_field_of_a_stock_aiosmtpd_smtp(tmp_path: pathlib.Path) -> None:
-    async def build() -> tuple[set[str], smtp.Session]:
-        loop = asyncio.get_running_loop()
-        stock = aiosmtpd.smtp.SMTP(_Handler(), hostname="relay.test", loop=loop)
-        return set(vars(stock)), smtp.Session(_server(tmp_path))
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_reader_discard_drops_what_is_buffered_only(loop: str) -> None:
+    async def main() -> None:
+        reader = stream.Reader(limit=1024)
+        reader.feed_data(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n")
+        reader.discard()
+        assert not reader.holds(b"\n")
+        reader.feed_data(b"EHLO x\r\n")
+        assert await reader.readuntil(b"\n") == b"EHLO x\r\n"
 
-    fields, session = asyncio.run(build())
-    assert isinstance(session, aiosmtpd.smtp.SMTP)
-    assert sorted(name for name in fields if not hasattr(session, name)) == []
-    assert session.hostname == "relay.test"
-    assert session.data_size_limit == session.cfg.max_message_size
-
-
-def test_building_a_session_does_not_introspect(tmp_path: pathlib.Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    def forbidden(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("inspect.getmembers called")
-
-    async def build() -> None:
-        loop = asyncio.get_running_loop()
-        server = _server(tmp_path)
-        monkeypatch.setattr(inspect, "getmembers", forbidden)
-        with pytest.raises(AssertionError, match="getmembers"):  # the stock constructor does
-            aiosmtpd.smtp.SMTP(_Handler(), hostname="relay.test", loop=loop)
-        session = smtp.Session(server)
-        assert "_smtp_methods" not in vars(session)  # no per-connection method table either
-
-    asyncio.run(build())
+    _run(loop, main())
 
 
-def test_command_table_holds_the_implemented_verbs_only() -> None:
-    assert set(smtp.Session._COMMANDS) == policy.IMPLEMENTED
-    assert "AUTH" not in smtp.Session._COMMANDS and "EXPN" not in smtp.Session._COMMANDS  # aiosmtpd's
+@pytest.mark.parametrize(("pieces", "at_line_start", "expected"), [
+    ([b"Hello.\r\n.\r\n"], True, b"Hello.\r\n"),                 # the first ".\r\n" it meets
+    ([b"a\r\n", b"b\r", b"\n.", b"\r\n"], True, b"a\r\nb\r\n.\r\n"),     # waits for more, across pieces
+    ([b".\r\n"], True, b".\r\n"),                               # an empty DATA
+    ([b"a\n.\nb\r\n.\r\n"], True, stream.BareLfEnd),                # LF "." LF before the end
+    ([b".\nb\r\n.\r\n"], True, stream.BareLfEnd),                   # ... at the start of DATA
+    ([b".\nb\r\n.\r\n"], False, b".\nb\r\n.\r\n"),                   # ... not at a line start
+    ([b"a\r\n.\r\nb\n.\n"], True, b"a\r\n.\r\n"),                   # a bare end after the real one
+])
+def test_reader_reads_data_pieces(pieces: list[bytes], at_line_start: bool,
+                                  expected: bytes | type[Exception]) -> None:
+    async def main() -> None:
+        reader = stream.Reader(limit=1024)
+
+        async def feed() -> None:
+            for piece in pieces:
+                await asyncio.sleep(0)
+                reader.feed_data(piece)
+
+        feeder = asyncio.create_task(feed())
+        if isinstance(expected, bytes):
+            assert await reader.read_data_piece(at_line_start) == expected
+        else:
+            with pytest.raises(expected):
+                await reader.read_data_piece(at_line_start)
+        await feeder
+
+    _run("asyncio", main())
+
+
+# -- stream.TlsLayer ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, pathlib.Path]:
+    return relay_harness.certificate(tmp_path_factory.mktemp("tls"))
+
+
+class _EchoAfterStartTls(asyncio.StreamReaderProtocol):
+    """A server protocol shaped like smtp.Session: "STARTTLS" switches to TLS, then it echoes a line."""
+
+    def __init__(self, context: ssl.SSLContext, done: asyncio.Future[list[bytes]]) -> None:
+        self.reader = stream.Reader(limit=1024)
+        super().__init__(self.reader, client_connected_cb=self._connected)
+        self.context = context
+        self.done = done
+        self.tls: stream.TlsLayer | None = None
+        self.made: list[asyncio.BaseTransport] = []
+
+    def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made.append(transport)
+        if self.tls is not None:
+            self.tls.adopt(self.reader, self.writer)
+            return
+        super().connection_made(transport)
+        self.task = asyncio.get_running_loop().create_task(self.serve(transport))
+
+    async def serve(self, plain: asyncio.BaseTransport) -> None:
+        seen = []
+        try:
+            self.writer.write(b"220 ready\r\n")
+            seen.append(await self.reader.readuntil(b"\n"))
+            self.reader.discard()  # what the client pipelined behind STARTTLS
+            self.writer.write(b"220 go ahead\r\n")
+            self.tls = stream.TlsLayer(self, plain, self.context, handshake_timeout=30)
+            self.tls.start()
+            await self.tls.handshake
+            seen.append(await self.reader.readuntil(b"\n"))
+            self.writer.write(b"echo " + seen[-1])
+            await self.writer.drain()
+            self.done.set_result(seen)
+        except Exception as error:  # handed to the test
+            self.done.set_exception(error)
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_tls_layer_hands_the_stream_over_and_drops_pipelined_plaintext(
+        loop: str, certificate: tuple[pathlib.Path, pathlib.Path]) -> None:
+    cert, key = certificate
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(str(cert), str(key))
+    client_context = ssl.create_default_context(cafile=str(cert))
+
+    async def main() -> None:
+        done: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
+        protocols: list[_EchoAfterStartTls] = []
+
+        def factory() -> _EchoAfterStartTls:
+            protocols.append(_EchoAfterStartTls(server_context, done))
+            return protocols[-1]
+
+        server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await reader.readuntil(b"\n") == b"220 ready\r\n"
+        writer.write(b"STARTTLS\r\nMAIL FROM:<injected@example.org>\r\n")  # RFC 3207: never acted on
+        assert await reader.readuntil(b"\n") == b"220 go ahead\r\n"
+        await writer.start_tls(client_context, server_hostname=HOSTNAME)
+        assert writer.get_extra_info("ssl_object") is not None
+        writer.write(b"EHLO over tls\r\n")
+        assert await reader.readuntil(b"\n") == b"echo EHLO over tls\r\n"
+        assert await done == [b"STARTTLS\r\n", b"EHLO over tls\r\n"]
+        (protocol,) = protocols
+        assert len(protocol.made) == 2 and protocol.made[1] is protocol.tls.transport  # type: ignore[union-attr]
+        assert protocol.made[1].get_extra_info("ssl_object") is not None
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+    _run(loop, main())
 
 
 # -- the DATA reader on the wire ------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The pure SMTP reply policy (DESIGN.md §3): tables for every row, hypothesis for the invariants."""
+"""The pure SMTP reply policy (docs/relay.md, "Replies"): tables for every row, hypothesis for the
+invariants."""
 
 from __future__ import annotations
 

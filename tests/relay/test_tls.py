@@ -6,26 +6,19 @@ import pathlib
 import smtplib
 import socket
 import ssl
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 from mailrelay_sandbox import relayproc
 from mailrelay_sandbox import sink as sinkmod
 
-from tests.conftest import require_tool
+from tests.relay import relay_harness
 from tests.relay.relay_harness import HOSTNAME, Wire, message, start_relay, wait_until
 
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path, pathlib.Path]:
-    openssl = require_tool("openssl")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "2", "-subj", f"/CN={HOSTNAME}", "-addext",
-                    f"subjectAltName=DNS:{HOSTNAME}"], check=True, capture_output=True, timeout=120)
-    return cert, key
+    return relay_harness.certificate(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Wire transcripts against a real `mailrelay-relay` process: the exact reply for every row of the
-reply table (DESIGN.md §3), real clients (smtplib, aiosmtplib, swaks) and a real upstream sink."""
+reply table (docs/relay.md, "Replies"), real clients (smtplib, aiosmtplib, swaks) and a real upstream sink."""
 
 from __future__ import annotations
 

@@ -73,7 +73,9 @@ fi
 log "images"
 docker build --target relay -t "mailrelay-relay:$TAG" "$ROOT"
 docker build --target operator -t "mailrelay-operator:$TAG" "$ROOT"
-kind load docker-image --name "$CLUSTER" "mailrelay-relay:$TAG" "mailrelay-operator:$TAG"
+docker build --target e2e-sink -t "mailrelay-e2e-sink:$TAG" "$ROOT"
+kind load docker-image --name "$CLUSTER" "mailrelay-relay:$TAG" "mailrelay-operator:$TAG" \
+  "mailrelay-e2e-sink:$TAG"
 
 log "CRD and chart"
 "${K[@]}" apply -f "$ROOT/crds/"
@@ -91,9 +93,8 @@ metadata: {name: sink, labels: {app: sink}}
 spec:
   containers:
     - name: sink
-      image: mailrelay-relay:$TAG
+      image: mailrelay-e2e-sink:$TAG
       imagePullPolicy: Never
-      command: [python, -m, aiosmtpd, -n, -l, "0.0.0.0:2525", -c, aiosmtpd.handlers.Sink]
       ports: [{containerPort: 2525}]
 ---
 apiVersion: v1
