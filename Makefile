@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup venv tools test test-fast lint demo demo-compare bench dashboards crds clean e2e-kind
+.PHONY: setup venv tools images test test-fast lint demo demo-compare bench dashboards crds clean e2e-kind
 
 setup: venv tools
 
@@ -25,7 +25,12 @@ tools:
 	bash scripts/install-helm.sh
 	bash scripts/install-kube.sh
 
-test: setup
+# mailrelay-relay and mailrelay-operator, tagged with the project's version (buildah, or docker where an
+# engine runs; scripts/build-images.sh). The container tests run them with podman.
+images: tools
+	bash scripts/build-images.sh
+
+test: setup images
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: venv

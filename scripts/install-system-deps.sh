@@ -2,7 +2,8 @@
 # Installs the Debian packages the tests, the demo and the benchmark drive as real peers:
 # Postfix (smtp-source, smtp-sink, and Postfix itself for the benchmark and as a client MTA), swaks,
 # Prometheus (promtool), tini (the images' PID 1, run by tests/chart/test_pid1.py), iproute2 (the
-# sandbox routes its pod network to the loopback interface) and msmtp (a queueless client).
+# sandbox routes its pod network to the loopback interface), msmtp (a queueless client), and buildah,
+# podman, runc and debootstrap (scripts/build-images.sh builds the images; the container tests run them).
 #
 # The other client MTAs of tests/relay/test_mta_clients.py (Exim, OpenSMTPD, nullmailer, dma) each
 # conflict with Postfix as a system install (they all provide mail-transport-agent), so they are not
@@ -31,6 +32,11 @@ command -v tini >/dev/null 2>&1 || need+=(tini)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v msmtp >/dev/null 2>&1 || need+=(msmtp)
+# the images: built with buildah (scripts/build-images.sh, from a debootstrap base), run with podman and
+# runc (crun fails on this kind of machine); fuse-overlayfs and slirp4netns are podman's storage and network
+for tool in buildah podman runc debootstrap fuse-overlayfs slirp4netns; do
+  command -v "$tool" >/dev/null 2>&1 || need+=("$tool")
+done
 command -v unshare >/dev/null 2>&1 && command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
 fetch=()
 for pkg in "${!unpack[@]}"; do

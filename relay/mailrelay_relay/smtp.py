@@ -673,7 +673,7 @@ class Session(asyncio.StreamReaderProtocol):
         self.reply(policy.vrfy(arg))
 
     async def smtp_HELP(self, arg: str) -> None:
-        self.reply(policy.help_reply(starttls=self.tls_context is not None and self._tls_protocol is None))
+        self.reply(policy.help_reply(starttls=self.tls_context is not None and self.tls is None))
 
     async def smtp_QUIT(self, arg: str) -> None:
         self.reply_now(policy.BYE)
