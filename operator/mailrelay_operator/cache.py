@@ -45,6 +45,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+from mailrelay_common import backoff
+
 from mailrelay_operator import kube, metrics
 
 logger = logging.getLogger("mailrelay_operator.cache")
@@ -276,6 +278,8 @@ class Informer:
         self.watch_timeout = watch_timeout
         self.retry_delay = retry_delay
         self.max_retry_delay = max_retry_delay
+        # Relists double their pause from `retry_delay` up to `max_retry_delay`, without jitter.
+        self.relist_schedule = backoff.Schedule(base=retry_delay, factor=2.0, cap=max_retry_delay, jitter=0.0)
         self.restarts = 0  # lists after the first: a broken, expired or refused watch
         self.expirations = 0  # watches answered 410 Gone (their version was too old): each one relists
 
@@ -306,7 +310,7 @@ class Informer:
             except Exception as exc:  # whatever broke (API, stream, a malformed event): relist
                 self.synced = False
                 failures += 1
-                delay = min(self.max_retry_delay, self.retry_delay * 2 ** min(failures - 1, 10))
+                delay = backoff.nominal_delay(self.relist_schedule, failures)
                 logger.warning("cache of %s in %s out of sync (%s); reading from the API server, "
                                "listing again in %.0fs", self.res.plural, self.namespace or "all namespaces",
                                exc, delay)

@@ -32,6 +32,7 @@ import kopf
 import yarl
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
+from mailrelay_common import backoff
 
 import mailrelay_operator
 
@@ -133,10 +134,14 @@ class RetryPolicy:
     max_delay: float = 5.0
     timeout: float = 10.0  # per request, seconds
 
+    @property
+    def schedule(self) -> backoff.Schedule:
+        """The shared schedule: doubling from `base_delay` up to `max_delay`, jitter in its lower half."""
+        return backoff.Schedule(base=self.base_delay, factor=2.0, cap=self.max_delay, jitter=0.5)
+
     def delay(self, attempt: int) -> float:
-        """Backoff before retry number `attempt` (1-based), with full jitter in its upper half."""
-        ceiling = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
-        return float(ceiling / 2 + random.uniform(0, ceiling / 2))
+        """Backoff before retry number `attempt` (1-based): between half the nominal delay and all of it."""
+        return backoff.delay(self.schedule, attempt, random.random())
 
 
 def _error(status: int, body: bytes, method: str, path: str) -> ApiError:
