@@ -7,6 +7,7 @@ import pathlib
 import re
 
 import pytest
+from mailrelay_common import flags
 from mailrelay_relay import config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -35,7 +36,7 @@ def flag_table(path: pathlib.Path, heading: str) -> dict[str, str]:
     return rows
 
 
-def default_cell(flag: config.Flag) -> str | None:
+def default_cell(flag: flags.Flag) -> str | None:
     return None if flag.default is None else f"`{flag.default}`"
 
 
