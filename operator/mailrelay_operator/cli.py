@@ -3,7 +3,7 @@ Kopf operator in-process, with its liveness endpoint and a Prometheus metrics li
 
 `parse_args` builds argparse from `config.FLAGS` and exits 2 naming a bad setting; `run` is the coroutine
 tests call (with stop/ready flags); `main` is the console entry point, which also sets up the logs (JSON
-lines by default). This module must not hold handler logic (that is `handlers` and `reconcile`).
+lines by default). This module must not hold handler logic (that is `handlers` and the modules they call).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import kopf
 from mailrelay_common import flags, jsonlog
 
-from mailrelay_operator import cache, config, handlers, kube, manifests, metrics, reconcile, relayclient
+from mailrelay_operator import cache, config, handlers, kube, manifests, metrics, relayclient, runtime
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,10 +72,10 @@ async def run(
         client, (kube.DEPLOYMENTS, kube.PODS), cache_namespaces(options.namespaces),
         {manifests.NAME_LABEL: manifests.APP_NAME}, index_label=manifests.INSTANCE_LABEL,
     )
-    runtime = reconcile.Runtime(
+    shared = runtime.Runtime(
         kube=client,
         relays=relays,
-        config=reconcile.Config(
+        config=runtime.Config(
             relay_image=options.relay_image,
             relay_timeout=options.relay_timeout,
             resync_seconds=options.resync_seconds,
@@ -89,7 +89,7 @@ async def run(
         read_cache=read_cache,
     )
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, runtime)
+    handlers.register(registry, shared)
     settings = kopf.OperatorSettings()
     handlers.configure(settings)
     stop_metrics = None
