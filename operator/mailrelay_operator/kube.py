@@ -1,6 +1,7 @@
 """Every Kubernetes API call the operator makes, and all their error handling, in one place.
 
-The handlers and the reconcile tick call `Kube` methods with raw JSON dicts (see `kubetypes`). This module
+The scaling tick, the finalizer and the owned objects' step call `Kube` methods with raw JSON dicts
+(see `kubetypes`). This module
 turns API answers into `None`/exceptions the callers understand: a missing object is `None` on read and
 `NotFound` on write, a 409 is `Conflict`, and transient failures (connection errors, timeouts, 429 and 5xx)
 are retried with capped exponential backoff and jitter before `ApiError` is raised. Every request has a
