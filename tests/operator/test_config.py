@@ -3,10 +3,13 @@ MAILRELAY_OPERATOR_* variables into Options, and exit code 2 naming a bad settin
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import pathlib
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
@@ -104,3 +107,33 @@ values = st.text("abcdefghijklmnopqrstuvwxyz0123456789.-", max_size=20)
 def test_labels_read_back_what_was_written(labels: dict[str, str]) -> None:
     text = ",".join(f"{key}={value}" for key, value in labels.items())
     assert config.parse_labels("--operator-labels", text) == labels
+
+
+@pytest.fixture
+def root_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_logs_are_json_lines_by_default_and_text_on_request(capsys: pytest.CaptureFixture[str]) -> None:
+    options = cli.parse_args([], environ={})
+    cli.setup_logging(options.log_level, options.log_format)
+    # As Kopf logs about an object: its adapter adds `k8s_ref`.
+    logging.getLogger("kopf.objects").warning(
+        "Timer 'x' failed", extra={"k8s_ref": {"kind": "MailRelay", "namespace": "mail", "name": "r1"}})
+    logging.getLogger("mailrelay_operator.scaling").debug("not at info level")
+    (line,) = capsys.readouterr().err.splitlines()
+    entry = json.loads(line)
+    assert (entry["level"], entry["logger"]) == ("warning", "kopf.objects")
+    assert entry["event"] == "Timer 'x' failed"
+    assert entry["object"] == {"kind": "MailRelay", "namespace": "mail", "name": "r1"}
+    cli.setup_logging("debug", cli.parse_args(["--log-format", "text"], environ={}).log_format)
+    logging.getLogger("mailrelay_operator.scaling").debug("a tick")
+    text = capsys.readouterr().err
+    assert "DEBUG mailrelay_operator.scaling: a tick" in text and not text.startswith("{")
