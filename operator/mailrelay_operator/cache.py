@@ -29,9 +29,9 @@ a second to the API server and about a fifth of the operator's CPU (bench/operat
   stream breaks or is refused. While it is not in sync (before the first list, after a failure) `Cache`
   reads from the API instead, so a broken watch costs requests, never correctness.
 - `Cache` is what the scaling tick reads through (`Reader`): `get` and `list_` with `kube.Kube`'s
-  signatures. It
-  hands out its own objects, not copies: callers must not change them (the tick and the pure modules
-  only read; tests/operator/test_tick.py checks that the cache still equals the server after each tick).
+  signatures. It hands out its own objects, not copies: callers must not change them (the tick and the
+  pure modules only read; tests/operator/test_tick.py checks that the cache still equals the server after
+  each tick).
 
 It must not decide anything (no scaling or drain logic) and makes no API call except through `kube`.
 """

@@ -1,13 +1,13 @@
 """Every Kubernetes API call the operator makes, and all their error handling, in one place.
 
-The scaling tick, the finalizer and the owned objects' step call `Kube` methods with raw JSON dicts
-(see `kubetypes`). This module
-turns API answers into `None`/exceptions the callers understand: a missing object is `None` on read and
-`NotFound` on write, a 409 is `Conflict`, and transient failures (connection errors, timeouts, 429 and 5xx)
-are retried with capped exponential backoff and jitter before `ApiError` is raised. Every request has a
-timeout. It uses kubernetes_asyncio's ApiClient (never a blocking client), with JSON in and out, so no
-call blocks Kopf's event loop. The list of verbs per resource in RBAC_RULES is what docs/operator-runtime.md
-and the chart's ClusterRole derive from: add a call here, add its verb there.
+The scaling tick, the finalizer and the owned objects' step call `Kube` methods with raw JSON dicts (see
+`kubetypes`). This module turns API answers into `None`/exceptions the callers understand: a missing
+object is `None` on read and `NotFound` on write, a 409 is `Conflict`, and transient failures (connection
+errors, timeouts, 429 and 5xx) are retried with capped exponential backoff and jitter before `ApiError` is
+raised. Every request has a timeout. It uses kubernetes_asyncio's ApiClient (never a blocking client),
+with JSON in and out, so no call blocks Kopf's event loop. The list of verbs per resource in RBAC_RULES is
+what docs/operator-runtime.md and the chart's ClusterRole derive from: add a call here, add its verb
+there.
 
 It must not decide anything: no scaling, no drain logic, no manifest building.
 """
