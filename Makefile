@@ -37,7 +37,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -ra -x -m 'not slow'
 
 lint: venv
-	$(BIN)/ruff check relay operator sandbox tests bench dashboards
+	$(BIN)/ruff check common relay operator sandbox tests bench dashboards
 	$(BIN)/mypy
 
 demo: setup

@@ -28,9 +28,10 @@ a second to the API server and about a fifth of the operator's CPU (bench/operat
   list. It lists again when the version expired (410 Gone, in the stream or as the answer) and when the
   stream breaks or is refused. While it is not in sync (before the first list, after a failure) `Cache`
   reads from the API instead, so a broken watch costs requests, never correctness.
-- `Cache` is what reconcile reads through (`Reader`): `get` and `list_` with `kube.Kube`'s signatures. It
-  hands out its own objects, not copies: callers must not change them (reconcile and the pure modules
-  only read; tests/operator/test_tick.py checks that the cache still equals the server after each tick).
+- `Cache` is what the scaling tick reads through (`Reader`): `get` and `list_` with `kube.Kube`'s
+  signatures. It hands out its own objects, not copies: callers must not change them (the tick and the
+  pure modules only read; tests/operator/test_tick.py checks that the cache still equals the server after
+  each tick).
 
 It must not decide anything (no scaling or drain logic) and makes no API call except through `kube`.
 """
@@ -45,6 +46,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+from mailrelay_common import backoff
+
 from mailrelay_operator import kube, metrics
 
 logger = logging.getLogger("mailrelay_operator.cache")
@@ -54,7 +57,7 @@ Key = tuple[str | None, str]  # (namespace, name)
 
 
 class Reader(Protocol):
-    """Where reconcile reads Deployments and pods: the API (`kube.Kube`) or this cache (`Cache`)."""
+    """Where the scaling tick reads Deployments and pods: the API (`kube.Kube`) or this cache (`Cache`)."""
 
     async def get(self, res: kube.Resource, namespace: str | None, name: str) -> JSON | None: ...
 
@@ -276,6 +279,8 @@ class Informer:
         self.watch_timeout = watch_timeout
         self.retry_delay = retry_delay
         self.max_retry_delay = max_retry_delay
+        # Relists double their pause from `retry_delay` up to `max_retry_delay`, without jitter.
+        self.relist_schedule = backoff.Schedule(base=retry_delay, factor=2.0, cap=max_retry_delay, jitter=0.0)
         self.restarts = 0  # lists after the first: a broken, expired or refused watch
         self.expirations = 0  # watches answered 410 Gone (their version was too old): each one relists
 
@@ -306,7 +311,7 @@ class Informer:
             except Exception as exc:  # whatever broke (API, stream, a malformed event): relist
                 self.synced = False
                 failures += 1
-                delay = min(self.max_retry_delay, self.retry_delay * 2 ** min(failures - 1, 10))
+                delay = backoff.nominal_delay(self.relist_schedule, failures)
                 logger.warning("cache of %s in %s out of sync (%s); reading from the API server, "
                                "listing again in %.0fs", self.res.plural, self.namespace or "all namespaces",
                                exc, delay)

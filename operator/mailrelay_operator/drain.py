@@ -250,6 +250,27 @@ def serving_replicas(deployment_replicas: int, pods: Sequence[PodState], mainten
     return serving
 
 
+@dataclass(frozen=True)
+class Deletion:
+    """One step of the finalizer's drain of a deleted MailRelay."""
+
+    start_drain: tuple[str, ...]  # running relays not marked yet: annotate, then POST /drain
+    drain: tuple[str, ...]  # every relay to POST /drain to: those above, and marked ones whose relay is not
+    # draining (it restarted)
+    done: bool  # every running relay is marked and reports drained: release the finalizer
+
+
+def deletion_step(pods: Sequence[PodState]) -> Deletion:
+    """What the finalizer does next for a MailRelay being deleted: every relay drains, none is removed
+    here (garbage collection removes the Deployment once the finalizer is released)."""
+    live = [p for p in pods if not p.deleting]
+    running = [p for p in live if p.phase == "Running"]
+    fresh = tuple(p.name for p in running if not p.draining)
+    again = tuple(p.name for p in live if p.relay_draining is False and p.name not in fresh)
+    return Deletion(start_drain=fresh, drain=fresh + again,
+                    done=not fresh and all(p.drained is True for p in running))
+
+
 def all_finished(pods: Sequence[PodState], now: float, drain_timeout: float) -> bool:
     """For the finalizer: every live running pod is draining and its drain is over (drained or timed out)."""
     for pod in pods:

@@ -1,63 +1,47 @@
 """Kopf handlers of the MailRelay resource, registered on an explicit registry (so tests can run several
 operators, or restart one, in one process).
 
-- create / update / resume: ensure the owned objects (`reconcile.ensure_owned`);
-- a daemon per MailRelay: the scaling loop, one `reconcile.tick` every `spec.scaling.intervalSeconds`;
-- delete (through Kopf's finalizer): `reconcile.drain_all`, bounded by the drain timeout.
+- a daemon per MailRelay: the scaling loop, one `scaling.tick` every `spec.scaling.intervalSeconds`; the
+  tick also ensures the owned objects (at its first run, after a spec change, every `--resync-seconds`),
+  so they have one writer;
+- delete (through Kopf's finalizer): one `finalizer.step` per call, until every relay drained or the
+  drain timeout passed since the first call; `finalizer.Pending` makes Kopf call again.
 
-Handlers stay thin: parse, call `reconcile`, count errors. They must not make API calls of their own
-(that is `kube`) nor decisions (that is `policy` and `drain`).
+Handlers stay thin: call the step, count errors, log. They must not make API calls of their own (that is
+`kube`) nor decisions (that is `policy`, `drain` and `status`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import datetime
 import logging
-from collections.abc import Awaitable
+import time
 from typing import Any
 
 import kopf
 
-from mailrelay_operator import kube, metrics, reconcile, spec
+from mailrelay_operator import finalizer, kube, metrics, runtime, scaling, spec
 
 GROUP, VERSION, PLURAL = kube.MAILRELAYS.group, kube.MAILRELAYS.version, kube.MAILRELAYS.plural
 FINALIZER = "mailrelay.dev/finalizer"
 ANNOTATION_PREFIX = "mailrelay.dev"
 
 
-def _memory(memo: Any) -> reconcile.Memory:
+def _memory(memo: Any) -> runtime.Memory:
     """The per-MailRelay memory kept in Kopf's per-object memo."""
     mem = getattr(memo, "mailrelay", None)
-    if not isinstance(mem, reconcile.Memory):
-        mem = reconcile.Memory()
+    if not isinstance(mem, runtime.Memory):
+        mem = runtime.Memory()
         memo.mailrelay = mem
     return mem
 
 
-async def until_stopped(stopped: kopf.DaemonStopped, work: Awaitable[object]) -> bool:
-    """Run `work` until it ends (True; its exception propagates) or `stopped` is set (False: `work` is
-    cancelled and awaited). If the caller itself is cancelled, `work` is cancelled with it."""
-    task = asyncio.ensure_future(work)
-    flag = asyncio.ensure_future(_flag(stopped))
-    try:
-        await asyncio.wait({task, flag}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        raise
-    finally:
-        flag.cancel()
-    if task.done():
-        task.result()
-        return True
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    return False
+class QuietPending(logging.Filter):
+    """Kopf logs every TemporaryError at error level, and posts it as an Event: a finalizer that waits
+    for relays to drain is not failing, so its `finalizer.Pending` rounds are left out."""
 
-
-async def _flag(stopped: kopf.DaemonStopped) -> None:
-    await stopped.wait()
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().endswith(f"failed temporarily: {finalizer.PENDING}")
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
@@ -71,9 +55,12 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.watching.client_timeout = 330
     settings.watching.reconnect_backoff = 0.5
     settings.queueing.error_delays = [1, 2, 5, 10, 30]
+    objects = logging.getLogger("kopf.objects")
+    if not any(isinstance(f, QuietPending) for f in objects.filters):
+        objects.addFilter(QuietPending())
 
 
-def register(registry: kopf.OperatorRegistry, rt: reconcile.Runtime) -> None:
+def register(registry: kopf.OperatorRegistry, rt: runtime.Runtime) -> None:
     """Register every handler of the operator on `registry`, bound to the shared runtime `rt`."""
 
     @kopf.on.startup(registry=registry)
@@ -88,38 +75,19 @@ def register(registry: kopf.OperatorRegistry, rt: reconcile.Runtime) -> None:
     async def cleanup(**_: Any) -> None:
         await rt.relays.close()
 
-    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
-    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
-    @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry, field="spec")
-    async def owned(body: kopf.Body, memo: Any, logger: Any, **_: Any) -> None:
-        try:
-            parsed = spec.parse(body.get("spec") or {})
-        except spec.SpecError as exc:
-            metrics.RECONCILE_ERRORS.labels(metrics.HANDLER_OWNED).inc()
-            raise kopf.PermanentError(f"invalid spec: {exc}") from exc
-        memory = _memory(memo)
-        try:
-            actions = await reconcile.ensure_owned(rt, body, parsed, memory)
-        except kube.ApiError as exc:
-            metrics.RECONCILE_ERRORS.labels(metrics.HANDLER_OWNED).inc()
-            raise kopf.TemporaryError(str(exc), delay=2) from exc
-        memory.observed_generation = body.get("metadata", {}).get("generation")
-        # Not returned: Kopf would store a handler's result in .status, which the CRD's schema prunes.
-        logger.info("owned objects: %s", ", ".join(f"{kind} {action}" for kind, action in actions.items()))
-
-    # Kopf sets `stopped` (deletion, operator exit) and waits up to `cancellation_backoff` for the daemon
-    # to return on its own before it cancels it: the daemon watches the flag during a tick too, so it
-    # returns at once, and an operator with hundreds of MailRelays stops promptly.
-    @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_backoff=5.0,
+    # On deletion or operator exit Kopf sets `stopped`: the daemon returns at once between ticks (it waits
+    # on the flag), and a tick still running after `cancellation_backoff` is cancelled by Kopf (each step
+    # is restart-safe).
+    @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, id="scaling", cancellation_backoff=1.0,
                  cancellation_timeout=10.0, initial_delay=0.5)
-    async def scaling(body: kopf.Body, memo: Any, stopped: kopf.DaemonStopped, logger: Any, **_: Any) -> None:
+    async def scaling_loop(body: kopf.Body, memo: Any, stopped: kopf.DaemonStopped, logger: Any,
+                           **_: Any) -> None:
         memory = _memory(memo)
         while not stopped:
             if body.get("metadata", {}).get("deletionTimestamp"):
                 return  # the finalizer takes over
             try:
-                if not await until_stopped(stopped, reconcile.tick(rt, body, memory)):
-                    return  # stopped mid-tick: the tick is cancelled (each step is restart-safe)
+                await scaling.tick(rt, body, memory)
             except (TimeoutError, kube.ApiError, OSError) as exc:
                 metrics.RECONCILE_ERRORS.labels(metrics.HANDLER_SCALING).inc()
                 logger.warning("scaling tick failed: %s", exc)
@@ -133,9 +101,11 @@ def register(registry: kopf.OperatorRegistry, rt: reconcile.Runtime) -> None:
             await stopped.wait(interval)
 
     @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
-    async def deleted(body: kopf.Body, memo: Any, logger: Any, **_: Any) -> None:
+    async def deleted(body: kopf.Body, memo: Any, logger: Any, retry: int, runtime: datetime.timedelta,
+                      **_: Any) -> None:
         try:
-            drained = await reconcile.drain_all(rt, body, _memory(memo), bound=rt.config.delete_wait_seconds)
+            drained = await finalizer.step(rt, body, _memory(memo), elapsed=runtime.total_seconds(),
+                                           first=retry == 0, now=time.time())
         except kube.ApiError as exc:
             metrics.RECONCILE_ERRORS.labels(metrics.HANDLER_DELETE).inc()
             raise kopf.TemporaryError(str(exc), delay=2) from exc

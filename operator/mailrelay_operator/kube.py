@@ -1,12 +1,13 @@
 """Every Kubernetes API call the operator makes, and all their error handling, in one place.
 
-The handlers and the reconcile tick call `Kube` methods with raw JSON dicts (see `kubetypes`). This module
-turns API answers into `None`/exceptions the callers understand: a missing object is `None` on read and
-`NotFound` on write, a 409 is `Conflict`, and transient failures (connection errors, timeouts, 429 and 5xx)
-are retried with capped exponential backoff and jitter before `ApiError` is raised. Every request has a
-timeout. It uses kubernetes_asyncio's ApiClient (never a blocking client), with JSON in and out, so no
-call blocks Kopf's event loop. The list of verbs per resource in RBAC_RULES is what docs/operator-runtime.md
-and the chart's ClusterRole derive from: add a call here, add its verb there.
+The scaling tick, the finalizer and the owned objects' step call `Kube` methods with raw JSON dicts (see
+`kubetypes`). This module turns API answers into `None`/exceptions the callers understand: a missing
+object is `None` on read and `NotFound` on write, a 409 is `Conflict`, and transient failures (connection
+errors, timeouts, 429 and 5xx) are retried with capped exponential backoff and jitter before `ApiError` is
+raised. Every request has a timeout. It uses kubernetes_asyncio's ApiClient (never a blocking client),
+with JSON in and out, so no call blocks Kopf's event loop. The list of verbs per resource in RBAC_RULES is
+what docs/operator-runtime.md and the chart's ClusterRole derive from: add a call here, add its verb
+there.
 
 It must not decide anything: no scaling, no drain logic, no manifest building.
 """
@@ -32,6 +33,7 @@ import kopf
 import yarl
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
+from mailrelay_common import backoff
 
 import mailrelay_operator
 
@@ -133,10 +135,14 @@ class RetryPolicy:
     max_delay: float = 5.0
     timeout: float = 10.0  # per request, seconds
 
+    @property
+    def schedule(self) -> backoff.Schedule:
+        """The shared schedule: doubling from `base_delay` up to `max_delay`, jitter in its lower half."""
+        return backoff.Schedule(base=self.base_delay, factor=2.0, cap=self.max_delay, jitter=0.5)
+
     def delay(self, attempt: int) -> float:
-        """Backoff before retry number `attempt` (1-based), with full jitter in its upper half."""
-        ceiling = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
-        return float(ceiling / 2 + random.uniform(0, ceiling / 2))
+        """Backoff before retry number `attempt` (1-based): between half the nominal delay and all of it."""
+        return backoff.delay(self.schedule, attempt, random.random())
 
 
 def _error(status: int, body: bytes, method: str, path: str) -> ApiError:

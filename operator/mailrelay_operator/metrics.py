@@ -46,7 +46,7 @@ _PER_RELAY_METRICS: tuple[Gauge | Counter, ...] = (
 
 # Label values known in advance. Their series are created at import (operator-wide ones) or at a
 # MailRelay's first tick (per-MailRelay ones), so a healthy operator exposes 0 rather than nothing, and
-# rate() and alerts see them. The handlers and reconcile use exactly these names.
+# rate() and alerts see them. The handlers, scaling and finalizer use exactly these names.
 HANDLER_OWNED, HANDLER_SCALING, HANDLER_DELETE = "owned", "scaling", "delete"
 HANDLERS = (HANDLER_OWNED, HANDLER_SCALING, HANDLER_DELETE)
 OUTCOME_CANCELLED = "cancelled"  # demand rose mid-drain: the relay resumed service

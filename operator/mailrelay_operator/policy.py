@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mailrelay_operator import drain
 from mailrelay_operator import spec as specmod
 
 TOLERANCE_TENTHS = 1  # the HPA's 0.1 tolerance, kept as an integer fraction for exact arithmetic
@@ -110,6 +111,19 @@ def recommend(current: int, loads: Sequence[PodLoad], targets: specmod.Targets) 
         current, [p.queue_messages for p in loads], targets.queue_per_pod, unready
     )
     return max(by_sessions, by_queue), partial_s or partial_q
+
+
+def loads(states: Sequence[drain.PodState]) -> list[PodLoad]:
+    """The relays whose load counts: running, not draining, not being deleted, and ready or unscraped.
+
+    A relay whose scrape failed counts too: a relay that hangs turns NotReady, and it may be the busiest
+    one, so its metrics are missing (no scale-down on partial metrics), not those of a relay still
+    starting."""
+    return [
+        PodLoad(s.name, s.sessions, s.queue_messages)
+        for s in states
+        if s.phase == "Running" and not s.draining and not s.deleting and (s.ready or s.sessions is None)
+    ]
 
 
 def clamp(value: int, bounds: specmod.ReplicaBounds) -> int:

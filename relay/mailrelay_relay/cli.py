@@ -18,6 +18,8 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 
+from mailrelay_common import flags
+
 from mailrelay_relay import __version__, config
 
 
@@ -29,32 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
         "a repeatable flag takes a comma-separated list from its variable.",
     )
     parser.add_argument("--version", action="version", version=f"mailrelay-relay {__version__}")
-    for flag in config.FLAGS:
-        default_text = flag.default if flag.default is not None else "unset"
-        if flag.switch:
-            parser.add_argument(flag.name, dest=flag.dest, action="store_const", const="true", default=None,
-                                help=f"{flag.help} [{flag.env}=true; default: {default_text}]")
-            continue
-        parser.add_argument(
-            flag.name,
-            dest=flag.dest,
-            metavar=flag.metavar,
-            action="append" if flag.repeatable else "store",
-            default=None,
-            help=f"{flag.help} [{flag.env}; default: {default_text}]",
-        )
+    flags.add_arguments(parser, config.FLAGS)
     return parser
 
 
-def gather(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, config.RawValue]:
+def gather(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, flags.RawValue]:
     """Flag values, else environment values, keyed by Flag.dest (None where neither is set)."""
-    values: dict[str, config.RawValue] = {}
-    for flag in config.FLAGS:
-        value = getattr(args, flag.dest)
-        if value is None:
-            value = environ.get(flag.env) or None
-        values[flag.dest] = value
-    return values
+    return flags.gather(args, environ, config.FLAGS)
 
 
 def default_hostname() -> str:

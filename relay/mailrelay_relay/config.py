@@ -14,6 +14,8 @@ import ipaddress
 import pathlib
 from collections.abc import Mapping, Sequence
 
+from mailrelay_common import flags
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -21,72 +23,58 @@ class ConfigError(ValueError):
     """A flag or variable has an invalid value; the message names it."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Flag:
-    name: str  # "--max-sessions"
-    default: str | None  # the contract default, as the user would type it; None = unset
-    help: str
-    repeatable: bool = False
-    metavar: str | None = None
-    switch: bool = False  # takes no value on the command line; its variable is true/false
-
-
-    @property
-    def dest(self) -> str:
-        return self.name.lstrip("-").replace("-", "_")
-
-    @property
-    def env(self) -> str:
-        return "MAILRELAY_" + self.dest.upper()
-
-
 DEFAULT_ACCEPT_FROM = "127.0.0.0/8,::1/128"
 
-FLAGS: tuple[Flag, ...] = (
-    Flag("--listen", "0.0.0.0:2525", "SMTP listener", metavar="HOST:PORT"),
-    Flag("--upstream", None, "smarthost to deliver to (required)", metavar="HOST:PORT"),
-    Flag("--upstream-tls", "none", "none, starttls or tls", metavar="MODE"),
-    Flag("--upstream-ca-file", None,
-         "CA bundle (PEM) to verify the upstream's certificate instead of the system CAs", metavar="FILE"),
-    Flag("--upstream-user", None, "AUTH user at the upstream", metavar="USER"),
-    Flag("--upstream-password-file", None, "file holding the upstream AUTH password", metavar="FILE"),
-    Flag("--upstream-allow-plaintext-auth", "false",
-         "allow --upstream-user with --upstream-tls none (the password crosses the network in clear)",
-         switch=True),
-    Flag("--upstream-connections", "4", "pooled upstream connections per worker", metavar="N"),
-    Flag("--spool", "/var/spool/mailrelay", "spool directory", metavar="DIR"),
-    Flag("--spool-max-bytes", "0", "most bytes the spool may hold (0: only the disk limits it)",
-         metavar="BYTES"),
-    Flag("--admin-listen", "0.0.0.0:8025", "admin HTTP listener", metavar="HOST:PORT"),
-    Flag("--admin-token-file", None, "bearer token for /status, /drain, /resume", metavar="FILE"),
-    Flag("--max-sessions", "200", "SMTP sessions per pod, across workers", metavar="N"),
-    Flag("--max-message-size", "26214400", "largest message in bytes (advertised in SIZE)", metavar="BYTES"),
-    Flag("--max-recipients", "100", "recipients per message", metavar="N"),
-    Flag("--max-inflight-bytes", "268435456", "sum of declared sizes of open transactions", metavar="BYTES"),
-    Flag("--accept-from", DEFAULT_ACCEPT_FROM, "client networks allowed to relay (repeatable)",
-         repeatable=True, metavar="CIDR"),
-    Flag("--hostname", None, "name in the greeting and replies (default: the host's FQDN)", metavar="NAME"),
-    Flag("--drain-timeout", "600", "longest drain before exit on SIGTERM", metavar="SECONDS"),
-    Flag("--drain-grace", "2",
-         "while draining, a session whose last reply has been idle this long gets an unprompted 421",
-         metavar="SECONDS"),
-    Flag("--queue-lifetime", "432000", "undelivered messages older than this go to dead-letter",
-         metavar="SECONDS"),
-    Flag("--notify-senders", "true",
-         "mail the sender a delivery status notification (RFC 3464) for a message that fails for good or "
-         "expires, and for NOTIFY=SUCCESS through an upstream without DSN", metavar="BOOL"),
-    Flag("--delay-warning-time", "0",
-         "warn the sender once when a message has waited this long undelivered (0: never; Postfix's "
-         "delay_warning_time)", metavar="SECONDS"),
-    Flag("--deferral-log-interval", "60",
-         "log a delivery deferral at warning at most once per kind of failure per this long (per worker)",
-         metavar="SECONDS"),
-    Flag("--command-timeout", "300", "deadline for each SMTP command line", metavar="SECONDS"),
-    Flag("--data-timeout", "600", "deadline for a whole DATA transfer", metavar="SECONDS"),
-    Flag("--workers", "1", "SMTP worker processes sharing the port (SO_REUSEPORT)", metavar="N"),
-    Flag("--tls-cert", None, "certificate chain (PEM) for inbound STARTTLS", metavar="FILE"),
-    Flag("--tls-key", None, "private key (PEM) for inbound STARTTLS", metavar="FILE"),
-    Flag("--log-level", "info", "debug, info, warning or error", metavar="LEVEL"),
+FLAGS: tuple[flags.Flag, ...] = (
+    flags.Flag("--listen", "0.0.0.0:2525", "SMTP listener", metavar="HOST:PORT"),
+    flags.Flag("--upstream", None, "smarthost to deliver to (required)", metavar="HOST:PORT"),
+    flags.Flag("--upstream-tls", "none", "none, starttls or tls", metavar="MODE"),
+    flags.Flag("--upstream-ca-file", None,
+               "CA bundle (PEM) to verify the upstream's certificate instead of the system CAs",
+               metavar="FILE"),
+    flags.Flag("--upstream-user", None, "AUTH user at the upstream", metavar="USER"),
+    flags.Flag("--upstream-password-file", None, "file holding the upstream AUTH password", metavar="FILE"),
+    flags.Flag("--upstream-allow-plaintext-auth", "false",
+               "allow --upstream-user with --upstream-tls none (the password crosses the network in clear)",
+               switch=True),
+    flags.Flag("--upstream-connections", "4", "pooled upstream connections per worker", metavar="N"),
+    flags.Flag("--spool", "/var/spool/mailrelay", "spool directory", metavar="DIR"),
+    flags.Flag("--spool-max-bytes", "0", "most bytes the spool may hold (0: only the disk limits it)",
+               metavar="BYTES"),
+    flags.Flag("--admin-listen", "0.0.0.0:8025", "admin HTTP listener", metavar="HOST:PORT"),
+    flags.Flag("--admin-token-file", None, "bearer token for /status, /drain, /resume", metavar="FILE"),
+    flags.Flag("--max-sessions", "200", "SMTP sessions per pod, across workers", metavar="N"),
+    flags.Flag("--max-message-size", "26214400", "largest message in bytes (advertised in SIZE)",
+               metavar="BYTES"),
+    flags.Flag("--max-recipients", "100", "recipients per message", metavar="N"),
+    flags.Flag("--max-inflight-bytes", "268435456", "sum of declared sizes of open transactions",
+               metavar="BYTES"),
+    flags.Flag("--accept-from", DEFAULT_ACCEPT_FROM, "client networks allowed to relay (repeatable)",
+               repeatable=True, metavar="CIDR"),
+    flags.Flag("--hostname", None, "name in the greeting and replies (default: the host's FQDN)",
+               metavar="NAME"),
+    flags.Flag("--drain-timeout", "600", "longest drain before exit on SIGTERM", metavar="SECONDS"),
+    flags.Flag("--drain-grace", "2",
+               "while draining, a session whose last reply has been idle this long gets an unprompted 421",
+               metavar="SECONDS"),
+    flags.Flag("--queue-lifetime", "432000", "undelivered messages older than this go to dead-letter",
+               metavar="SECONDS"),
+    flags.Flag("--notify-senders", "true",
+               "mail the sender a delivery status notification (RFC 3464) for a message that fails for good "
+               "or expires, and for NOTIFY=SUCCESS through an upstream without DSN", metavar="BOOL"),
+    flags.Flag("--delay-warning-time", "0",
+               "warn the sender once when a message has waited this long undelivered (0: never; Postfix's "
+               "delay_warning_time)", metavar="SECONDS"),
+    flags.Flag("--deferral-log-interval", "60",
+               "log a delivery deferral at warning at most once per kind of failure per this long "
+               "(per worker)",
+               metavar="SECONDS"),
+    flags.Flag("--command-timeout", "300", "deadline for each SMTP command line", metavar="SECONDS"),
+    flags.Flag("--data-timeout", "600", "deadline for a whole DATA transfer", metavar="SECONDS"),
+    flags.Flag("--workers", "1", "SMTP worker processes sharing the port (SO_REUSEPORT)", metavar="N"),
+    flags.Flag("--tls-cert", None, "certificate chain (PEM) for inbound STARTTLS", metavar="FILE"),
+    flags.Flag("--tls-key", None, "private key (PEM) for inbound STARTTLS", metavar="FILE"),
+    flags.Flag("--log-level", "info", "debug, info, warning or error", metavar="LEVEL"),
 )
 
 UPSTREAM_TLS_MODES = ("none", "starttls", "tls")
@@ -211,10 +199,7 @@ def _path(value: str | None) -> pathlib.Path | None:
     return pathlib.Path(value) if value else None
 
 
-RawValue = str | Sequence[str] | None
-
-
-def from_values(values: Mapping[str, RawValue], *, default_hostname: str) -> Config:
+def from_values(values: Mapping[str, flags.RawValue], *, default_hostname: str) -> Config:
     """Build a Config from raw strings keyed by Flag.dest; absent or None keys take the contract default.
 
     A repeatable flag's value is a sequence of strings, each of which may hold a comma-separated list.
@@ -299,4 +284,4 @@ def from_values(values: Mapping[str, RawValue], *, default_hostname: str) -> Con
     )
 
 
-_FLAG_BY_NAME: dict[str, Flag] = {flag.name: flag for flag in FLAGS}
+_FLAG_BY_NAME: dict[str, flags.Flag] = {flag.name: flag for flag in FLAGS}

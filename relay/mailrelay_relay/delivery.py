@@ -4,16 +4,15 @@ default Sender (a pool of reused aiosmtplib connections).
 What it is for: every message the relay answered 250 for is `submit()`ted here (and every message
 recovered from the spool at start). `Delivery` hands it to a `Sender` until the upstream answers 250,
 then removes the spool file. Temporary failures (4xx, 421, a lost or refused connection, a timeout) are
-retried on the schedule of `backoff` (exponential, jittered, capped); a permanent failure (5xx), or a
-message that outlives the queue lifetime, is moved to the dead-letter folder with its reason and
-counted, and its sender gets a delivery status notification (dsn.py builds it; it is spooled and
-delivered like any message, from <>, so its own failure ends in dead-letter without another; NOTIFY and
---notify-senders decide who gets one, --delay-warning-time adds a one-time delay warning, and
-NOTIFY=SUCCESS through an upstream without DSN gets a "relayed" report). Nothing is ever dropped
-silently: a message leaves the queue only through `spool.remove`
-after the upstream's 250, or through `spool.dead_letter` with a reason, and each way is counted
-(`messages_delivered_total` / `messages_dead_lettered_total{reason}`), so per message exactly one of the
-two counters moves.
+retried on the schedule of `mailrelay_common.backoff` (exponential, jittered, capped); a permanent
+failure (5xx), or a message that outlives the queue lifetime (`expiry`), is moved to the dead-letter
+folder with its reason and counted, and its sender gets a delivery status notification (dsn.py builds
+it; it is spooled and delivered like any message, from <>, so its own failure ends in dead-letter
+without another; NOTIFY and --notify-senders decide who gets one, --delay-warning-time adds a one-time
+delay warning, and NOTIFY=SUCCESS through an upstream without DSN gets a "relayed" report). Nothing is
+ever dropped silently: a message leaves the queue only through `spool.remove` after the upstream's 250,
+or through `spool.dead_letter` with a reason, and each way is counted (`messages_delivered_total` /
+`messages_dead_lettered_total{reason}`), so per message exactly one of the two counters moves.
 
 What it must not do: decide SMTP replies to clients, write spool files itself (spool.py owns the
 format), read message content into logs, or block the event loop per message: small spool files are read
@@ -64,8 +63,9 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Literal, NamedTuple
 
 import aiosmtplib
+from mailrelay_common import backoff
 
-from mailrelay_relay import backoff, dsn, logs, metrics, spool
+from mailrelay_relay import dsn, expiry, logs, metrics, spool
 
 log = logging.getLogger("mailrelay.delivery")
 
@@ -742,7 +742,7 @@ class Delivery:
         """Retry later (or dead-letter when expired). `kind` is a bounded name of the failure: the key
         of the deferral log's rate limit."""
         now = self._clock()
-        decision = backoff.after_temporary_failure(
+        decision = expiry.after_temporary_failure(
             self._schedule,
             attempts=max(1, item.attempts),
             received_at=item.msg.received_at,
@@ -750,7 +750,7 @@ class Delivery:
             queue_lifetime=self._lifetime,
             rand=self._rand_unit(),
         )
-        if isinstance(decision, backoff.Expire):
+        if isinstance(decision, expiry.Expire):
             item.failed.extend(self._recipient(item, r, "failed", "4.4.7",
                                                f"delivery time expired; last error: {why}")
                                for r in item.remaining)

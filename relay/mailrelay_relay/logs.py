@@ -15,35 +15,15 @@ here reads them.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import re
 import sys
-import time
 from typing import Any
 
-_FIELDS = "mailrelay_fields"
-WORKER: dict[str, Any] = {}
+from mailrelay_common import jsonlog
 
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "event": record.getMessage(),
-            "pid": record.process,
-        }
-        entry.update(WORKER)
-        fields = getattr(record, _FIELDS, None)
-        if isinstance(fields, dict):
-            entry.update(fields)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, ensure_ascii=True)
+WORKER: dict[str, Any] = {}  # added to every line (jsonlog.JsonFormatter reads it per line)
 
 
 def setup(level: str = "info", *, worker: int | None = None) -> None:
@@ -52,7 +32,7 @@ def setup(level: str = "info", *, worker: int | None = None) -> None:
     if worker is not None:
         WORKER["worker"] = worker
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(jsonlog.JsonFormatter(WORKER))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -66,7 +46,7 @@ def setup(level: str = "info", *, worker: int | None = None) -> None:
 def event(log: logging.Logger, name: str, *, level: int = logging.INFO, **fields: Any) -> None:
     """Log event `name` with structured `fields` (never message content)."""
     if log.isEnabledFor(level):
-        log.log(level, name, extra={_FIELDS: fields})
+        log.log(level, name, extra={jsonlog.FIELDS: fields})
 
 
 # local@domain, <local@domain>, "quoted local"@domain: the local part goes, the domain stays.

@@ -26,6 +26,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 
+from mailrelay_common import backoff
+
 
 @dataclasses.dataclass(frozen=True)
 class Endpoint:
@@ -255,8 +257,11 @@ class LoadGenerator:
                 self.enqueue(whole)
 
     def _backoff(self, failures: int) -> float:
-        ceiling = min(self.config.backoff_cap, self.config.backoff_base * (2 ** min(failures, 10)))
-        return self._rng.uniform(ceiling / 2, ceiling)
+        # Doubling from twice `backoff_base` (after the first failure) up to `backoff_cap`, the lower half
+        # of each step jittered.
+        schedule = backoff.Schedule(
+            base=2 * self.config.backoff_base, factor=2.0, cap=self.config.backoff_cap, jitter=0.5)
+        return backoff.delay(schedule, failures, self._rng.random())
 
     async def _next_message(self, wait: float) -> _Message | None:
         deadline = time.monotonic() + wait

@@ -401,7 +401,7 @@ async def _scenario(stack: Stack, env: kubeenv.KubeEnv, workdir: Path, prometheu
             run_env = {
                 **os.environ,
                 "KUBECONFIG": str(env.operator_kubeconfig),  # the chart's ServiceAccount: RBAC enforced
-                "POD_NAMESPACE": OPERATOR_NAMESPACE,
+                "MAILRELAY_OPERATOR_OPERATOR_NAMESPACE": OPERATOR_NAMESPACE,
             }
             with (workdir / "operator.log").open("wb") as log:
                 operator = await asyncio.create_subprocess_exec(

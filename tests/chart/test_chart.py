@@ -338,7 +338,7 @@ def test_operator_args_parse_with_the_real_cli() -> None:
     # The relays' NetworkPolicy admits the operator by these labels: the operator pod must carry them.
     assert options.operator_labels.items() <= pod["metadata"]["labels"].items()
     assert {
-        "name": "POD_NAMESPACE",
+        "name": "MAILRELAY_OPERATOR_OPERATOR_NAMESPACE",
         "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
     } in container["env"]
     everywhere = cli.parse_args(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mailrelay_operator import cli
+from mailrelay_operator import cli, config
 from mailrelay_sandbox import apiclient, kubelet
 
 from tests import kubeenv
@@ -64,7 +64,7 @@ class OperatorHarness:
             api_retries=6, api_timeout=5.0, relay_image="mailrelay-relay:test",
         )
         settings.update(overrides)
-        self.options = cli.Options(**settings)
+        self.options = config.Options(**settings)
         self.thread: threading.Thread | None = None
         self.stop_flag = threading.Event()
         self.error: BaseException | None = None

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from mailrelay_operator import kube, policy, reconcile
+from mailrelay_operator import kube, policy, status
 
 
 def managed(*entries: tuple[str, str, dict[str, Any]]) -> dict[str, Any]:
@@ -118,8 +118,8 @@ def test_persisted_window_is_never_shorter_and_never_blocks_scale_up(
     later: float,
 ) -> None:
     now = max((r.at for r in history), default=0.0) + later
-    body = {"status": {"recommendations": reconcile.persisted_history(history)}}
-    loaded = reconcile._load_history(body, now)
+    body = {"status": {"recommendations": status.persisted_history(history)}}
+    loaded = status.load_history(body, now)
     original_in_window = {r.replicas for r in history if r.at > now - window}
     loaded_in_window = {r.replicas for r in loaded if r.at > now - window}
     assert original_in_window <= loaded_in_window  # a scale-down is held at least as long
@@ -130,4 +130,4 @@ def test_persisted_window_is_never_shorter_and_never_blocks_scale_up(
 
 def test_persisted_window_changes_slowly_in_a_steady_state() -> None:
     ticks = [policy.Recommendation(at=1000.0 + 5 * i, replicas=3) for i in range(5)]
-    assert reconcile.persisted_history(ticks[:1]) == reconcile.persisted_history(ticks)
+    assert status.persisted_history(ticks[:1]) == status.persisted_history(ticks)

@@ -474,3 +474,32 @@ async def test_delete_drains_every_relay_through_the_finalizer(
                      what="owned objects collected")
     await eventually(lambda: {t.pod for t in node.terminations} >= {a, b}, within=60, what="relays ended")
     assert all(t.was_drained for t in node.terminations if t.pod in (a, b))
+
+
+async def test_the_finalizers_bound_counts_from_its_first_attempt_across_a_restart(
+    kube: kubeenv.KubeEnv, client: apiclient.Api, operator: OperatorHarness, sessions: Sessions,
+    node: kubelet.ProcessKubelet,
+) -> None:
+    """The delete handler drains in rounds (Kopf retries it), and Kopf keeps the time of its first attempt
+    on the object: an operator restarted mid-drain releases the MailRelay at the drain timeout counted
+    from the deletion, not from the restart."""
+    timeout = 20
+    await start(kube, client, node, min_replicas=1, max_replicas=2, drain_timeout=timeout)
+    (a,) = live_pods(kube)
+    await sessions.hold(node, a, 1)  # a never drains: only the bound ends the wait
+    deleted_at = time.time()
+    await client.request("DELETE", mr_path(kube))
+    await eventually(lambda: draining(kube) == {a}, within=30, what="a draining")
+    await eventually(lambda: "Draining" in reasons(kube), within=30, what="Draining event")
+    # Most of the bound passes with the first operator, then it restarts: a bound that started again
+    # would hold the MailRelay until at least restarted_at + timeout.
+    await eventually(lambda: time.time() - deleted_at >= timeout * 0.6, within=timeout, what="time to pass")
+    await operator.stop()
+    await operator.start()
+    restarted_at = time.time()
+    await eventually(lambda: mailrelay(kube) is None, within=timeout + 30, what="MailRelay removed")
+    gone_at = time.time()
+    assert gone_at - deleted_at >= timeout, "released before the drain timeout"
+    assert gone_at < restarted_at + timeout, "the restart reset the finalizer's bound"
+    assert ("DrainTimedOut", f"relays still held mail after {timeout}s; removing anyway") in events(kube)
+    assert reasons(kube).count("Draining") == 1, "the restarted operator did not announce the drain again"

@@ -270,6 +270,26 @@ def test_finalizer_waits_for_every_drain() -> None:
     assert not drain.all_finished([pod("x")], NOW, TIMEOUT)  # running, not even draining
 
 
+@pytest.mark.parametrize(
+    ("pods", "start", "drain_calls", "done"),
+    [
+        ([], (), (), True),  # nothing left to drain
+        ([pod("a"), pod("b")], ("a", "b"), ("a", "b"), False),  # first round: every relay
+        ([draining("a", drained=True), draining("b", drained=False)], (), (), False),
+        ([draining("a", drained=True), draining("b", drained=True)], (), (), True),
+        # A marked relay that restarted (it is not draining) is told again; it holds the release.
+        ([draining("a", drained=True, relay_draining=False)], (), ("a",), True),
+        ([draining("a", drained=None, relay_draining=None)], (), (), False),  # scrape failed
+        # Pods not running or being deleted are not waited for.
+        ([pod("p", phase="Pending", relay_draining=None), pod("x", deleting=True),
+          draining("a", drained=True)], (), (), True),
+    ],
+)
+def test_deletion_step(pods: list[drain.PodState], start: tuple[str, ...], drain_calls: tuple[str, ...],
+                       done: bool) -> None:
+    assert drain.deletion_step(pods) == drain.Deletion(start_drain=start, drain=drain_calls, done=done)
+
+
 def test_negative_counts_are_rejected() -> None:
     with pytest.raises(ValueError):
         plan(-1, 2, [])
@@ -613,7 +633,7 @@ class Cluster:
         for name in p.resume:
             self.pods[name].drain_started = None
             self.pods[name].relay_draining = False
-        # The operator's order (reconcile.apply_plan): mark finished drains cheapest, lower the count (the
+        # The operator's order (scaling.apply_plan): mark finished drains cheapest, lower the count (the
         # ReplicaSet acts on it at once, by its own ranking), then delete the finished pods itself.
         for name, _ in p.completed:
             self.pods[name].finished = True
@@ -702,3 +722,4 @@ def test_simulated_cluster_never_loses_mail_and_settles(schedule: list[tuple[int
     now = run(cluster, schedule, NOW, new_stats())
     run(cluster, [(final, SETTLE_TICKS)], now, new_stats(), evictions=False)
     assert_settled(cluster, final)
+

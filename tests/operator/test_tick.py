@@ -1,4 +1,4 @@
-"""One scaling tick (`reconcile.tick`) against the real API server, with the operator's ServiceAccount
+"""One scaling tick (`scaling.tick`) against the real API server, with the operator's ServiceAccount
 token, on pod sets the control plane rarely produces on cue: every relay still marked draining right
 after maintenance, and an evicted (Failed) pod next to a draining one.
 
@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from mailrelay_operator import cache, drain, manifests, reconcile, relayclient, spec
+from mailrelay_operator import cache, drain, manifests, relayclient, runtime, scaling, spec
 from mailrelay_operator import kube as k
 from mailrelay_sandbox import apiclient, scenario
 
@@ -27,7 +27,7 @@ NO_SCHEDULER = "mailrelay-test-no-scheduler"
 
 
 @pytest.fixture(params=["api", "cache"])
-async def runtime(kube: kubeenv.KubeEnv, request: pytest.FixtureRequest) -> AsyncIterator[reconcile.Runtime]:
+async def rt(kube: kubeenv.KubeEnv, request: pytest.FixtureRequest) -> AsyncIterator[runtime.Runtime]:
     """Each test runs twice: reading Deployments and pods from the API server, and through the operator's
     watch-fed cache. With the cache, the test ends by checking that every cached object still equals the
     server's: the cache hands out its own objects, so a tick that changed one would show here."""
@@ -41,7 +41,7 @@ async def runtime(kube: kubeenv.KubeEnv, request: pytest.FixtureRequest) -> Asyn
         reads.start()
         await eventually(lambda: reads is not None and reads.synced, within=30, what="the cache in sync")
     try:
-        yield reconcile.Runtime(kube=client, relays=relays, config=reconcile.Config(resync_seconds=3600),
+        yield runtime.Runtime(kube=client, relays=relays, config=runtime.Config(resync_seconds=3600),
                                 read_cache=reads)
         if reads is not None:
             await eventually(lambda: reads is not None and cache_equals_server(kube, reads), within=30,
@@ -66,8 +66,8 @@ def cache_equals_server(kube: kubeenv.KubeEnv, reads: cache.Cache) -> bool:
     return True
 
 
-async def setup(kube: kubeenv.KubeEnv, runtime: reconcile.Runtime, http: apiclient.Api,
-                pods: list[dict[str, Any]], replicas: int) -> reconcile.Memory:
+async def setup(kube: kubeenv.KubeEnv, rt: runtime.Runtime, http: apiclient.Api,
+                pods: list[dict[str, Any]], replicas: int) -> runtime.Memory:
     """A MailRelay (min 1, max 4) whose owned objects exist, its Deployment at `replicas`, and `pods`."""
     await http.request("POST", kube.path(k.MAILRELAYS), scenario.mailrelay(NAME, kube.namespace))
     parsed = spec.parse(mailrelay(kube)["spec"])
@@ -76,8 +76,8 @@ async def setup(kube: kubeenv.KubeEnv, runtime: reconcile.Runtime, http: apiclie
         token_secret=manifests.admin_secret_name(NAME)))
     deployment["spec"] = {**deployment["spec"], "paused": True}
     await http.request("POST", kube.path(k.DEPLOYMENTS), deployment)
-    memory = reconcile.Memory()
-    await reconcile.tick(runtime, mailrelay(kube), memory)  # creates the other owned objects, adopts all
+    memory = runtime.Memory()
+    await scaling.tick(rt, mailrelay(kube), memory)  # creates the other owned objects, adopts all
     assert kube.get(k.SERVICES, NAME) is not None
     await http.patch(kube.path(k.DEPLOYMENTS, NAME), {"spec": {"replicas": replicas}})
     for i, pod in enumerate(pods):
@@ -112,22 +112,22 @@ def pod_names(kube: kubeenv.KubeEnv) -> set[str]:
     return {p["metadata"]["name"] for p in kube.list(k.PODS)}
 
 
-async def tick_when_read(kube: kubeenv.KubeEnv, runtime: reconcile.Runtime, memory: reconcile.Memory,
-                         pods: int) -> reconcile.TickReport:
+async def tick_when_read(kube: kubeenv.KubeEnv, rt: runtime.Runtime, memory: runtime.Memory,
+                         pods: int) -> scaling.TickReport:
     """A tick once its reader sees what the test wrote: the `pods` with their status, and the Deployment's
     count (the cache follows the server's watch; only the operator's own writes are read back at once)."""
     async def seen() -> bool:
-        listed = await runtime.read.list_(k.PODS, kube.namespace, manifests.selector_labels(NAME))
-        deployment = await runtime.read.get(k.DEPLOYMENTS, kube.namespace, NAME)
+        listed = await rt.read.list_(k.PODS, kube.namespace, manifests.selector_labels(NAME))
+        deployment = await rt.read.get(k.DEPLOYMENTS, kube.namespace, NAME)
         return (len(listed) == pods and all((p.get("status") or {}).get("podIP") for p in listed)
                 and deployment is not None and deployment["spec"]["replicas"] == deployment_replicas(kube))
 
     await eventually(seen, within=30, what=f"{pods} pods with their status and the Deployment readable")
-    return await reconcile.tick(runtime, mailrelay(kube), memory)
+    return await scaling.tick(rt, mailrelay(kube), memory)
 
 
 async def test_maintenance_off_keeps_the_pool_at_its_size(
-    kube: kubeenv.KubeEnv, runtime: reconcile.Runtime
+    kube: kubeenv.KubeEnv, rt: runtime.Runtime
 ) -> None:
     """Right after maintenance every relay still carries its drain record: the serving count the policy
     starts from is the Deployment's, not 0, so the pool is not cut to the minimum (1)."""
@@ -136,15 +136,15 @@ async def test_maintenance_off_keeps_the_pool_at_its_size(
         {"name": f"{NAME}-{i}", "phase": "Running", "ready": True, "annotations": marked} for i in range(3)
     ]
     async with kube.api() as http:
-        memory = await setup(kube, runtime, http, pods, replicas=3)
-    report = await tick_when_read(kube, runtime, memory, 3)
+        memory = await setup(kube, rt, http, pods, replicas=3)
+    report = await tick_when_read(kube, rt, memory, 3)
     assert report.decision is not None and report.decision.desired == 3
     assert deployment_replicas(kube) == 3
     assert mailrelay(kube)["status"]["desiredReplicas"] == 3
 
 
 async def test_status_counts_serving_relays_and_leave_evicted_pods_out(
-    kube: kubeenv.KubeEnv, runtime: reconcile.Runtime
+    kube: kubeenv.KubeEnv, rt: runtime.Runtime
 ) -> None:
     """Deployment at 3: `a` and `d` serve, `b` drains, `c` was evicted mid-drain (Failed, replaced by `d`).
     status.replicas is the serving count (3 - 1 draining), as the CRD and the scale subresource say, and
@@ -157,8 +157,8 @@ async def test_status_counts_serving_relays_and_leave_evicted_pods_out(
         {"name": f"{NAME}-d", "phase": "Running", "ready": True},
     ]
     async with kube.api() as http:
-        memory = await setup(kube, runtime, http, pods, replicas=3)
-    report = await tick_when_read(kube, runtime, memory, 4)
+        memory = await setup(kube, rt, http, pods, replicas=3)
+    report = await tick_when_read(kube, rt, memory, 4)
     status = mailrelay(kube)["status"]
     assert report.decision is not None and report.decision.desired == 2  # partial metrics: hold
     assert status["replicas"] == 2
@@ -173,7 +173,7 @@ def warning_reasons(kube: kubeenv.KubeEnv) -> list[str]:
 
 @pytest.mark.parametrize("maintenance", [False, True])
 async def test_a_drain_past_its_timeout_with_unknown_queue_is_held_except_in_maintenance(
-    kube: kubeenv.KubeEnv, runtime: reconcile.Runtime, maintenance: bool
+    kube: kubeenv.KubeEnv, rt: runtime.Runtime, maintenance: bool
 ) -> None:
     """`b` has drained for an hour (timeout 60 s) and its relay does not answer, so its queue is unknown:
     with the default onTimeout it is held (a DrainHeld Warning Event, once; the Draining condition), and
@@ -184,11 +184,11 @@ async def test_a_drain_past_its_timeout_with_unknown_queue_is_held_except_in_mai
         {"name": f"{NAME}-b", "phase": "Running", "ready": False, "annotations": marked},
     ]
     async with kube.api() as http:
-        memory = await setup(kube, runtime, http, pods, replicas=2)
+        memory = await setup(kube, rt, http, pods, replicas=2)
         if maintenance:
             await http.patch(kube.path(k.MAILRELAYS, NAME), {"spec": {"maintenance": True}})
     for _ in range(2):
-        await tick_when_read(kube, runtime, memory, 2)
+        await tick_when_read(kube, rt, memory, 2)
     draining = next(c for c in mailrelay(kube)["status"]["conditions"] if c["type"] == "Draining")
     assert deployment_replicas(kube) == 2
     assert pod_names(kube) == {f"{NAME}-a", f"{NAME}-b"}

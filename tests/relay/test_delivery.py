@@ -14,7 +14,8 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from mailrelay_relay import backoff, delivery, spool
+from mailrelay_common import backoff
+from mailrelay_relay import delivery, spool
 from mailrelay_sandbox import sink as sinkmod
 from prometheus_client import REGISTRY
 

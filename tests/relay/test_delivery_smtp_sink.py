@@ -16,7 +16,8 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from mailrelay_relay import backoff, delivery, spool
+from mailrelay_common import backoff
+from mailrelay_relay import delivery, spool
 
 from tests.conftest import require_tool
 from tests.relay.test_delivery import WAIT, Counters, content, eventually

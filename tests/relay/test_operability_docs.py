@@ -4,38 +4,19 @@ the same defaults. A flag added to config.py without its row (or a row without i
 from __future__ import annotations
 
 import pathlib
-import re
 
 import pytest
+from mailrelay_common import flags
 from mailrelay_relay import config
+
+from tests import flagdocs
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # What a table writes in the default column for a flag without a default (Flag.default is None).
 UNSET_WORDS = {"unset", "required", "the host's FQDN"}
 
 
-def flag_table(path: pathlib.Path, heading: str) -> dict[str, str]:
-    """{flag name: default cell} from the first table after `heading` (a row may name several flags)."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    start = lines.index(heading)
-    rows: dict[str, str] = {}
-    in_table = False
-    for line in lines[start + 1:]:
-        if line.startswith("|"):
-            in_table = True
-            cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
-            if len(cells) < 2 or not cells[0].startswith("`--"):
-                continue  # the header or the separator row
-            for name in re.findall(r"`(--[a-z0-9-]+)", cells[0]):
-                assert name not in rows, f"{path.name}: {name} has two rows"
-                rows[name] = cells[1]
-        elif in_table:
-            break
-    assert rows, f"no flag table under {heading!r} in {path.name}"
-    return rows
-
-
-def default_cell(flag: config.Flag) -> str | None:
+def default_cell(flag: flags.Flag) -> str | None:
     return None if flag.default is None else f"`{flag.default}`"
 
 
@@ -47,7 +28,7 @@ DOCS = [
 
 @pytest.mark.parametrize(("doc", "heading"), DOCS)
 def test_every_config_flag_has_a_row_and_every_row_a_flag(doc: str, heading: str) -> None:
-    rows = flag_table(REPO / "docs" / doc, heading)
+    rows = flagdocs.flag_table(REPO / "docs" / doc, heading)
     names = {flag.name for flag in config.FLAGS}
     assert sorted(names - set(rows)) == [], f"flags missing from docs/{doc}"
     assert sorted(set(rows) - names) == [], f"rows in docs/{doc} for flags config.py does not have"
@@ -55,7 +36,7 @@ def test_every_config_flag_has_a_row_and_every_row_a_flag(doc: str, heading: str
 
 @pytest.mark.parametrize(("doc", "heading"), DOCS)
 def test_documented_defaults_are_the_config_defaults(doc: str, heading: str) -> None:
-    rows = flag_table(REPO / "docs" / doc, heading)
+    rows = flagdocs.flag_table(REPO / "docs" / doc, heading)
     for flag in config.FLAGS:
         cell = rows[flag.name]
         expected = default_cell(flag)
@@ -70,5 +51,5 @@ def test_the_table_parser_sees_a_missing_row(tmp_path: pathlib.Path) -> None:
     source = (REPO / "docs" / "contracts.md").read_text(encoding="utf-8")
     trimmed = "\n".join(line for line in source.splitlines() if not line.startswith("| `--data-timeout"))
     (tmp_path / "contracts.md").write_text(trimmed, encoding="utf-8")
-    rows = flag_table(tmp_path / "contracts.md", DOCS[0][1])
+    rows = flagdocs.flag_table(tmp_path / "contracts.md", DOCS[0][1])
     assert "--data-timeout" not in rows and "--command-timeout" in rows

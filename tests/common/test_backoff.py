@@ -1,12 +1,12 @@
-"""The pure retry schedule: table of known delays, and hypothesis properties (monotone upper bound, cap,
-jitter range, expiry clamping)."""
+"""The shared retry schedule: a table of known delays, one row per caller's parameters, and hypothesis
+properties (monotone upper bound, cap, jitter range)."""
 
 from __future__ import annotations
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from mailrelay_relay import backoff
+from mailrelay_common import backoff
 
 S = backoff.Schedule(base=1.0, factor=2.0, cap=300.0, jitter=0.25)
 
@@ -21,22 +21,24 @@ def test_nominal_delay_table(attempts: int, nominal: float) -> None:
     assert backoff.delay(S, attempts, 0.5) == pytest.approx(nominal * 0.875)
 
 
+# Each caller's schedule: (schedule, failures, rand) -> delay. The relay's delivery, the relay's upstream
+# gate, the operator's API client (half jittered), its read cache's relists (no jitter), the load generator.
 @pytest.mark.parametrize(
-    ("received_at", "now", "lifetime", "expected"),
+    ("schedule", "attempts", "rand", "expected"),
     [
-        (0.0, 10.0, 100.0, backoff.Retry(at=10.0 + 4.0)),  # attempts=3 below
-        (0.0, 99.0, 100.0, backoff.Retry(at=100.0)),  # clamped to the end of the lifetime
-        (0.0, 100.0, 100.0, backoff.Expire(age=100.0)),
-        (50.0, 500.0, 100.0, backoff.Expire(age=450.0)),
+        (backoff.Schedule(), 1, 0.0, 1.0),
+        (backoff.Schedule(base=0.1, factor=2.0, cap=5.0, jitter=0.25), 4, 0.0, 0.8),
+        (backoff.Schedule(base=0.1, factor=2.0, cap=5.0, jitter=0.25), 4, 0.5, 0.7),
+        (backoff.Schedule(base=0.2, factor=2.0, cap=5.0, jitter=0.5), 1, 0.5, 0.15),
+        (backoff.Schedule(base=0.2, factor=2.0, cap=5.0, jitter=0.5), 6, 0.999, 2.5025),
+        (backoff.Schedule(base=1.0, factor=2.0, cap=30.0, jitter=0.0), 5, 0.9, 16.0),
+        (backoff.Schedule(base=1.0, factor=2.0, cap=30.0, jitter=0.0), 6, 0.9, 30.0),
+        (backoff.Schedule(base=0.4, factor=2.0, cap=3.0, jitter=0.5), 3, 0.0, 1.6),
+        (backoff.Schedule(base=0.4, factor=2.0, cap=3.0, jitter=0.5), 4, 0.0, 3.0),
     ],
 )
-def test_after_temporary_failure_table(
-    received_at: float, now: float, lifetime: float, expected: backoff.Decision
-) -> None:
-    got = backoff.after_temporary_failure(
-        S, attempts=3, received_at=received_at, now=now, queue_lifetime=lifetime, rand=0.0
-    )
-    assert got == expected
+def test_delay_table(schedule: backoff.Schedule, attempts: int, rand: float, expected: float) -> None:
+    assert backoff.delay(schedule, attempts, rand) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
@@ -85,27 +87,3 @@ def test_cap_is_reached(s: backoff.Schedule, n: int) -> None:
     # With factor > 1 every schedule reaches the cap eventually; with factor == 1 it stays at base.
     if s.factor > 1.0001:
         assert backoff.nominal_delay(s, 100_000) == s.cap
-
-
-@given(
-    s=schedules,
-    n=st.integers(1, 100),
-    r=rands,
-    received_at=st.floats(0, 1e9),
-    age=st.floats(0, 1e7),
-    lifetime=st.floats(0.001, 1e7),
-)
-def test_decision_never_schedules_past_expiry(
-    s: backoff.Schedule, n: int, r: float, received_at: float, age: float, lifetime: float
-) -> None:
-    now = received_at + age
-    decision = backoff.after_temporary_failure(
-        s, attempts=n, received_at=received_at, now=now, queue_lifetime=lifetime, rand=r
-    )
-    if now - received_at >= lifetime:
-        assert isinstance(decision, backoff.Expire)
-    else:
-        assert isinstance(decision, backoff.Retry)
-        assert now <= decision.at <= received_at + lifetime
-        # (now + delay) - now may exceed delay by float rounding at large `now`: allow ulps, not seconds.
-        assert decision.at - now <= s.cap + 1e-9 * max(1.0, abs(now))
