@@ -12,7 +12,7 @@ What it must not do: write outside its folder, or leave a master process behind.
 
 from __future__ import annotations
 
-from mailrelay_sandbox import mtas
+from mailrelay_sandbox import mtas, netutil
 
 from bench import procs, workdir
 
@@ -26,7 +26,7 @@ class Postfix:
         self.run = run
         self.instance = mtas.Postfix(run.sub(label), ("127.0.0.1", upstream_port),
                                      process_limit=process_limit, label="postfix-bench",
-                                     port=procs.free_port(), pickup=False)
+                                     port=netutil.free_port(), pickup=False)
         self.root = self.instance.folder
         self.port = self.instance.port
 

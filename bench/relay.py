@@ -14,6 +14,8 @@ import sys
 import time
 import urllib.request
 
+from mailrelay_sandbox import netutil
+
 from bench import procs, workdir
 
 
@@ -48,8 +50,8 @@ class Relay:
         self.max_sessions = max_sessions
         self.extra = extra
         self.env = env or {}
-        self.port = procs.free_port()
-        self.admin_port = procs.free_port()
+        self.port = netutil.free_port()
+        self.admin_port = netutil.free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
@@ -77,7 +79,7 @@ class Relay:
                 self.argv(), stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, start_new_session=True
             )
         self.run.register(self.proc.pid)
-        procs.wait_for_greeting(self.port, timeout=60, proc=self.proc)
+        netutil.wait_for_greeting("127.0.0.1", self.port, timeout=60, proc=self.proc)
         self._wait_workers()
         for pid in procs.tree(self.proc.pid)[1:]:
             self.run.register(pid)
@@ -92,7 +94,7 @@ class Relay:
                 break
             time.sleep(0.1)
         for _ in range(4 * self.workers):
-            procs.wait_for_greeting(self.port, timeout=30, proc=self.proc)
+            netutil.wait_for_greeting("127.0.0.1", self.port, timeout=30, proc=self.proc)
 
     def healthy(self) -> bool:
         try:

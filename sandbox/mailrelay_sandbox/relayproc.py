@@ -51,7 +51,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -62,13 +61,9 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
+from mailrelay_sandbox import netutil
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` right now."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+free_port = netutil.free_port  # kept for tests/operator, which calls it by this name
 
 
 def relay_command() -> list[str]:
@@ -100,8 +95,8 @@ class RelayProcess:
         self.host = host
         self.upstream = upstream if isinstance(upstream, str) else f"{upstream[0]}:{upstream[1]}"
         self.spool = pathlib.Path(spool)
-        self.smtp_port = smtp_port or free_port(host)
-        self.admin_port = admin_port or free_port(host)
+        self.smtp_port = smtp_port or netutil.free_port(host)
+        self.admin_port = admin_port or netutil.free_port(host)
         self.token = token
         self.workers = workers
         self.hostname = hostname

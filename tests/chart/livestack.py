@@ -44,7 +44,6 @@ import os
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from mailrelay_sandbox import netutil
 
 from tests import kubeenv
 from tests.chart import helmutil, promql
@@ -69,10 +69,6 @@ SCRAPE = "1s"
 OPERATOR_NAMESPACE = "mailrelay-system"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -372,7 +368,7 @@ async def _scenario(stack: Stack, env: kubeenv.KubeEnv, workdir: Path, prometheu
     upstream = sink.Sink(keep_content=False)
     upstream.start()
     upstream.fail("rcpt", 550, recipients={BOUNCE})
-    health_port, metrics_port, prom_port = free_port(), free_port(), free_port()
+    health_port, metrics_port, prom_port = netutil.free_port(), netutil.free_port(), netutil.free_port()
     stack.prometheus_url = f"http://127.0.0.1:{prom_port}"
     prom_dir = workdir / "prometheus"
     prom_dir.mkdir()

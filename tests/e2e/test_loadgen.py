@@ -9,22 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
-from mailrelay_sandbox import loadgen
+from mailrelay_sandbox import loadgen, netutil
 
 from tests.conftest import require_tool
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Collector:
@@ -44,7 +37,7 @@ class Collector:
 @pytest.fixture
 def aiosmtpd_server() -> Iterator[tuple[loadgen.Endpoint, Collector]]:
     handler = Collector()
-    port = free_port()
+    port = netutil.free_port()
     controller = Controller(handler, hostname="127.0.0.1", port=port)
     controller.start()
     try:
@@ -56,7 +49,7 @@ def aiosmtpd_server() -> Iterator[tuple[loadgen.Endpoint, Collector]]:
 @contextlib.asynccontextmanager
 async def smtp_sink(*flags: str) -> AsyncIterator[loadgen.Endpoint]:
     tool = require_tool("smtp-sink")
-    port = free_port()
+    port = netutil.free_port()
     proc = await asyncio.create_subprocess_exec(tool, "-u", "nobody", *flags, f"127.0.0.1:{port}", "100")
     try:
         for _ in range(100):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pathlib
 import socket
-import time
 import uuid
 from collections.abc import Sequence
 
@@ -97,11 +96,3 @@ def start_relay(tmp_path: pathlib.Path, upstream: str, *, args: Sequence[str] = 
     relay.start()
     return relay
 
-
-def wait_until(predicate: object, timeout: float = 30.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return True
-        time.sleep(interval)
-    return bool(callable(predicate) and predicate())

@@ -13,21 +13,16 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 from mailrelay_relay import backoff, delivery, spool
+from mailrelay_sandbox import netutil, waiting
 
 from tests.conftest import require_tool
-from tests.relay.test_delivery import WAIT, Counters, content, eventually
+from tests.relay import delivery_harness as dh
 
 FAST = backoff.Schedule(base=0.05, factor=2.0, cap=0.3, jitter=0.25)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class SmtpSink:
@@ -77,7 +72,7 @@ class SmtpSink:
 @pytest.fixture
 def port() -> int:
     require_tool("smtp-sink")
-    return free_port()
+    return netutil.free_port()
 
 
 @pytest.fixture
@@ -88,13 +83,6 @@ def sinks() -> Iterator[list[SmtpSink]]:
         s.stop()
 
 
-@pytest.fixture
-async def store(tmp_path: pathlib.Path) -> AsyncIterator[spool.Spool]:
-    sp = spool.Spool(tmp_path / "spool")
-    yield sp
-    sp.close()
-
-
 def make(sp: spool.Spool, port: int, connections: int = 2) -> delivery.Delivery:
     cfg = delivery.UpstreamConfig(host="127.0.0.1", port=port, connections=connections, timeout=10.0)
     return delivery.Delivery(sp, delivery.make_sender(cfg), queue_lifetime=3600.0, concurrency=connections,
@@ -102,20 +90,20 @@ def make(sp: spool.Spool, port: int, connections: int = 2) -> delivery.Delivery:
 
 
 async def test_delivers_to_smtp_sink(store: spool.Spool, port: int, sinks: list[SmtpSink]) -> None:
-    c = Counters()
+    c = dh.Counters()
     sink = SmtpSink(port)
     sinks.append(sink)
     d = make(store, port, connections=4)
     await d.start()
     try:
         for i in range(200):
-            d.submit(await store.store(spool.Envelope("a@example.org", ("b@example.org",)), content(i),
+            d.submit(await store.store(spool.Envelope("a@example.org", ("b@example.org",)), dh.content(i),
                                        time.time()))
-        assert await d.wait_empty(WAIT)
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     assert c["delivered"] == 200 and c["success"] == 200
-    await eventually(lambda: len(sink.files()) == 200)
+    await waiting.eventually(lambda: len(sink.files()) == 200, what='len(sink.files()) == 200')
     dumped = b"".join(p.read_bytes() for p in sink.files())
     for i in (0, 99, 199):
         assert f"Subject: test {i}\r\n".encode() in dumped or f"Subject: test {i}\n".encode() in dumped
@@ -138,40 +126,40 @@ async def test_delivers_to_smtp_sink(store: spool.Spool, port: int, sinks: list[
 async def test_temporary_failures_retried_until_upstream_recovers(
     store: spool.Spool, port: int, sinks: list[SmtpSink], flags: tuple[str, ...], counter: str
 ) -> None:
-    c = Counters()
+    c = dh.Counters()
     failing = SmtpSink(port, *flags)
     sinks.append(failing)
     d = make(store, port)
     await d.start()
     try:
         for i in range(3):
-            d.submit(await store.store(spool.Envelope("a@example.org", ("b@example.org",)), content(i),
+            d.submit(await store.store(spool.Envelope("a@example.org", ("b@example.org",)), dh.content(i),
                                        time.time()))
-        await eventually(lambda: c[counter] >= 4)  # retried, more than once
+        await waiting.eventually(lambda: c[counter] >= 4, what='c[counter] >= 4')  # retried, more than once
         assert d.stats().messages == 3 and store.queue_count() == 3 and store.dead_letter_count() == 0
         failing.stop()
         sinks.remove(failing)
         healthy = SmtpSink(port)
         sinks.append(healthy)
-        assert await d.wait_empty(WAIT)
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     assert c["delivered"] == 3 and c["dl_permanent"] == 0 and c["dl_expired"] == 0
-    await eventually(lambda: len(healthy.files()) == 3)
+    await waiting.eventually(lambda: len(healthy.files()) == 3, what='len(healthy.files()) == 3')
 
 
 @pytest.mark.parametrize("command", ["MAIL", "RCPT", "."])
 async def test_hard_reject_is_dead_lettered(
     store: spool.Spool, port: int, sinks: list[SmtpSink], command: str
 ) -> None:
-    c = Counters()
+    c = dh.Counters()
     sinks.append(SmtpSink(port, "-f", command))
     d = make(store, port)
     await d.start()
     try:
         env = spool.Envelope("a@example.org", ("b@example.org",))
-        d.submit(await store.store(env, content(0), time.time()))
-        assert await d.wait_empty(WAIT)
+        d.submit(await store.store(env, dh.content(0), time.time()))
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     assert c["dl_permanent"] == 1 and c["delivered"] == 0

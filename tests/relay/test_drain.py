@@ -12,11 +12,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from mailrelay_sandbox import relayproc
+from mailrelay_sandbox import relayproc, waiting
 from mailrelay_sandbox import sink as sinkmod
 
 from tests.conftest import require_tool
-from tests.relay.relay_harness import HOSTNAME, Wire, message, start_relay, wait_until
+from tests.relay.relay_harness import HOSTNAME, Wire, message, start_relay
 
 DRAINING_421 = f"4.3.2 {HOSTNAME} Service shutting down, try again later"
 
@@ -80,9 +80,11 @@ def test_drain_with_session_in_data_then_resume(tmp_path: pathlib.Path, sink: si
         assert in_data.cmd("NOOP")[0] == 250
         assert in_data.cmd("MAIL FROM:<a@client.test>") == (421, DRAINING_421)
         assert in_data.closed()
-        assert wait_until(lambda: between_id in delivered_ids(sink))
-        assert wait_until(lambda: msg_id in delivered_ids(sink))
-        assert wait_until(lambda: relay.status()["drained"] is True)
+        waiting.wait_until(lambda: between_id in delivered_ids(sink),
+                           what='between_id in delivered_ids(sink)')
+        waiting.wait_until(lambda: msg_id in delivered_ids(sink), what='msg_id in delivered_ids(sink)')
+        waiting.wait_until(lambda: relay.status()["drained"] is True,
+                           what='relay.status()["drained"] is True')
 
         resumed = relay.resume()
         assert resumed["draining"] is False and resumed["drained"] is False
@@ -117,8 +119,9 @@ def test_a_session_greeted_before_the_drain_is_served_from_ehlo_on(
         assert w.cmd("EHLO client.test")[0] == 250
         assert w.cmd("MAIL FROM:<a@client.test>") == (421, DRAINING_421)
         assert w.closed()
-        assert wait_until(lambda: msg_id in delivered_ids(sink))
-        assert wait_until(lambda: relay.status()["drained"] is True)
+        waiting.wait_until(lambda: msg_id in delivered_ids(sink), what='msg_id in delivered_ids(sink)')
+        waiting.wait_until(lambda: relay.status()["drained"] is True,
+                           what='relay.status()["drained"] is True')
     finally:
         relay.kill()
 
@@ -151,7 +154,8 @@ def test_idle_session_gets_unprompted_421(tmp_path: pathlib.Path, sink: sinkmod.
         assert busy.reply()[0] == 250
         # after its transaction, the busy session is idle too, and gets its 421 after the grace
         assert busy.reply() == (421, [DRAINING_421])
-        assert wait_until(lambda: relay.status()["drained"] is True)
+        waiting.wait_until(lambda: relay.status()["drained"] is True,
+                           what='relay.status()["drained"] is True')
     finally:
         relay.kill()
 
@@ -163,7 +167,7 @@ def test_sigterm_drains_then_exits(tmp_path: pathlib.Path, sink: sinkmod.Sink) -
     open_transaction(w)
     assert w.cmd("DATA")[0] == 354
     relay.process.send_signal(signal.SIGTERM)
-    assert wait_until(lambda: relay.status()["draining"] is True)
+    waiting.wait_until(lambda: relay.status()["draining"] is True, what='relay.status()["draining"] is True')
     time.sleep(0.5)
     assert relay.running  # a transaction in flight keeps the relay up
     msg_id, content = message("sigterm")
@@ -183,7 +187,8 @@ def test_resume_cannot_cancel_sigterm(tmp_path: pathlib.Path, sink: sinkmod.Sink
         w = Wire(relay.smtp_address)
         w.ehlo()  # an open session keeps the drain going
         relay.process.send_signal(signal.SIGTERM)
-        assert wait_until(lambda: relay.status()["draining"] is True)
+        waiting.wait_until(lambda: relay.status()["draining"] is True,
+                           what='relay.status()["draining"] is True')
         assert relay.resume()["draining"] is True
         assert relay.get("/readyz")[0] == 503
         w.line("QUIT")
@@ -242,7 +247,7 @@ def test_sigkill_with_queued_mail_then_restart_delivers_every_250(tmp_path: path
     for t in threads:
         t.start()
     try:
-        assert wait_until(lambda: len(accepted) >= 30, timeout=60)
+        waiting.wait_until(lambda: len(accepted) >= 30, within=60, what='len(accepted) >= 30')
         assert relay.kill() == -signal.SIGKILL  # crash in the middle of the load
     finally:
         stop.set()
@@ -254,9 +259,10 @@ def test_sigkill_with_queued_mail_then_restart_delivers_every_250(tmp_path: path
     upstream.clear_failures()
     try:
         relay.start()
-        assert wait_until(lambda: set(acknowledged) <= delivered_ids(upstream), timeout=90), (
-            f"missing {len(set(acknowledged) - delivered_ids(upstream))} of {len(acknowledged)}")
-        assert wait_until(lambda: relay.status()["queue"]["messages"] == 0, timeout=60)
+        waiting.wait_until(lambda: set(acknowledged) <= delivered_ids(upstream), within=90,
+                           what=f"all {len(acknowledged)} acknowledged messages delivered")
+        waiting.wait_until(lambda: relay.status()["queue"]["messages"] == 0, within=60,
+                           what='relay.status()["queue"]["messages"] == 0')
     finally:
         relay.kill()
         upstream.stop()
@@ -274,15 +280,16 @@ def test_workers_share_session_cap_status_and_drain(tmp_path: pathlib.Path, sink
         assert len(pids) == 2
         for w in sessions:
             w.close()
-        assert wait_until(lambda: relay.status()["sessions"] == 0)
+        waiting.wait_until(lambda: relay.status()["sessions"] == 0, what='relay.status()["sessions"] == 0')
         ids = []
         for n in range(10):
             with smtplib.SMTP(*relay.smtp_address) as client:
                 msg_id, content = message(f"w{n}")
                 client.sendmail("a@client.test", ["b@dest.test"], content)
                 ids.append(msg_id)
-        assert wait_until(lambda: set(ids) <= delivered_ids(sink))
-        assert wait_until(lambda: relay.status()["queue"]["messages"] == 0)
+        waiting.wait_until(lambda: set(ids) <= delivered_ids(sink), what='set(ids) <= delivered_ids(sink)')
+        waiting.wait_until(lambda: relay.status()["queue"]["messages"] == 0,
+                           what='relay.status()["queue"]["messages"] == 0')
         metrics = relay.metrics()
         accepted = [line for line in metrics.splitlines()
                     if line.startswith("mailrelay_relay_messages_accepted_total ")]
@@ -293,7 +300,8 @@ def test_workers_share_session_cap_status_and_drain(tmp_path: pathlib.Path, sink
         assert status["draining"] is True
         assert idle.reply() == (421, [DRAINING_421])
         assert Wire(relay.smtp_address).greeting == (421, [DRAINING_421])
-        assert wait_until(lambda: relay.status()["drained"] is True)
+        waiting.wait_until(lambda: relay.status()["drained"] is True,
+                           what='relay.status()["drained"] is True')
         assert "mailrelay_relay_draining 1.0" in relay.metrics()
         relay.resume()
         assert Wire(relay.smtp_address).greeting is not None
@@ -317,7 +325,8 @@ def test_smtp_source_to_smtp_sink_through_two_workers(tmp_path: pathlib.Path) ->
                                "-t", "b@dest.test", f"{host}:{smtp_port}"], capture_output=True, text=True,
                               timeout=180, check=False)
         assert sent.returncode == 0, sent.stderr
-        assert wait_until(lambda: relay.status()["queue"]["messages"] == 0, timeout=120)
+        waiting.wait_until(lambda: relay.status()["queue"]["messages"] == 0, within=120,
+                           what='relay.status()["queue"]["messages"] == 0')
         metrics = relay.metrics()
         for name in ("mailrelay_relay_messages_accepted_total", "mailrelay_relay_messages_delivered_total"):
             assert f"{name} 200.0" in metrics.splitlines()

@@ -21,10 +21,10 @@ from typing import Any
 import aiosmtpd.smtp
 import pytest
 from mailrelay_relay import config, podstate, policy, smtp, spool
-from mailrelay_sandbox import relayproc
+from mailrelay_sandbox import relayproc, waiting
 from mailrelay_sandbox import sink as sinkmod
 
-from tests.relay.relay_harness import Wire, start_relay, wait_until
+from tests.relay.relay_harness import Wire, start_relay
 
 
 class _Handler:
@@ -122,7 +122,8 @@ def _stuff(content: bytes) -> bytes:
 
 def _arrived(sink: sinkmod.Sink, marker: str) -> bytes:
     needle = f"Subject: {marker}\r\n".encode()
-    assert wait_until(lambda: any(needle in m.content for m in sink.messages), timeout=60)
+    waiting.wait_until(lambda: any(needle in m.content for m in sink.messages), within=60,
+                       what='any(needle in m.content for m in sink.messages)')
     found = [m.content for m in sink.messages if needle in m.content]
     assert len(found) == 1
     return found[0]

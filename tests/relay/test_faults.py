@@ -20,8 +20,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from mailrelay_sandbox import netutil, waiting
 
-from tests.relay import test_faults_support as h
+from tests.relay import faults_harness as h
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -105,7 +106,7 @@ def test_sigkill_right_after_250_the_message_arrives_after_restart(
 ) -> None:
     """With the upstream down, ten messages get 250 and the relay (every worker) is SIGKILLed right after
     the last one. After a restart, with the upstream back, every one arrives exactly once."""
-    port = h.free_port()
+    port = netutil.free_port()
     sink = h.RecordingSink()
     relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}", extra=["--workers", str(workers)]).start()
     try:
@@ -117,9 +118,9 @@ def test_sigkill_right_after_250_the_message_arrives_after_restart(
         assert len(h.queue_entries(relay.spool)) == 10
         sink.start(port)
         relay.start()
-        assert h.wait_until(lambda: all(n >= 1 for n in markers_at(sink, markers).values()), 60), \
-            markers_at(sink, markers)
-        assert h.wait_until(lambda: queue_len(relay) == 0, 30)
+        waiting.wait_until(lambda: all(n >= 1 for n in markers_at(sink, markers).values()), within=60,
+                           what="every marker at the sink")
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=30, what='queue_len(relay) == 0')
         assert markers_at(sink, markers) == dict.fromkeys(markers, 1)
     finally:
         relay.kill()
@@ -130,7 +131,7 @@ def test_sigkill_during_concurrent_writes_loses_nothing_that_got_250(tmp_path: p
     """Many clients send at once (group commit at work) and the relay is SIGKILLed while replies are
     still coming. Every message that got a 250 is in the spool as a complete entry and arrives after
     the restart; the spool never holds a half-written entry."""
-    port = h.free_port()
+    port = netutil.free_port()
     sink = h.RecordingSink()
     relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}").start()
     accepted: list[str] = []
@@ -149,7 +150,8 @@ def test_sigkill_during_concurrent_writes_loses_nothing_that_got_250(tmp_path: p
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
             futures = [pool.submit(one, mk) for mk in markers]
             # Kill once a third of the replies are in: the rest are in flight somewhere.
-            h.wait_until(lambda: sum(f.done() for f in futures) >= 20, 60, 0.01)
+            waiting.wait_until(lambda: sum(f.done() for f in futures) >= 20, within=60, every=0.01,
+                               what='sum(f.done() for f in futures) >= 20')
             relay.kill()
             accepted = [mk for f in futures if (mk := f.result()) is not None]
         assert accepted, "nothing was accepted before the kill"
@@ -159,8 +161,9 @@ def test_sigkill_during_concurrent_writes_loses_nothing_that_got_250(tmp_path: p
             assert any(f"<{mk}@test>".encode() in c for c in spooled), f"{mk} got 250 but is not spooled"
         sink.start(port)
         relay.start()
-        assert h.wait_until(lambda: all(n >= 1 for n in markers_at(sink, accepted).values()), 90)
-        assert h.wait_until(lambda: queue_len(relay) == 0, 30)
+        waiting.wait_until(lambda: all(n >= 1 for n in markers_at(sink, accepted).values()), within=90,
+                           what='all(n >= 1 for n in markers_at(sink, accepted).values())')
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=30, what='queue_len(relay) == 0')
     finally:
         relay.kill()
         sink.stop()
@@ -173,17 +176,18 @@ def test_sigkill_during_concurrent_writes_loses_nothing_that_got_250(tmp_path: p
 def test_upstream_down_then_back_mail_queues_and_is_delivered(tmp_path: pathlib.Path) -> None:
     """The upstream refuses connections: the relay still answers 250, keeps the messages queued (not
     dead-lettered), counts connection errors, and delivers each exactly once when the upstream returns."""
-    port = h.free_port()
+    port = netutil.free_port()
     sink = h.RecordingSink()
     with h.relay(tmp_path, f"127.0.0.1:{port}") as relay:
         markers = [f"down-{i}" for i in range(3)]
         assert send_many(relay, markers) == markers
-        assert h.wait_until(lambda: metric(relay, ATTEMPTS, 'result="connection_error"') >= 2, 20)
+        waiting.wait_until(lambda: metric(relay, ATTEMPTS, 'result="connection_error"') >= 2, within=20,
+                           what='metric(relay, ATTEMPTS, \'result="connection_error"\') >= 2')
         status = relay.status()
         assert status["queue"]["messages"] == 3 and status["dead_letter"]["messages"] == 0
         try:
             sink.start(port)
-            assert h.wait_until(lambda: queue_len(relay) == 0, 60)
+            waiting.wait_until(lambda: queue_len(relay) == 0, within=60, what='queue_len(relay) == 0')
             assert markers_at(sink, markers) == dict.fromkeys(markers, 1)
         finally:
             sink.stop()
@@ -195,8 +199,9 @@ def test_upstream_slow_messages_still_arrive_and_acceptance_does_not_wait(tmp_pa
     with h.RecordingSink(h.SinkBehaviour(delay=0.4)) as sink, h.relay(tmp_path, sink.address) as relay:
         markers = [f"slow-{i}" for i in range(6)]
         assert send_many(relay, markers) == markers
-        assert h.wait_until(lambda: all(n >= 1 for n in markers_at(sink, markers).values()), 90)
-        assert h.wait_until(lambda: queue_len(relay) == 0, 30)
+        waiting.wait_until(lambda: all(n >= 1 for n in markers_at(sink, markers).values()), within=90,
+                           what='all(n >= 1 for n in markers_at(sink, markers).values())')
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=30, what='queue_len(relay) == 0')
         assert relay.status()["dead_letter"]["messages"] == 0
 
 
@@ -216,12 +221,12 @@ def test_upstream_temporary_failures_are_retried_not_lost(
     with h.RecordingSink(behaviour) as sink, h.relay(tmp_path, sink.address) as relay:
         markers = ["temp-a", "temp-b"]
         assert send_many(relay, markers) == markers
-        assert h.wait_until(lambda: failed_attempts(relay) >= 2, 30)
+        waiting.wait_until(lambda: failed_attempts(relay) >= 2, within=30, what='failed_attempts(relay) >= 2')
         status = relay.status()
         assert status["queue"]["messages"] == 2 and status["dead_letter"]["messages"] == 0
         assert markers_at(sink, markers) == {"temp-a": 0, "temp-b": 0}
         behaviour.fail.clear()
-        assert h.wait_until(lambda: queue_len(relay) == 0, 60)
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=60, what='queue_len(relay) == 0')
         assert markers_at(sink, markers) == {"temp-a": 1, "temp-b": 1}
         assert relay.status()["dead_letter"]["messages"] == 0
 
@@ -240,7 +245,8 @@ def test_upstream_permanent_failure_dead_letters_with_reason(
     behaviour = h.SinkBehaviour(fail={verb: reply})
     with h.RecordingSink(behaviour) as sink, h.relay(tmp_path, sink.address) as relay:
         assert send_many(relay, ["perm-1"]) == ["perm-1"]
-        assert h.wait_until(lambda: relay.status()["dead_letter"]["messages"] == 1, 30)
+        waiting.wait_until(lambda: relay.status()["dead_letter"]["messages"] == 1, within=30,
+                           what='relay.status()["dead_letter"]["messages"] == 1')
         assert queue_len(relay) == 0
         dead = h.dead_letters(relay.spool)
         assert len(dead) == 1
@@ -263,7 +269,8 @@ def test_upstream_tls_failure_defers_and_never_falls_back_to_plaintext(
         relay = h.RelayProcess(tmp_path, sink.address, extra=["--upstream-tls", mode]).start()
         try:
             assert send_many(relay, ["tls-1"]) == ["tls-1"]
-            assert h.wait_until(lambda: failed_attempts(relay) >= 2, 30)
+            waiting.wait_until(lambda: failed_attempts(relay) >= 2, within=30,
+                               what='failed_attempts(relay) >= 2')
             status = relay.status()
             assert status["queue"]["messages"] == 1 and status["dead_letter"]["messages"] == 0
             lines, _ = sink.snapshot()
@@ -271,8 +278,9 @@ def test_upstream_tls_failure_defers_and_never_falls_back_to_plaintext(
             relay.kill()
             relay.extra = []
             relay.start()
-            assert h.wait_until(lambda: markers_at(sink, ["tls-1"])["tls-1"] == 1, 30)
-            assert h.wait_until(lambda: queue_len(relay) == 0, 10)
+            waiting.wait_until(lambda: markers_at(sink, ["tls-1"])["tls-1"] == 1, within=30,
+                               what='markers_at(sink, ["tls-1"])["tls-1"] == 1')
+            waiting.wait_until(lambda: queue_len(relay) == 0, within=10, what='queue_len(relay) == 0')
         finally:
             relay.kill()
 
@@ -280,10 +288,11 @@ def test_upstream_tls_failure_defers_and_never_falls_back_to_plaintext(
 def test_queue_lifetime_expiry_dead_letters_with_reason(tmp_path: pathlib.Path) -> None:
     """The upstream stays down longer than --queue-lifetime: the message goes to dead-letter with reason
     "expired" (counted as such), never silently dropped."""
-    port = h.free_port()
+    port = netutil.free_port()
     with h.relay(tmp_path, f"127.0.0.1:{port}", extra=["--queue-lifetime", "2"]) as relay:
         assert send_many(relay, ["expire-1"]) == ["expire-1"]
-        assert h.wait_until(lambda: relay.status()["dead_letter"]["messages"] == 1, 30)
+        waiting.wait_until(lambda: relay.status()["dead_letter"]["messages"] == 1, within=30,
+                           what='relay.status()["dead_letter"]["messages"] == 1')
         (_, reason, content), = h.dead_letters(relay.spool)
         assert "expire" in reason.lower()
         assert b"<expire-1@test>" in content
@@ -331,7 +340,7 @@ def test_spool_disk_full_answers_452_and_keeps_the_spool_intact(tmp_path: pathli
     """The spool's file system fills up (a real 4 MiB tmpfs): a MAIL whose SIZE no longer fits gets
     `452 4.3.1`, a DATA that cannot be written gets `452 4.3.1` (never 250, never a crash), the
     messages already queued stay whole, and once space is back mail flows and everything arrives."""
-    port = h.free_port()
+    port = netutil.free_port()
     sink = h.RecordingSink()
     with small_filesystem(tmp_path / "fs", "4m") as fs:
         relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}", spool=fs / "spool").start()
@@ -358,7 +367,7 @@ def test_spool_disk_full_answers_452_and_keeps_the_spool_intact(tmp_path: pathli
             assert send_many(relay, ["full-after"]) == ["full-after"]
             sink.start(port)
             markers = ["full-before-1", "full-before-2", "full-after"]
-            assert h.wait_until(lambda: queue_len(relay) == 0, 60)
+            waiting.wait_until(lambda: queue_len(relay) == 0, within=60, what='queue_len(relay) == 0')
             assert markers_at(sink, markers) == dict.fromkeys(markers, 1)
             assert markers_at(sink, ["full-during"]) == {"full-during": 0}
         finally:
@@ -374,7 +383,7 @@ def test_drain_that_never_finishes_times_out_and_leftovers_survive(tmp_path: pat
     """The upstream is down, so the queue cannot flush. POST /drain makes the relay draining but never
     `drained`; SIGTERM then exits once --drain-timeout passes, with the messages still in the spool.
     A restart with the upstream back delivers each exactly once."""
-    port = h.free_port()
+    port = netutil.free_port()
     sink = h.RecordingSink()
     relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}", extra=["--drain-timeout", "3"]).start()
     try:
@@ -403,7 +412,7 @@ def test_drain_that_never_finishes_times_out_and_leftovers_survive(tmp_path: pat
         sink.start(port)
         relay.extra = []
         relay.start()
-        assert h.wait_until(lambda: queue_len(relay) == 0, 60)
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=60, what='queue_len(relay) == 0')
         assert markers_at(sink, markers) == dict.fromkeys(markers, 1)
     finally:
         relay.kill()
@@ -446,7 +455,7 @@ def test_a_worker_sigkilled_takes_the_pod_down_and_nothing_is_lost(tmp_path: pat
     """With --workers 2 and the upstream down, six messages get 250; one worker is SIGKILLed. The
     supervisor notices, stops the other worker and exits non-zero (so Kubernetes restarts the pod),
     and a restart with the upstream back delivers each message exactly once."""
-    port = h.free_port()
+    port = netutil.free_port()
     sink = h.RecordingSink()
     relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}", extra=["--workers", "2"]).start()
     try:
@@ -458,12 +467,13 @@ def test_a_worker_sigkilled_takes_the_pod_down_and_nothing_is_lost(tmp_path: pat
         assert relay.proc is not None
         rc = relay.proc.wait(60)
         assert rc != 0, "the supervisor exited 0 after losing a worker"
-        assert h.wait_until(lambda: not _live_children(relay), 30), "workers outlived the supervisor"
+        waiting.wait_until(lambda: not _live_children(relay), within=30,
+                           what="the workers gone with their supervisor")
         assert h.spool_problems(relay.spool) == []
         assert len(h.queue_entries(relay.spool)) == 6
         sink.start(port)
         relay.start()
-        assert h.wait_until(lambda: queue_len(relay) == 0, 60)
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=60, what='queue_len(relay) == 0')
         assert markers_at(sink, markers) == dict.fromkeys(markers, 1)
     finally:
         relay.kill()
@@ -481,13 +491,13 @@ def test_supervisor_sigkilled_alone_its_workers_exit(tmp_path: pathlib.Path) -> 
             os.kill(relay.proc.pid, signal.SIGKILL)
             relay.proc.wait(10)
 
-            orphans_gone = h.wait_until(lambda: not any(_alive(p) for p in workers), 5)
-            assert orphans_gone, "orphaned workers still running"
+            waiting.wait_until(lambda: not any(_alive(p) for p in workers), within=5,
+                               what="the orphaned workers gone")
             # The listener can take one last handshake while the dying workers' sockets are torn down
             # (seen as a zombie worker with a connect() that still succeeds); what must not happen is a
             # listener that stays.
-            stopped_accepting = h.wait_until(lambda: not relay.smtp_ready(), 5)
-            assert stopped_accepting, "orphaned workers still accept SMTP"
+            waiting.wait_until(lambda: not relay.smtp_ready(), within=5,
+                               what="no orphaned worker accepting SMTP")
         finally:
             for p in workers:
                 with contextlib.suppress(OSError):
@@ -508,10 +518,10 @@ def test_upstream_hangs_up_without_a_reply_the_message_is_retried(tmp_path: path
     behaviour = h.SinkBehaviour(drop={verb})
     with h.RecordingSink(behaviour) as sink, h.relay(tmp_path, sink.address) as relay:
         assert send_many(relay, ["hangup-1"]) == ["hangup-1"]
-        assert h.wait_until(lambda: failed_attempts(relay) >= 1, 30)
+        waiting.wait_until(lambda: failed_attempts(relay) >= 1, within=30, what='failed_attempts(relay) >= 1')
         assert relay.status()["dead_letter"]["messages"] == 0
         behaviour.drop.clear()
-        assert h.wait_until(lambda: queue_len(relay) == 0, 60)
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=60, what='queue_len(relay) == 0')
         assert markers_at(sink, ["hangup-1"])["hangup-1"] >= 1
         assert relay.status()["dead_letter"]["messages"] == 0
 
@@ -526,7 +536,7 @@ def test_upstream_closing_pooled_connections_loses_nothing(tmp_path: pathlib.Pat
         for mk in markers:
             assert send_many(relay, [mk]) == [mk]
             time.sleep(0.1)
-        assert h.wait_until(lambda: queue_len(relay) == 0, 60)
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=60, what='queue_len(relay) == 0')
         assert markers_at(sink, markers) == dict.fromkeys(markers, 1)
         assert relay.status()["dead_letter"]["messages"] == 0
 
@@ -551,7 +561,8 @@ def test_spool_io_error_answers_451_and_the_message_is_never_delivered(
         assert relay.alive() and relay.healthy()
         fault_file.write_text("")
         assert send_many(relay, ["io-after"]) == ["io-after"]
-        assert h.wait_until(lambda: markers_at(sink, ["io-after"])["io-after"] == 1, 30)
+        waiting.wait_until(lambda: markers_at(sink, ["io-after"])["io-after"] == 1, within=30,
+                           what='markers_at(sink, ["io-after"])["io-after"] == 1')
         time.sleep(0.5)
         assert markers_at(sink, ["io-error"]) == {"io-error": 0}, "a message answered 451 was delivered"
         assert h.spool_problems(relay.spool) == []
@@ -564,7 +575,7 @@ def test_damaged_spool_files_are_dead_lettered_at_recovery_not_delivered(tmp_pat
     are delivered, and the relay starts normally."""
     from mailrelay_relay import spool
 
-    port = h.free_port()
+    port = netutil.free_port()
     sink = h.RecordingSink()
     relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}").start()
     try:
@@ -584,8 +595,9 @@ def test_damaged_spool_files_are_dead_lettered_at_recovery_not_delivered(tmp_pat
         (relay.spool / "queue" / ("0" * 25 + spool.SUFFIX)).write_bytes(b"\x00garbage\n" * 10)
         sink.start(port)
         relay.start()
-        assert h.wait_until(lambda: queue_len(relay) == 0, 30)
-        assert h.wait_until(lambda: markers_at(sink, ["damaged-ok"])["damaged-ok"] == 1, 30)
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=30, what='queue_len(relay) == 0')
+        waiting.wait_until(lambda: markers_at(sink, ["damaged-ok"])["damaged-ok"] == 1, within=30,
+                           what='markers_at(sink, ["damaged-ok"])["damaged-ok"] == 1')
         time.sleep(0.5)
         assert markers_at(sink, markers[1:]) == {"damaged-truncated": 0, "damaged-flipped": 0}
         dead = h.dead_letters(relay.spool)
@@ -601,7 +613,7 @@ def test_disk_full_when_a_5xx_must_dead_letter_keeps_the_message(tmp_path: pathl
     """The upstream refuses a queued message with 550 while the spool's disk is full, so its dead-letter
     reason cannot be written: the message stays in the queue (never dropped, never half-moved), and once
     there is space again (here: after a restart) it is dead-lettered with its reason."""
-    port = h.free_port()
+    port = netutil.free_port()
     sink = h.RecordingSink(h.SinkBehaviour(fail={"RCPT": b"550 5.1.1 no such user"}))
     with small_filesystem(tmp_path / "fs", "4m") as fs:
         relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}", spool=fs / "spool").start()
@@ -609,7 +621,8 @@ def test_disk_full_when_a_5xx_must_dead_letter_keeps_the_message(tmp_path: pathl
             assert send_many(relay, ["full-5xx"]) == ["full-5xx"]
             filler = fill(fs)
             sink.start(port)
-            assert h.wait_until(lambda: metric(relay, ATTEMPTS, 'result="permanent"') >= 1, 30)
+            waiting.wait_until(lambda: metric(relay, ATTEMPTS, 'result="permanent"') >= 1, within=30,
+                               what='metric(relay, ATTEMPTS, \'result="permanent"\') >= 1')
             time.sleep(0.5)
             assert relay.alive() and relay.healthy()
             entries = h.queue_entries(relay.spool)
@@ -619,7 +632,8 @@ def test_disk_full_when_a_5xx_must_dead_letter_keeps_the_message(tmp_path: pathl
             filler.unlink()
             relay.kill()
             relay.start()
-            assert h.wait_until(lambda: relay.status()["dead_letter"]["messages"] == 1, 30)
+            waiting.wait_until(lambda: relay.status()["dead_letter"]["messages"] == 1, within=30,
+                               what='relay.status()["dead_letter"]["messages"] == 1')
             (_, reason, content), = h.dead_letters(relay.spool)
             assert "550" in reason and b"<full-5xx@test>" in content
             assert queue_len(relay) == 0
@@ -649,7 +663,7 @@ def test_upstream_certificate_not_trusted_defers_and_sends_nothing(tmp_path: pat
     plain = h.RecordingSink()
     try:
         assert send_many(relay, ["untrusted-1"]) == ["untrusted-1"]
-        assert h.wait_until(lambda: failed_attempts(relay) >= 2, 30)
+        waiting.wait_until(lambda: failed_attempts(relay) >= 2, within=30, what='failed_attempts(relay) >= 2')
         status = relay.status()
         assert status["queue"]["messages"] == 1 and status["dead_letter"]["messages"] == 0
         assert tls_sink.count == 0 and tls_sink.messages == []
@@ -658,7 +672,8 @@ def test_upstream_certificate_not_trusted_defers_and_sends_nothing(tmp_path: pat
         plain.start(port)
         relay.extra = []
         relay.start()
-        assert h.wait_until(lambda: markers_at(plain, ["untrusted-1"])["untrusted-1"] == 1, 30)
+        waiting.wait_until(lambda: markers_at(plain, ["untrusted-1"])["untrusted-1"] == 1, within=30,
+                           what='markers_at(plain, ["untrusted-1"])["untrusted-1"] == 1')
     finally:
         relay.kill()
         tls_sink.stop()

@@ -28,9 +28,10 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mailrelay_sandbox import waiting
 
 from tests.conftest import require_tool
-from tests.relay import test_faults_support as h
+from tests.relay import faults_harness as h
 
 EXAMPLES = int(os.environ.get("MAILRELAY_FUZZ_EXAMPLES", "150"))
 HOSTNAME = b"relay.test"
@@ -287,8 +288,8 @@ def test_fuzz_data_is_transparent_or_refused(
         assert final[0].startswith(b"552"), h.text(final)
     else:
         assert final[0].startswith(b"250 2.0.0 Ok: queued as"), h.text(final)
-        arrived_at_sink = h.wait_until(lambda: bool(target.sink.bodies_containing(marker)), 30)
-        assert arrived_at_sink, "accepted, never arrived"
+        waiting.wait_until(lambda: bool(target.sink.bodies_containing(marker)), within=30,
+                           what="the accepted message at the sink")
         (arrived,) = target.sink.bodies_containing(marker)
         assert arrived.data == expected_content
 
@@ -300,7 +301,8 @@ def test_fuzz_aftermath_spool_intact_and_nothing_lost(target: Target) -> None:
         pytest.skip("runs after the fuzz properties in this module")
     check_target(target)
     relay = target.relay
-    assert h.wait_until(lambda: relay.status()["queue"]["messages"] == 0, 60)
+    waiting.wait_until(lambda: relay.status()["queue"]["messages"] == 0, within=60,
+                       what='relay.status()["queue"]["messages"] == 0')
     assert h.spool_problems(relay.spool) == []
     assert list((relay.spool / "queue").iterdir()) == []
     assert list((relay.spool / "tmp").iterdir()) == [], "half-written files left behind"

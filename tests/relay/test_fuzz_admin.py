@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.relay import test_faults_support as h
+from tests.relay import faults_harness as h
 
 EXAMPLES = int(os.environ.get("MAILRELAY_FUZZ_EXAMPLES", "150"))
 TOKEN = "fuzz-admin-token-0123456789"

@@ -11,10 +11,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from mailrelay_sandbox import relayproc
+from mailrelay_sandbox import relayproc, waiting
 from mailrelay_sandbox import sink as sinkmod
 
-from tests.relay.relay_harness import HOSTNAME, Wire, message, start_relay, wait_until
+from tests.relay.relay_harness import HOSTNAME, Wire, message, start_relay
 
 ARGS = ["--max-message-size", "200000", "--data-timeout", "2", "--command-timeout", "30",
         "--max-sessions", "50", "--log-level", "debug"]
@@ -151,7 +151,8 @@ def test_thousand_recipients_pipelined(wire: Wire, sink: sinkmod.Sink) -> None:
     msg_id, content = message("many")
     wire.send(content + b".\r\n")
     assert wire.reply()[0] == 250
-    assert wait_until(lambda: any(msg_id.encode() in m.content for m in sink.messages))
+    waiting.wait_until(lambda: any(msg_id.encode() in m.content for m in sink.messages),
+                       what='any(msg_id.encode() in m.content for m in sink.messages)')
     got = next(m for m in sink.messages if msg_id.encode() in m.content)
     assert len(got.rcpt_tos) == 100
 
@@ -218,8 +219,9 @@ def test_many_connections_that_vanish(relay: relayproc.RelayProcess) -> None:
         if n % 3 == 0:
             w.send(b"EHLO x\r\nMAIL FROM:<a@client.test>\r\n")
         w.close()
-    assert wait_until(lambda: relay.status()["sessions"] == 0)
-    assert wait_until(lambda: relay.status()["inflight_bytes"] == 0)
+    waiting.wait_until(lambda: relay.status()["sessions"] == 0, what='relay.status()["sessions"] == 0')
+    waiting.wait_until(lambda: relay.status()["inflight_bytes"] == 0,
+                       what='relay.status()["inflight_bytes"] == 0')
 
 
 def test_log_never_contains_content(relay: relayproc.RelayProcess, tmp_path: pathlib.Path) -> None:

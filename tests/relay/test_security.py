@@ -19,10 +19,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from mailrelay_sandbox import kubelet
+from mailrelay_sandbox import kubelet, waiting
 
 from tests.conftest import missing, require_tool
-from tests.relay import test_faults_support as h
+from tests.relay import faults_harness as h
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -42,9 +42,9 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[h.Recordi
         yield s, r
 
 
-def settled(relay: h.RelayProcess, timeout: float = 30) -> bool:
-    """True once the relay's queue is empty (everything delivered or dead-lettered)."""
-    return h.wait_until(lambda: relay.status()["queue"]["messages"] == 0, timeout, 0.1)
+def settle(relay: h.RelayProcess, what: str, within: float = 30) -> None:
+    """Wait until the relay's queue is empty (everything delivered or dead-lettered)."""
+    waiting.wait_until(lambda: relay.status()["queue"]["messages"] == 0, within=within, every=0.1, what=what)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,7 +94,7 @@ def test_open_relay_client_outside_accept_from_gets_554_for_any_domain(
         # An insider relays to the same foreign domain.
         ok = h.send_one(relay.host, relay.port, "insider-ok", source="127.0.0.2", rcpt="victim@example.net")
         assert h.first_code(ok) == 250, h.text(ok)
-        assert sink.wait_messages(1, 30)
+        sink.wait_messages(1, within=30)
         _, messages = sink.snapshot()
         assert len(messages) == 1 and b"insider-ok" in messages[0].data
         assert not sink.bodies_containing(b"spam")
@@ -247,7 +247,7 @@ def test_crlf_injection_never_reaches_the_upstream_as_a_command(
             h.check_reply(r, enhanced=True)
     accepted = h.first_code(final) == 250
     if accepted:
-        assert settled(relay), "an accepted hostile message is neither delivered nor dead-lettered"
+        settle(relay, "every accepted hostile message delivered or dead-lettered")
     time.sleep(0.3)
     lines, messages = sink.snapshot()
     for line in lines:
@@ -285,7 +285,7 @@ def test_header_injection_through_helo_name_is_not_possible(
             final = c.reply()
         c.cmd("QUIT")
     if h.first_code(final) == 250:
-        assert settled(relay)
+        settle(relay, "an empty queue")
         assert sink.bodies_containing(b"helo-injection") or h.dead_letters(relay.spool)
     for m in sink.snapshot()[1]:
         for header_line in m.data.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
@@ -424,7 +424,8 @@ def test_starttls_handshake_garbage_or_silence_ends_the_session(
             c.cmd("EHLO client.test")
             assert h.first_code(c.cmd("STARTTLS")) == 220
             assert c.wait_closed(20), "a silent TLS handshake was never cut off"
-        assert h.wait_until(lambda: relay.status()["sessions"] == 0, 10)
+        waiting.wait_until(lambda: relay.status()["sessions"] == 0, within=10,
+                           what='relay.status()["sessions"] == 0')
         ok = h.send_one(relay.host, relay.port, "after-tls-abuse")
         assert h.first_code(ok) == 250, h.text(ok)
         lines, _ = sink.snapshot()
@@ -451,7 +452,8 @@ def test_connection_flood_beyond_the_cap_gets_421_and_the_relay_recovers(
             assert h.first_code(c.reply()) == 220
             held.append(c)
         # Give the relay a moment to account every session (some relays count after the greeting).
-        h.wait_until(lambda: relay.status()["sessions"] >= cap, 10)
+        waiting.wait_until(lambda: relay.status()["sessions"] >= cap, within=10,
+                           what='relay.status()["sessions"] >= cap')
         refused = 0
         for _ in range(40):
             with h.RawClient(relay.host, relay.port, timeout=15) as c:
@@ -464,7 +466,8 @@ def test_connection_flood_beyond_the_cap_gets_421_and_the_relay_recovers(
         assert relay.healthy()
         for c in held:
             c.close()
-        assert h.wait_until(lambda: relay.status()["sessions"] == 0, 15)
+        waiting.wait_until(lambda: relay.status()["sessions"] == 0, within=15,
+                           what='relay.status()["sessions"] == 0')
         ok = h.send_one(relay.host, relay.port, "after-flood")
         assert h.first_code(ok) == 250, h.text(ok)
         assert refused == 40
@@ -599,8 +602,8 @@ def test_slow_reader_is_cut_off_by_the_command_deadline(
                     sent += s.send(payload[sent:sent + 65536])
                 except BlockingIOError:
                     time.sleep(0.05)
-            assert h.wait_until(lambda: relay.status()["sessions"] == 0, 6), \
-                "a client that never reads its replies still holds a session"
+            waiting.wait_until(lambda: relay.status()["sessions"] == 0, within=6,
+                               what="the session of a client that never reads its replies cut off")
         finally:
             s.close()
 

@@ -10,11 +10,11 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from mailrelay_sandbox import relayproc
+from mailrelay_sandbox import relayproc, waiting
 from mailrelay_sandbox import sink as sinkmod
 
 from tests.conftest import require_tool
-from tests.relay.relay_harness import HOSTNAME, Wire, message, start_relay, wait_until
+from tests.relay.relay_harness import HOSTNAME, Wire, message, start_relay
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,8 @@ def test_starttls_with_smtplib(relay: relayproc.RelayProcess, sink: sinkmod.Sink
         assert not client.has_extn("starttls")  # not offered twice
         assert client.sock is not None and isinstance(client.sock, ssl.SSLSocket)
         client.sendmail("a@client.test", ["b@dest.test"], content)
-    assert wait_until(lambda: any(msg_id.encode() in m.content for m in sink.messages))
+    waiting.wait_until(lambda: any(msg_id.encode() in m.content for m in sink.messages),
+                       what='any(msg_id.encode() in m.content for m in sink.messages)')
 
 
 def test_starttls_discards_pipelined_plaintext(relay: relayproc.RelayProcess,

@@ -12,11 +12,11 @@ from collections.abc import Iterator
 
 import aiosmtplib
 import pytest
-from mailrelay_sandbox import relayproc
+from mailrelay_sandbox import relayproc, waiting
 from mailrelay_sandbox import sink as sinkmod
 
 from tests.conftest import require_tool
-from tests.relay.relay_harness import HOSTNAME, Wire, message, start_relay, wait_until
+from tests.relay.relay_harness import HOSTNAME, Wire, message, start_relay
 
 MAX_SIZE = 100_000
 ARGS = [
@@ -73,7 +73,7 @@ def test_queued_message_is_delivered(wire: Wire, sink: sinkmod.Sink) -> None:
     wire.send(content + b".\r\n")
     code, lines = wire.reply()
     assert code == 250 and lines[0].startswith("2.0.0 Ok: queued as ")
-    assert wait_until(lambda: delivered(sink, msg_id))
+    waiting.wait_until(lambda: delivered(sink, msg_id), what='delivered(sink, msg_id)')
     got = next(m for m in sink.messages if msg_id.encode() in m.content)
     assert got.mail_from == "a@client.test" and got.rcpt_tos == ("b@dest.test",)
     # dot-stuffing undone on the way in, redone by the delivery client: the upstream sees one dot
@@ -98,7 +98,7 @@ def test_a_half_closed_client_still_gets_its_replies(wire: Wire, sink: sinkmod.S
     if quit_too:
         assert wire.reply() == (221, ["2.0.0 Bye"])
     assert wire.closed()
-    assert wait_until(lambda: delivered(sink, msg_id))
+    waiting.wait_until(lambda: delivered(sink, msg_id), what='delivered(sink, msg_id)')
     assert sum(1 for m in sink.messages if msg_id.encode() in m.content) == 1
 
 
@@ -173,15 +173,17 @@ def test_inflight_bytes_455_and_smaller_passes(relay: relayproc.RelayProcess) ->
         assert relay.status()["inflight_bytes"] == 250000
         assert first.line("RSET") == "250 2.0.0 Ok"
         second.close()
-        assert wait_until(lambda: relay.status()["inflight_bytes"] == 50000)
+        waiting.wait_until(lambda: relay.status()["inflight_bytes"] == 50000,
+                           what='relay.status()["inflight_bytes"] == 50000')
     finally:
         for w in sessions:
             w.close()
-    assert wait_until(lambda: relay.status()["inflight_bytes"] == 0)
+    waiting.wait_until(lambda: relay.status()["inflight_bytes"] == 0,
+                       what='relay.status()["inflight_bytes"] == 0')
 
 
 def test_session_cap_421_at_greeting(relay: relayproc.RelayProcess) -> None:
-    assert wait_until(lambda: relay.status()["sessions"] == 0)
+    waiting.wait_until(lambda: relay.status()["sessions"] == 0, what='relay.status()["sessions"] == 0')
     open_ = [Wire(relay.smtp_address, source="127.0.0.1") for _ in range(4)]
     try:
         refused = Wire(relay.smtp_address, source="127.0.0.1")
@@ -191,7 +193,7 @@ def test_session_cap_421_at_greeting(relay: relayproc.RelayProcess) -> None:
     finally:
         for w in open_:
             w.close()
-    assert wait_until(lambda: relay.status()["sessions"] == 0)
+    waiting.wait_until(lambda: relay.status()["sessions"] == 0, what='relay.status()["sessions"] == 0')
     assert Wire(relay.smtp_address, source="127.0.0.1").greeting[0] == 220  # type: ignore[index]
 
 
@@ -236,7 +238,7 @@ def test_spool_failure_at_end_of_data(wire: Wire, relay: relayproc.RelayProcess,
     ok_id, ok_content = message()
     wire.send(ok_content + b".\r\n")
     assert wire.reply()[0] == 250
-    assert wait_until(lambda: delivered(sink, ok_id))
+    waiting.wait_until(lambda: delivered(sink, ok_id), what='delivered(sink, ok_id)')
     assert not delivered(sink, msg_id)
 
 
@@ -269,7 +271,8 @@ def test_smtplib_aiosmtplib_and_swaks_clients(relay: relayproc.RelayProcess, sin
     assert result.returncode == 0, result.stdout + result.stderr
     assert "<~  250 2.0.0 Ok: queued as " in result.stdout or "<-  250 2.0.0 Ok: queued as " in result.stdout
     ids.append(msg_id3)
-    assert wait_until(lambda: all(delivered(sink, i) for i in ids))
+    waiting.wait_until(lambda: all(delivered(sink, i) for i in ids),
+                       what='all(delivered(sink, i) for i in ids)')
 
 
 def test_idle_command_timeout_421(relay: relayproc.RelayProcess) -> None:

@@ -28,32 +28,18 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+from mailrelay_sandbox import netutil, waiting
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 RELAY_BIN = pathlib.Path(sys.executable).with_name("mailrelay-relay")
 
 REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -])(.*)$", re.DOTALL)
 ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,8 +263,9 @@ class RecordingSink:
         with self._lock:
             return list(self.lines), list(self.messages)
 
-    def wait_messages(self, n: int, timeout: float) -> bool:
-        return wait_until(lambda: len(self.snapshot()[1]) >= n, timeout)
+    def wait_messages(self, n: int, within: float) -> None:
+        waiting.wait_until(lambda: len(self.snapshot()[1]) >= n, within=within,
+                           what=f"{n} messages at the recording sink")
 
     def bodies_containing(self, marker: bytes) -> list[SinkMessage]:
         return [m for m in self.snapshot()[1] if marker in m.data]
@@ -396,8 +383,8 @@ class RelayProcess:
         self.tmp = tmp
         self.host = host  # admin API (and SMTP unless smtp_host is given)
         self.smtp_host = smtp_host or host
-        self.port = free_port(self.smtp_host)
-        self.admin_port = free_port(host)
+        self.port = netutil.free_port(self.smtp_host)
+        self.admin_port = netutil.free_port(host)
         self.spool = spool or (tmp / "spool")
         self.token = token
         self.upstream = upstream
@@ -432,10 +419,11 @@ class RelayProcess:
         log.close()
         self.starts += 1
         if wait:
-            ok = wait_until(lambda: self.healthy() or not self.alive(), 60, 0.1)
-            if not ok or not self.alive():
+            waiting.wait_until(lambda: self.healthy() or not self.alive(), within=60, every=0.1,
+                               what="the relay healthy")
+            if not self.alive():
                 raise RuntimeError(f"relay did not start; log:\n{self.log()[-3000:]}")
-            wait_until(self.smtp_ready, 30, 0.05)
+            waiting.wait_until(self.smtp_ready, within=30, what="the relay's SMTP port")
         return self
 
     def smtp_ready(self) -> bool:
