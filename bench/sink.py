@@ -14,9 +14,9 @@ import subprocess
 import threading
 import time
 
-from mailrelay_sandbox import netutil
+from mailrelay_sandbox import netutil, proctree
 
-from bench import procs, stats, workdir
+from bench import stats, workdir
 
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 
@@ -94,7 +94,7 @@ class Sink:
 
     def stop(self) -> None:
         if self.proc is not None:
-            procs.stop(self.proc)
+            proctree.stop(self.proc)
             self.proc = None
 
     def __enter__(self) -> Sink:

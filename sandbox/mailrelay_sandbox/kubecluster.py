@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from mailrelay_sandbox import apiclient, netutil
+from mailrelay_sandbox import apiclient, netutil, waiting
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
@@ -285,11 +285,7 @@ class Cluster:
         return True
 
     def wait(self, check: Any, *, within: float = 60.0, what: str = "condition") -> None:
-        deadline = time.monotonic() + within
-        while not check():
-            if time.monotonic() > deadline:
-                raise ClusterError(f"timed out after {within:.0f}s waiting for {what}")
-            time.sleep(0.1)
+        waiting.wait_until(check, within=within, every=0.1, what=what)
 
     # -- etcd -------------------------------------------------------------------------------------------
     def compact_etcd(self) -> int:

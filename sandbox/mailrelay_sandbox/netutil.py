@@ -1,7 +1,7 @@
 """Loopback sockets for the sandbox, the tests and the benchmark: a free port, and waiting until an SMTP
 server greets.
 
-What it is for: the one `free_port` and the one `wait_for_greeting` every harness uses, so that a
+What it is for: the one `free_port`, `accepts` and `wait_for_greeting` every harness uses, so that a
 server started on a port found here is waited for the same way everywhere.
 
 What it must not do: bind anything but the address it is given (loopback in practice), or keep a socket
@@ -25,6 +25,15 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def accepts(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Something accepts TCP connections on host:port right now (the connection is closed at once)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def wait_for_greeting(host: str, port: int, *, timeout: float = 60.0,

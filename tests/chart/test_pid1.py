@@ -25,12 +25,12 @@ import pytest
 import yaml
 from mailrelay_sandbox import netutil
 
-from tests.chart.test_images import _instruction, _stages
+from tests.chart import dockerfile
 from tests.conftest import missing, require_tool
 
 
 def _relay_entrypoint() -> list[str]:
-    (entrypoint,) = _instruction(_stages()["relay"], "ENTRYPOINT")
+    (entrypoint,) = dockerfile.instruction(dockerfile.stages()["relay"], "ENTRYPOINT")
     argv = list(yaml.safe_load(entrypoint))
     assert argv[0] == "/usr/bin/tini" and argv[-1] == "mailrelay-relay"
     return argv

@@ -15,7 +15,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
-from mailrelay_sandbox import loadgen, netutil
+from mailrelay_sandbox import loadgen, netutil, waiting
 
 from tests.conftest import require_tool
 
@@ -52,13 +52,8 @@ async def smtp_sink(*flags: str) -> AsyncIterator[loadgen.Endpoint]:
     port = netutil.free_port()
     proc = await asyncio.create_subprocess_exec(tool, "-u", "nobody", *flags, f"127.0.0.1:{port}", "100")
     try:
-        for _ in range(100):
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
+        await waiting.eventually(lambda: netutil.accepts("127.0.0.1", port), within=30, every=0.05,
+                                 what="smtp-sink listening")
         yield loadgen.Endpoint("127.0.0.1", port)
     finally:
         proc.terminate()
@@ -87,7 +82,7 @@ async def test_a_421_is_shedding_not_a_reset_and_the_message_is_kept() -> None:
         gen = loadgen.LoadGenerator(lambda: [endpoint])
         gen.enqueue(5)
         gen.set_load(0, 2)
-        await asyncio.sleep(1.5)
+        await waiting.eventually(lambda: gen.counters.refused_421 >= 2, every=0.05, what="two 421 replies")
         await gen.close()
     assert gen.counters.refused_421 >= 2
     assert gen.counters.sessions_reset == 0
@@ -102,7 +97,8 @@ async def test_a_dropped_connection_counts_as_a_reset_and_the_message_is_retried
         gen = loadgen.LoadGenerator(lambda: [endpoint])
         gen.enqueue(3)
         gen.set_load(0, 1)
-        await asyncio.sleep(1.5)
+        await waiting.eventually(lambda: gen.counters.sessions_reset >= 2, every=0.05,
+                                 what="two sessions reset")
         await gen.close()
     assert gen.counters.sessions_reset >= 2
     assert gen.counters.refused_421 == 0
@@ -115,7 +111,8 @@ async def test_no_endpoint_means_waiting_not_failing() -> None:
     gen = loadgen.LoadGenerator(lambda: [])
     gen.enqueue(1)
     gen.set_load(0, 1)
-    await asyncio.sleep(0.5)
+    await waiting.eventually(lambda: gen.counters.no_endpoint_waits >= 2, every=0.05,
+                             what="two waits for an endpoint")
     await gen.close()
     assert gen.counters.no_endpoint_waits >= 2
     assert gen.counters.connect_errors == 0

@@ -21,10 +21,10 @@ from typing import Any
 import aiosmtpd.smtp
 import pytest
 from mailrelay_relay import config, podstate, policy, smtp, spool
-from mailrelay_sandbox import relayproc, waiting
+from mailrelay_sandbox import relayproc, smtpwire, waiting
 from mailrelay_sandbox import sink as sinkmod
 
-from tests.relay.relay_harness import Wire, start_relay
+from tests.relay.relay_harness import start_relay
 
 
 class _Handler:
@@ -91,7 +91,7 @@ def relay(tmp_path_factory: pytest.TempPathFactory, sink: sinkmod.Sink) -> Itera
 def _send(relay: relayproc.RelayProcess, wire_data: bytes, *, piece: int = 0) -> tuple[int, list[str]]:
     """One transaction whose DATA content is `wire_data` (dot-stuffed, ending with CRLF . CRLF), sent
     whole or in pieces of `piece` bytes; returns the reply to the end of DATA."""
-    w = Wire(relay.smtp_address)
+    w = smtpwire.Wire(relay.smtp_address)
     try:
         w.ehlo()
         assert w.cmd("MAIL FROM:<a@client.test>")[0] == 250

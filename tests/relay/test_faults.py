@@ -20,19 +20,19 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from mailrelay_sandbox import netutil, waiting
+from mailrelay_sandbox import netutil, relayproc, smtpwire, waiting
 
 from tests.relay import faults_harness as h
+from tests.relay import relay_harness
 
 pytestmark = pytest.mark.timeout(150)
 
 
-def metric(relay: h.RelayProcess, name: str, labels: str = "") -> float:
+def metric(relay: relayproc.RelayProcess, name: str, labels: str = "") -> float:
     """The value of one sample on /metrics (0 when absent)."""
-    _, body = relay.http("GET", "/metrics")
-    pattern = re.compile(rb"^" + re.escape(name.encode() + (b"{" + labels.encode() + b"}" if labels else b""))
-                         + rb" ([0-9.e+-]+)$", re.M)
-    m = pattern.search(body)
+    pattern = re.compile("^" + re.escape(name + ("{" + labels + "}" if labels else ""))
+                         + " ([0-9.e+-]+)$", re.M)
+    m = pattern.search(relay.metrics())
     return float(m.group(1)) if m else 0.0
 
 
@@ -42,11 +42,11 @@ def markers_at(sink: h.RecordingSink, markers: list[str]) -> dict[str, int]:
     return {mk: sum(1 for m in messages if f"Message-ID: <{mk}@test>".encode() in m.data) for mk in markers}
 
 
-def send_many(relay: h.RelayProcess, markers: list[str]) -> list[str]:
+def send_many(relay: relayproc.RelayProcess, markers: list[str]) -> list[str]:
     """Send one message per marker, sequentially; return the markers that got 250."""
     accepted = []
     for mk in markers:
-        r = h.send_one(relay.host, relay.port, mk)
+        r = h.send_one(relay.smtp_address, mk)
         if h.first_code(r) == 250:
             assert r is not None and r[0].startswith(b"250 2.0.0"), h.text(r)
             accepted.append(mk)
@@ -56,13 +56,13 @@ def send_many(relay: h.RelayProcess, markers: list[str]) -> list[str]:
 ATTEMPTS = "mailrelay_relay_delivery_attempts_total"
 
 
-def failed_attempts(relay: h.RelayProcess) -> float:
+def failed_attempts(relay: relayproc.RelayProcess) -> float:
     """Delivery attempts that failed temporarily or could not connect."""
     temporary = metric(relay, ATTEMPTS, 'result="temporary"')
     return temporary + metric(relay, ATTEMPTS, 'result="connection_error"')
 
 
-def queue_len(relay: h.RelayProcess) -> int:
+def queue_len(relay: relayproc.RelayProcess) -> int:
     return int(relay.status()["queue"]["messages"])
 
 
@@ -74,26 +74,21 @@ def test_sigkill_mid_data_owes_nothing_and_leaves_no_partial_entry(tmp_path: pat
     """Killed while a client is in the middle of DATA: the client never sees a 250 (nothing is owed),
     the spool holds no entry for the partial message, and after a restart nothing of it is delivered."""
     with h.RecordingSink() as sink:
-        relay = h.RelayProcess(tmp_path, sink.address).start()
+        relay = h.relay_process(tmp_path, sink.address).start()
         try:
-            c = h.RawClient(relay.host, relay.port, timeout=20)
-            c.reply()
-            c.cmd("EHLO client.test")
-            assert h.first_code(c.cmd("MAIL FROM:<a@example.org>")) == 250
-            assert h.first_code(c.cmd("RCPT TO:<b@example.net>")) == 250
-            assert h.first_code(c.cmd("DATA")) == 354
+            c = smtpwire.Wire(relay.smtp_address, greet=False, timeout=20)
+            h.start_data(c)
             c.send(b"Message-ID: <partial@test>\r\nSubject: partial\r\n\r\n" + (b"x" * 998 + b"\r\n") * 600)
             time.sleep(0.5)
             relay.kill()
             with contextlib.suppress(OSError):
                 c.send(b"more\r\n.\r\n")
-            assert c.reply() is None, "a killed relay cannot have answered"
+            assert c.reply_lines() is None, "a killed relay cannot have answered"
             c.close()
             assert h.spool_problems(relay.spool) == []
             assert h.queue_entries(relay.spool) == []
             relay.start()
-            time.sleep(1.0)
-            assert queue_len(relay) == 0
+            relay_harness.sentinel(relay, lambda msg_id: bool(sink.bodies_containing(msg_id)))
             assert list((relay.spool / "tmp").iterdir()) == [], "recovery left temporary files"
             assert markers_at(sink, ["partial"]) == {"partial": 0}
         finally:
@@ -108,7 +103,7 @@ def test_sigkill_right_after_250_the_message_arrives_after_restart(
     the last one. After a restart, with the upstream back, every one arrives exactly once."""
     port = netutil.free_port()
     sink = h.RecordingSink()
-    relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}", extra=["--workers", str(workers)]).start()
+    relay = h.relay_process(tmp_path, f"127.0.0.1:{port}", extra=["--workers", str(workers)]).start()
     try:
         markers = [f"kill-after-250-{i}" for i in range(10)]
         accepted = send_many(relay, markers)
@@ -133,7 +128,7 @@ def test_sigkill_during_concurrent_writes_loses_nothing_that_got_250(tmp_path: p
     the restart; the spool never holds a half-written entry."""
     port = netutil.free_port()
     sink = h.RecordingSink()
-    relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}").start()
+    relay = h.relay_process(tmp_path, f"127.0.0.1:{port}").start()
     accepted: list[str] = []
     try:
         markers = [f"concurrent-{i}" for i in range(60)]
@@ -142,7 +137,7 @@ def test_sigkill_during_concurrent_writes_loses_nothing_that_got_250(tmp_path: p
         def one(mk: str) -> str | None:
             body = (f"Message-ID: <{mk}@test>\r\nSubject: {mk}\r\n\r\n".encode() + body_pad * 40)
             with contextlib.suppress(OSError, h.MalformedReply):
-                r = h.send_one(relay.host, relay.port, mk, body=body)
+                r = h.send_one(relay.smtp_address, mk, body=body)
                 if h.first_code(r) == 250:
                     return mk
             return None
@@ -266,7 +261,7 @@ def test_upstream_tls_failure_defers_and_never_falls_back_to_plaintext(
     dead-lettered, not lost) and the relay never sends the envelope in plaintext. Restarted with TLS
     off, the relay delivers it."""
     with h.RecordingSink(h.SinkBehaviour(advertise_starttls=advertise)) as sink:
-        relay = h.RelayProcess(tmp_path, sink.address, extra=["--upstream-tls", mode]).start()
+        relay = h.relay_process(tmp_path, sink.address, extra=["--upstream-tls", mode]).start()
         try:
             assert send_many(relay, ["tls-1"]) == ["tls-1"]
             waiting.wait_until(lambda: failed_attempts(relay) >= 2, within=30,
@@ -276,7 +271,7 @@ def test_upstream_tls_failure_defers_and_never_falls_back_to_plaintext(
             lines, _ = sink.snapshot()
             assert not any(x.upper().startswith((b"MAIL", b"RCPT", b"DATA")) for x in lines), lines
             relay.kill()
-            relay.extra = []
+            relay.extra_args = []
             relay.start()
             waiting.wait_until(lambda: markers_at(sink, ["tls-1"])["tls-1"] == 1, within=30,
                                what='markers_at(sink, ["tls-1"])["tls-1"] == 1')
@@ -343,22 +338,22 @@ def test_spool_disk_full_answers_452_and_keeps_the_spool_intact(tmp_path: pathli
     port = netutil.free_port()
     sink = h.RecordingSink()
     with small_filesystem(tmp_path / "fs", "4m") as fs:
-        relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}", spool=fs / "spool").start()
+        relay = h.relay_process(tmp_path, f"127.0.0.1:{port}", spool=fs / "spool").start()
         try:
             assert send_many(relay, ["full-before-1", "full-before-2"]) == ["full-before-1", "full-before-2"]
             filler = fill(fs)
             # The relay reuses a free-space reading for up to spool.FREE_MAX_AGE (0.1 s); within that
             # window a MAIL may still pass, and its DATA then gets the 452 checked below.
             time.sleep(0.5)
-            with h.RawClient(relay.host, relay.port) as c:
-                c.reply()
-                c.cmd("EHLO client.test")
-                r = c.cmd("MAIL FROM:<a@example.org> SIZE=200000")
+            with smtpwire.Wire(relay.smtp_address, greet=False) as c:
+                c.reply_lines()
+                c.cmd_lines("EHLO client.test")
+                r = c.cmd_lines("MAIL FROM:<a@example.org> SIZE=200000")
                 assert r is not None and r[0].startswith(b"452 4.3.1"), h.text(r)
             body = b"Message-ID: <full-during@test>\r\n\r\n" + (b"z" * 998 + b"\r\n") * 300
-            r = h.send_one(relay.host, relay.port, "full-during", body=body)
+            r = h.send_one(relay.smtp_address, "full-during", body=body)
             assert r is not None and r[0].startswith(b"452 4.3.1"), h.text(r)
-            assert relay.alive() and relay.healthy()
+            assert relay.running and relay.healthy()
             assert h.spool_problems(relay.spool) == []
             entries = h.queue_entries(relay.spool)
             assert len(entries) == 2 and not any(b"full-during" in e[2] for e in entries)
@@ -385,32 +380,32 @@ def test_drain_that_never_finishes_times_out_and_leftovers_survive(tmp_path: pat
     A restart with the upstream back delivers each exactly once."""
     port = netutil.free_port()
     sink = h.RecordingSink()
-    relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}", extra=["--drain-timeout", "3"]).start()
+    relay = h.relay_process(tmp_path, f"127.0.0.1:{port}", extra=["--drain-timeout", "3"]).start()
     try:
         markers = [f"drain-left-{i}" for i in range(3)]
         assert send_many(relay, markers) == markers
-        code, _ = relay.http("POST", "/drain", token=relay.token)
+        code, _ = relay.request("POST", "/drain")
         assert code == 200
-        time.sleep(1)
+        waiting.wait_until(lambda: relay.status()["draining"] is True, what="the relay draining")
         status = relay.status()
         assert status["draining"] is True and status["drained"] is False
         assert status["queue"]["messages"] == 3
-        with h.RawClient(relay.host, relay.port) as c:
-            r = c.reply()
+        with smtpwire.Wire(relay.smtp_address, greet=False) as c:
+            r = c.reply_lines()
             assert r is not None and r[0].startswith(b"421 4.3.2"), h.text(r)
-        assert relay.proc is not None
-        relay.signal(signal.SIGTERM)
+        assert relay.process is not None
+        relay.signal_group(signal.SIGTERM)
         started = time.monotonic()
-        rc = relay.proc.wait(60)
+        rc = relay.process.wait(60)
         elapsed = time.monotonic() - started
-        assert rc == 0, f"exit code {rc}; log:\n{relay.log()[-2000:]}"
+        assert rc == 0, f"exit code {rc}; log:\n{relay.log_text()[-2000:]}"
         assert elapsed < 45
-        log = relay.log()
+        log = relay.log_text()
         assert '"drain.timeout"' in log and '"relay.stopped_with_queue"' in log, log[-2000:]
         assert h.spool_problems(relay.spool) == []
         assert len(h.queue_entries(relay.spool)) == 3
         sink.start(port)
-        relay.extra = []
+        relay.extra_args = []
         relay.start()
         waiting.wait_until(lambda: queue_len(relay) == 0, within=60, what='queue_len(relay) == 0')
         assert markers_at(sink, markers) == dict.fromkeys(markers, 1)
@@ -423,7 +418,7 @@ def test_sigterm_with_a_flushable_queue_delivers_before_exit(tmp_path: pathlib.P
     """Control for the case above: when the upstream is up, SIGTERM flushes the queue and exits 0 with
     an empty spool queue."""
     with h.RecordingSink(h.SinkBehaviour(delay=0.05)) as sink:
-        relay = h.RelayProcess(tmp_path, sink.address, extra=["--drain-timeout", "30"]).start()
+        relay = h.relay_process(tmp_path, sink.address, extra=["--drain-timeout", "30"]).start()
         try:
             markers = [f"flush-{i}" for i in range(5)]
             assert send_many(relay, markers) == markers
@@ -446,9 +441,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _live_children(relay: h.RelayProcess) -> list[int]:
-    assert relay.proc is not None
-    return [pid for pid in h._process_tree(relay.proc.pid)[1:] if _alive(pid)]
+def _live_children(relay: relayproc.RelayProcess) -> list[int]:
+    return [pid for pid in relay.pids()[1:] if _alive(pid)]
 
 
 def test_a_worker_sigkilled_takes_the_pod_down_and_nothing_is_lost(tmp_path: pathlib.Path) -> None:
@@ -457,15 +451,15 @@ def test_a_worker_sigkilled_takes_the_pod_down_and_nothing_is_lost(tmp_path: pat
     and a restart with the upstream back delivers each message exactly once."""
     port = netutil.free_port()
     sink = h.RecordingSink()
-    relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}", extra=["--workers", "2"]).start()
+    relay = h.relay_process(tmp_path, f"127.0.0.1:{port}", extra=["--workers", "2"]).start()
     try:
         markers = [f"worker-kill-{i}" for i in range(6)]
         assert send_many(relay, markers) == markers
         workers = _live_children(relay)
         assert len(workers) >= 2, workers
         os.kill(workers[0], signal.SIGKILL)
-        assert relay.proc is not None
-        rc = relay.proc.wait(60)
+        assert relay.process is not None
+        rc = relay.process.wait(60)
         assert rc != 0, "the supervisor exited 0 after losing a worker"
         waiting.wait_until(lambda: not _live_children(relay), within=30,
                            what="the workers gone with their supervisor")
@@ -483,20 +477,20 @@ def test_a_worker_sigkilled_takes_the_pod_down_and_nothing_is_lost(tmp_path: pat
 def test_supervisor_sigkilled_alone_its_workers_exit(tmp_path: pathlib.Path) -> None:
     """Only the supervisor is SIGKILLed: its workers must not live on as orphans serving SMTP."""
     with h.RecordingSink() as sink:
-        relay = h.RelayProcess(tmp_path, sink.address, extra=["--workers", "2"]).start()
+        relay = h.relay_process(tmp_path, sink.address, extra=["--workers", "2"]).start()
         try:
             workers = _live_children(relay)
             assert len(workers) >= 2
-            assert relay.proc is not None
-            os.kill(relay.proc.pid, signal.SIGKILL)
-            relay.proc.wait(10)
+            assert relay.process is not None
+            os.kill(relay.process.pid, signal.SIGKILL)
+            relay.process.wait(10)
 
             waiting.wait_until(lambda: not any(_alive(p) for p in workers), within=5,
                                what="the orphaned workers gone")
             # The listener can take one last handshake while the dying workers' sockets are torn down
             # (seen as a zombie worker with a connect() that still succeeds); what must not happen is a
             # listener that stays.
-            waiting.wait_until(lambda: not relay.smtp_ready(), within=5,
+            waiting.wait_until(lambda: not netutil.accepts(*relay.smtp_address), within=5,
                                what="no orphaned worker accepting SMTP")
         finally:
             for p in workers:
@@ -556,14 +550,15 @@ def test_spool_io_error_answers_451_and_the_message_is_never_delivered(
     fault_file.write_text(fault)
     with (h.RecordingSink() as sink,
           h.relay(tmp_path, sink.address, env={"MAILRELAY_SPOOL_FAULT_FILE": str(fault_file)}) as relay):
-        r = h.send_one(relay.host, relay.port, "io-error")
+        r = h.send_one(relay.smtp_address, "io-error")
         assert r is not None and r[0].startswith(b"451 4.3.0"), h.text(r)
-        assert relay.alive() and relay.healthy()
+        assert relay.running and relay.healthy()
         fault_file.write_text("")
         assert send_many(relay, ["io-after"]) == ["io-after"]
         waiting.wait_until(lambda: markers_at(sink, ["io-after"])["io-after"] == 1, within=30,
                            what='markers_at(sink, ["io-after"])["io-after"] == 1')
-        time.sleep(0.5)
+        # the barrier: nothing is left queued, so a message wrongly kept after its 451 has arrived too
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=30, what="an empty queue")
         assert markers_at(sink, ["io-error"]) == {"io-error": 0}, "a message answered 451 was delivered"
         assert h.spool_problems(relay.spool) == []
         assert list((relay.spool / "tmp").iterdir()) == []
@@ -577,7 +572,7 @@ def test_damaged_spool_files_are_dead_lettered_at_recovery_not_delivered(tmp_pat
 
     port = netutil.free_port()
     sink = h.RecordingSink()
-    relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}").start()
+    relay = h.relay_process(tmp_path, f"127.0.0.1:{port}").start()
     try:
         markers = ["damaged-ok", "damaged-truncated", "damaged-flipped"]
         assert send_many(relay, markers) == markers
@@ -598,7 +593,7 @@ def test_damaged_spool_files_are_dead_lettered_at_recovery_not_delivered(tmp_pat
         waiting.wait_until(lambda: queue_len(relay) == 0, within=30, what='queue_len(relay) == 0')
         waiting.wait_until(lambda: markers_at(sink, ["damaged-ok"])["damaged-ok"] == 1, within=30,
                            what='markers_at(sink, ["damaged-ok"])["damaged-ok"] == 1')
-        time.sleep(0.5)
+        # (the empty queue above is the barrier: nothing is left to deliver)
         assert markers_at(sink, markers[1:]) == {"damaged-truncated": 0, "damaged-flipped": 0}
         dead = h.dead_letters(relay.spool)
         assert len(dead) == 3, dead
@@ -616,15 +611,19 @@ def test_disk_full_when_a_5xx_must_dead_letter_keeps_the_message(tmp_path: pathl
     port = netutil.free_port()
     sink = h.RecordingSink(h.SinkBehaviour(fail={"RCPT": b"550 5.1.1 no such user"}))
     with small_filesystem(tmp_path / "fs", "4m") as fs:
-        relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}", spool=fs / "spool").start()
+        relay = h.relay_process(tmp_path, f"127.0.0.1:{port}", spool=fs / "spool").start()
         try:
             assert send_many(relay, ["full-5xx"]) == ["full-5xx"]
             filler = fill(fs)
             sink.start(port)
             waiting.wait_until(lambda: metric(relay, ATTEMPTS, 'result="permanent"') >= 1, within=30,
                                what='metric(relay, ATTEMPTS, \'result="permanent"\') >= 1')
-            time.sleep(0.5)
-            assert relay.alive() and relay.healthy()
+            # the barrier: the relay has either dead-lettered the message or logged that it could not
+            waiting.wait_until(
+                lambda: any(e.get("event") == "delivery.dead_letter_failed" for e in relay.log_events())
+                or any(b"full-5xx" in d[2] and d[1] for d in h.dead_letters(relay.spool)),
+                within=30, what="the dead-letter attempt done")
+            assert relay.running and relay.healthy()
             entries = h.queue_entries(relay.spool)
             dead_done = [d for d in h.dead_letters(relay.spool) if b"full-5xx" in d[2] and d[1]]
             assert len(entries) + len(dead_done) == 1, "the refused message vanished"
@@ -659,7 +658,7 @@ def test_upstream_certificate_not_trusted_defers_and_sends_nothing(tmp_path: pat
     tls_sink = sandbox_sink.Sink(tls=mode, certfile=str(cert), keyfile=str(key))
     tls_sink.start()
     port = tls_sink.port
-    relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}", extra=["--upstream-tls", mode]).start()
+    relay = h.relay_process(tmp_path, f"127.0.0.1:{port}", extra=["--upstream-tls", mode]).start()
     plain = h.RecordingSink()
     try:
         assert send_many(relay, ["untrusted-1"]) == ["untrusted-1"]
@@ -670,7 +669,7 @@ def test_upstream_certificate_not_trusted_defers_and_sends_nothing(tmp_path: pat
         tls_sink.stop()
         relay.kill()
         plain.start(port)
-        relay.extra = []
+        relay.extra_args = []
         relay.start()
         waiting.wait_until(lambda: markers_at(plain, ["untrusted-1"])["untrusted-1"] == 1, within=30,
                            what='markers_at(plain, ["untrusted-1"])["untrusted-1"] == 1')

@@ -26,11 +26,11 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
-from mailrelay_sandbox import mtas, relayproc, waiting
+from mailrelay_sandbox import mtas, relayproc, smtpwire, waiting
 from mailrelay_sandbox import sink as sinkmod
 
 from tests.conftest import REPO_ROOT, missing
-from tests.relay.relay_harness import Wire, start_relay
+from tests.relay.relay_harness import start_relay
 from tests.relay.smtp_tap import Reply, Session, Tap
 
 N = 20  # messages per run
@@ -369,7 +369,7 @@ def test_session_cap_then_drained_in_the_queue_run(world: World, tmp_path: pathl
     capped = world.relays["capped"]
     reaction = world.reaction("421 at the greeting")
     world.wait(lambda: capped.status()["sessions"] == 0, "the capped relay free")
-    held = [Wire(capped.smtp_address) for _ in range(2)]
+    held = [smtpwire.Wire(capped.smtp_address) for _ in range(2)]
     try:
         assert all(w.greeting is not None and w.greeting[0] == 220 for w in held)
         world.tap.reset(capped.smtp_address)
@@ -453,7 +453,7 @@ def test_455_at_mail(world: World) -> None:
     """Another transaction (the test's) holds all of --max-inflight-bytes: the MTA's MAIL gets 455."""
     cell = "455 at MAIL"
     tight = world.relays["tight"]
-    holder = Wire(tight.smtp_address)
+    holder = smtpwire.Wire(tight.smtp_address)
     try:
         holder.ehlo()
         assert holder.cmd(f"MAIL FROM:<holder@client.test> SIZE={TIGHT}")[0] == 250
@@ -505,7 +505,7 @@ def test_msmtp_gets_no_queue_and_a_failing_exit_code(
     sent: list[tuple[str, mtas.MsmtpResult, mtas.Message]] = []
     capped = relays["capped"]
     waiting.wait_until(lambda: capped.status()["sessions"] == 0, within=WAIT, what="the capped relay free")
-    held = [Wire(capped.smtp_address) for _ in range(2)]
+    held = [smtpwire.Wire(capped.smtp_address) for _ in range(2)]
     try:
         msg = mtas.message("msmtp at the cap")
         sent.append(("421 at the greeting", msmtp(capped.smtp_address).send(msg), msg))
@@ -515,7 +515,7 @@ def test_msmtp_gets_no_queue_and_a_failing_exit_code(
             w.close()
     msg = mtas.message("msmtp 452", recipients=("first@dest.test", "second@dest.test"))
     sent.append(("452 at RCPT", msmtp(relays["strict"].smtp_address).send(msg), msg))
-    holder = Wire(relays["tight"].smtp_address)
+    holder = smtpwire.Wire(relays["tight"].smtp_address)
     try:
         holder.ehlo()
         assert holder.cmd(f"MAIL FROM:<holder@client.test> SIZE={TIGHT}")[0] == 250

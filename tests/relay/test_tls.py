@@ -10,11 +10,11 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from mailrelay_sandbox import relayproc, waiting
+from mailrelay_sandbox import relayproc, smtpwire, waiting
 from mailrelay_sandbox import sink as sinkmod
 
 from tests.conftest import require_tool
-from tests.relay.relay_harness import HOSTNAME, Wire, message, start_relay
+from tests.relay.relay_harness import HOSTNAME, message, start_relay
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_starttls_with_smtplib(relay: relayproc.RelayProcess, sink: sinkmod.Sink
 
 def test_starttls_discards_pipelined_plaintext(relay: relayproc.RelayProcess,
                                                certificate: tuple[pathlib.Path, pathlib.Path]) -> None:
-    w = Wire(relay.smtp_address)
+    w = smtpwire.Wire(relay.smtp_address)
     try:
         w.ehlo()
         w.send(b"STARTTLS\r\nMAIL FROM:<injected@attacker.test>\r\n")  # RFC 3207 command injection
@@ -95,7 +95,7 @@ def test_starttls_discards_pipelined_plaintext(relay: relayproc.RelayProcess,
 
 
 def test_failed_handshake_closes_only_that_session(relay: relayproc.RelayProcess) -> None:
-    w = Wire(relay.smtp_address)
+    w = smtpwire.Wire(relay.smtp_address)
     try:
         w.ehlo()
         assert w.cmd("STARTTLS")[0] == 220

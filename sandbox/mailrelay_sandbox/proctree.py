@@ -1,5 +1,5 @@
-"""Process plumbing for the benchmark: process trees and their memory and CPU, and stopping what the
-benchmark started (free ports and waiting for a greeting: mailrelay_sandbox.netutil).
+"""Process trees read from /proc: a process and its descendants, their CPU and memory, and stopping a
+process with whatever it started, for the benchmark and the relay-process wrapper (relayproc).
 
 What it must not do: signal any process it was not handed (callers pass the pids they started).
 """
