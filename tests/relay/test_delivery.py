@@ -280,10 +280,11 @@ async def test_stop_keeps_undelivered_mail_in_spool_for_recovery(
     store: spool.Spool, upstream: sinkmod.Sink
 ) -> None:
     upstream.stop()
+    c = dh.Counters()
     d = make(store, upstream)
     await d.start()
     await enqueue(store, d, 4)
-    await asyncio.sleep(0.2)
+    await waiting.eventually(lambda: c["connection_error"] >= 1, what="a failed delivery attempt")
     await d.stop()
     assert store.queue_count() == 4
     upstream.start()
