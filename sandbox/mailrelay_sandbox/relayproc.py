@@ -19,7 +19,7 @@ API (everything is synchronous; wrap in `asyncio.to_thread` from async code)::
         spool=tmp_path / "spool",           # created if missing; reuse it to test a restart
         host="127.0.0.5",                   # listen address for SMTP and admin (default 127.0.0.1)
         smtp_host=None,                     # another listen address for SMTP only (e.g. "::1")
-        smtp_port=0, admin_port=0,          # 0 = pick a free port on `host`
+        smtp_port=0, admin_port=0,          # 0 = pick a free port on its address
         token="s3cret",                     # None = no --admin-token-file (admin API open)
         workers=1,
         hostname="relay.test",              # --hostname (greeting and replies)
