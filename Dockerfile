@@ -20,15 +20,21 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY relay/ relay/
 COPY operator/ operator/
+COPY common/ common/
 
-# The relay's virtualenv: the relay and its dependencies only (no kopf, no kubernetes client).
+# The relay's virtualenv: the relay and its dependencies only (no kopf, no kubernetes client; the
+# operator's package, which the one wheel also carries, is removed). Bytecode is hash-based and
+# unchecked: COPY --from rounds file times, so timestamp-based .pyc files would all look stale and,
+# on a read-only root, be compiled again at every start.
 FROM build AS build-relay
 RUN /opt/venv/bin/pip install --no-compile '.[relay]' \
+ && rm -rf /opt/venv/lib/python3*/site-packages/mailrelay_operator /opt/venv/bin/mailrelay-operator \
  && /opt/venv/bin/python -m compileall -q --invalidation-mode unchecked-hash /opt/venv/lib
 
-# The operator's virtualenv: the operator and its dependencies only (no SMTP libraries).
+# The operator's virtualenv: the operator and its dependencies only (no SMTP libraries, no relay).
 FROM build AS build-operator
 RUN /opt/venv/bin/pip install --no-compile '.[operator]' \
+ && rm -rf /opt/venv/lib/python3*/site-packages/mailrelay_relay /opt/venv/bin/mailrelay-relay \
  && /opt/venv/bin/python -m compileall -q --invalidation-mode unchecked-hash /opt/venv/lib
 
 # ---- base: what both runtime images share -------------------------------------------------------

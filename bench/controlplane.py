@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mailrelay_sandbox import kubecluster, scenario
+from mailrelay_sandbox import kubecluster, proctree, scenario
 
-from bench import procs, report, stats
+from bench import report, stats
 
 START_TARGET_SECONDS = 10.0
 
@@ -44,7 +44,7 @@ def one_run(workdir: pathlib.Path) -> dict[str, Any]:
         started = time.monotonic() - began
         scenario.install(cluster, workdir)
         installed = time.monotonic() - began - started
-        rss = {name: procs.memory_kib([process.pid])[0] / 1024
+        rss = {name: proctree.memory_kib([process.pid])[0] / 1024
                for name, process in cluster.processes.items()}
         version = cluster.describe()
     finally:

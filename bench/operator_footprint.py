@@ -48,9 +48,9 @@ from typing import Any
 
 import aiohttp
 import aiohttp.web
-from mailrelay_sandbox import apiclient, kubecluster, kubelet, scenario
+from mailrelay_sandbox import apiclient, kubecluster, kubelet, proctree, scenario
 
-from bench import environment, procs, profile, report
+from bench import environment, profile, report
 
 BATCH = 25              # MailRelays created at a time, the next batch once these are ready
 NAMESPACE_COUNT = 20    # the MailRelays are spread over 20 namespaces, 10 each at full size
@@ -291,7 +291,7 @@ def start_admin_server(workdir: pathlib.Path, quiet: bool) -> tuple[subprocess.P
         admin = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
     assert admin.stdout is not None
     if admin.stdout.readline().strip() != b"ready":
-        procs.stop(admin)
+        proctree.stop(admin)
         raise RuntimeError(f"admin server did not start: {(workdir / 'admin.log').read_text()}")
     return admin, admin_port, control_port
 
@@ -352,22 +352,22 @@ async def measure(cfg: Config, workdir: pathlib.Path, admin_port: int, control_p
                         )
                     await asyncio.sleep(2.0)
                 startup = time.monotonic() - started
-                rss_start, _ = procs.memory_kib(procs.tree(pid))
+                rss_start, _ = proctree.memory_kib(proctree.tree(pid))
                 await asyncio.sleep(cfg.warmup)
                 load_start = os.getloadavg()
                 before = await _stats(http, control_url)
                 requests_before = await asyncio.to_thread(apiserver_counts, cluster)
                 spy = start_profile(pid, cfg)
-                cpu0 = procs.cpu_seconds(procs.tree(pid))
+                cpu0 = proctree.cpu_seconds(proctree.tree(pid))
                 t0 = time.monotonic()
                 rss_samples: list[int] = []
                 pss_samples: list[int] = []
                 while time.monotonic() - t0 < cfg.window:
-                    rss, pss = procs.memory_kib(procs.tree(pid))
+                    rss, pss = proctree.memory_kib(proctree.tree(pid))
                     rss_samples.append(rss)
                     pss_samples.append(pss)
                     await asyncio.sleep(min(2.0, max(0.0, cfg.window - (time.monotonic() - t0))))
-                cpu1 = procs.cpu_seconds(procs.tree(pid))
+                cpu1 = proctree.cpu_seconds(proctree.tree(pid))
                 elapsed = time.monotonic() - t0
                 requests_after = await asyncio.to_thread(apiserver_counts, cluster)
                 if spy is not None:
@@ -437,7 +437,7 @@ def run(out: report.Report, cfg: Config, *, keep: bool = False) -> dict[str, Any
     try:
         figures = asyncio.run(measure(cfg, workdir, admin_port, control_port))
     finally:
-        procs.stop(admin)
+        proctree.stop(admin)
         if keep:
             out.line(f"(logs kept in {workdir})")
         else:

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mailrelay_sandbox import apiclient, kubelet, loadgen, scenario
+from mailrelay_sandbox import apiclient, kubelet, loadgen, scenario, waiting
 
 from bench import environment, report, stats
 
@@ -142,13 +142,8 @@ class DeploymentWatch:
 
 async def wait_for(check: Any, within: float, what: str, poll: float = 0.02) -> float:
     """Poll `check()` until true; return the monotonic time it first held. Raises TimeoutError."""
-    deadline = time.monotonic() + within
-    while True:
-        if check():
-            return time.monotonic()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {within:.0f}s waiting for {what}")
-        await asyncio.sleep(poll)
+    await waiting.eventually(check, within=within, every=poll, what=what)
+    return time.monotonic()
 
 
 async def one_step(deployment_replicas: DeploymentWatch, plane: kubelet.ProcessKubelet,

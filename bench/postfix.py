@@ -12,9 +12,9 @@ What it must not do: write outside its folder, or leave a master process behind.
 
 from __future__ import annotations
 
-from mailrelay_sandbox import mtas
+from mailrelay_sandbox import mtas, netutil, proctree
 
-from bench import procs, workdir
+from bench import workdir
 
 
 class Postfix:
@@ -26,7 +26,7 @@ class Postfix:
         self.run = run
         self.instance = mtas.Postfix(run.sub(label), ("127.0.0.1", upstream_port),
                                      process_limit=process_limit, label="postfix-bench",
-                                     port=procs.free_port(), pickup=False)
+                                     port=netutil.free_port(), pickup=False)
         self.root = self.instance.folder
         self.port = self.instance.port
 
@@ -55,11 +55,11 @@ class Postfix:
         self.stop()
 
     def pids(self) -> list[int]:
-        return [] if self.master_pid is None else procs.tree(self.master_pid)
+        return [] if self.master_pid is None else proctree.tree(self.master_pid)
 
     def cpu_seconds(self) -> float:
         reaped = [] if self.master_pid is None else [self.master_pid]
-        return procs.cpu_seconds(self.pids(), reaped_of=reaped)
+        return proctree.cpu_seconds(self.pids(), reaped_of=reaped)
 
     def sent_count(self) -> int:
         """Lines with status=sent in the instance's maillog (deliveries Postfix made to the smarthost)."""

@@ -23,7 +23,9 @@ import sys
 import time
 import urllib.request
 
-from bench import client, commit, postfix, procs, relay, report, server, sink, source, stats, workdir
+from mailrelay_sandbox import proctree
+
+from bench import client, commit, postfix, relay, report, server, sink, source, stats, workdir
 
 # Leaf-frame categories, first match wins (function name and file as py-spy prints them).
 # Leaf frames of a pool thread waiting for work: idle, though py-spy samples them (they wait on a lock).
@@ -190,27 +192,27 @@ def run(
         target.start()
         source.run(target.port, 300, 20, size, timeout=120)
         up.wait_quiet(0.3, 10)
-        before = scrape(target.admin_port)
+        before = scrape(target.process.admin_port)
         raw = run_dir.path / "profile-relay.txt"
-        assert target.proc is not None
+        assert target.process.pid is not None
         recorder = subprocess.Popen(
-            [spy, "record", "--pid", str(target.proc.pid), "--subprocesses", "--threads", "--nonblocking",
+            [spy, "record", "--pid", str(target.process.pid), "--subprocesses", "--threads", "--nonblocking",
              "--rate", "100", "--format", "raw", "--output", str(raw)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
         run_dir.register(recorder.pid)
         time.sleep(2.0)
         pids = target.pids()
-        cpu_before = {pid: procs.cpu_seconds([pid]) for pid in pids}
+        cpu_before = {pid: proctree.cpu_seconds([pid]) for pid in pids}
         base = up.count
         started = time.monotonic()
         source.run(target.port, messages, 20, size, timeout=600)
         arrived = up.wait_for(base + messages, timeout=120)
         wall = (arrived or time.monotonic()) - started
-        cpu = {pid: procs.cpu_seconds([pid]) - cpu_before.get(pid, 0.0) for pid in pids}
+        cpu = {pid: proctree.cpu_seconds([pid]) - cpu_before.get(pid, 0.0) for pid in pids}
         recorder.send_signal(signal.SIGINT)
         spy_out = recorder.communicate(timeout=60)[0].decode(errors="replace")
-        after = scrape(target.admin_port)
+        after = scrape(target.process.admin_port)
     except (RuntimeError, TimeoutError) as error:
         out.line(f"could not profile ({error})")
         return {}

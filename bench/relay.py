@@ -1,30 +1,16 @@
-"""`mailrelay-relay` started as a real process for the benchmark, with the flags of docs/contracts.md.
+"""`mailrelay-relay` as a benchmark target, with the flags of docs/contracts.md: the sandbox's one
+relay-process wrapper (mailrelay_sandbox.relayproc) seen through the interface the benchmarks share with
+bench/postfix.py (port, name, pids, CPU, log tail), its processes registered with the run folder.
 
 What it must not do: change relay behaviour beyond its documented flags (every figure is for the relay as
-a user would run it), or leave a worker behind (stop() kills the whole process tree).
+a user would run it), or leave a worker behind (stop() stops the whole process group).
 """
 
 from __future__ import annotations
 
-import os
-import pathlib
-import shutil
-import subprocess
-import sys
-import time
-import urllib.request
+from mailrelay_sandbox import relayproc
 
-from bench import procs, workdir
-
-
-def relay_command() -> list[str]:
-    script = pathlib.Path(sys.executable).parent / "mailrelay-relay"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("mailrelay-relay")
-    if found:
-        return [found]
-    return [sys.executable, "-c", "import sys; from mailrelay_relay import cli; sys.exit(cli.main())"]
+from bench import workdir
 
 
 class Relay:
@@ -41,71 +27,31 @@ class Relay:
         label: str | None = None,
     ) -> None:
         self.run = run
-        self.workers = workers
         self.name = label or f"relay w{workers}"
-        self.root = run.sub(self.name.replace(" ", "-"))
-        self.upstream_port = upstream_port
-        self.max_sessions = max_sessions
-        self.extra = extra
-        self.env = env or {}
-        self.port = procs.free_port()
-        self.admin_port = procs.free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def argv(self) -> list[str]:
-        return [
-            *relay_command(),
-            "--listen", f"127.0.0.1:{self.port}",
-            "--upstream", f"127.0.0.1:{self.upstream_port}",
-            "--spool", str(self.root / "spool"),
-            "--admin-listen", f"127.0.0.1:{self.admin_port}",
-            "--workers", str(self.workers),
-            "--max-sessions", str(self.max_sessions),
-            "--hostname", "relay-bench.localdomain",
-            "--drain-timeout", "10",
-            *self.extra,
-        ]  # fmt: skip
+        root = run.sub(self.name.replace(" ", "-"))
+        self.process = relayproc.RelayProcess(
+            upstream=("127.0.0.1", upstream_port), spool=root / "spool", workers=workers,
+            hostname="relay-bench.localdomain", token=None, env=env, log_path=root / "relay.log",
+            extra_args=["--max-sessions", str(max_sessions), "--drain-timeout", "10", *extra],
+            startup_timeout=60.0, stop_timeout=30.0,
+        )
+        self.port = self.process.smtp_port
 
     def start(self) -> Relay:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.process.running:
             return self
-        (self.root / "spool").mkdir(exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MAILRELAY_")}
-        env.update(self.env)
-        with open(self.root / "relay.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv(), stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, start_new_session=True
-            )
-        self.run.register(self.proc.pid)
-        procs.wait_for_greeting(self.port, timeout=60, proc=self.proc)
-        self._wait_workers()
-        for pid in procs.tree(self.proc.pid)[1:]:
-            self.run.register(pid)
+        try:
+            self.process.start()  # returns once every worker listens
+        finally:
+            for pid in self.process.pids():
+                self.run.register(pid)
         return self
 
-    def _wait_workers(self) -> None:
-        """With N workers, wait until N+ processes exist and answer (SO_REUSEPORT spreads connections)."""
-        assert self.proc is not None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.workers <= 1 or len(procs.tree(self.proc.pid)) >= self.workers:
-                break
-            time.sleep(0.1)
-        for _ in range(4 * self.workers):
-            procs.wait_for_greeting(self.port, timeout=30, proc=self.proc)
-
     def healthy(self) -> bool:
-        try:
-            url = f"http://127.0.0.1:{self.admin_port}/healthz"
-            with urllib.request.urlopen(url, timeout=2) as answer:
-                return int(answer.status) == 200
-        except OSError:
-            return False
+        return self.process.healthy()
 
     def stop(self) -> None:
-        if self.proc is not None:
-            procs.stop(self.proc, timeout=30)
-            self.proc = None
+        self.process.close()
 
     def __enter__(self) -> Relay:
         return self.start()
@@ -114,15 +60,10 @@ class Relay:
         self.stop()
 
     def pids(self) -> list[int]:
-        return [] if self.proc is None else procs.tree(self.proc.pid)
+        return self.process.pids()
 
     def cpu_seconds(self) -> float:
-        reaped = [] if self.proc is None else [self.proc.pid]
-        return procs.cpu_seconds(self.pids(), reaped_of=reaped)
+        return self.process.cpu_seconds()
 
     def log_tail(self, lines: int = 5) -> str:
-        try:
-            text = (self.root / "relay.log").read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return "\n".join(self.process.log_text().splitlines()[-lines:])

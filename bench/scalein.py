@@ -35,11 +35,11 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mailrelay_sandbox import apiclient, demo, kubelet, loadgen, scenario
+from mailrelay_sandbox import apiclient, demo, kubelet, loadgen, scenario, waiting
 
 from bench import environment, report
 
@@ -81,14 +81,6 @@ class ModeResult:
     queued_at_force: int        # messages queued on the relays when the scale-in was ordered
     scale_in_seconds: float     # order -> one relay left, the others gone
     accepted_during: int        # messages accepted between the order and the end of the scale-in
-
-
-async def _eventually(check: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {within:.0f}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 def _relay_manifest(cfg: Config) -> dict[str, Any]:
@@ -135,7 +127,8 @@ async def _play(mode: str, cfg: Config, relay: dict[str, Any], workdir: pathlib.
                                                 "--liveness", "", "--metrics-port", "0")
             await operator.start()
         try:
-            await _eventually(lambda: len(service.endpoints()) == 3, 120, "3 ready relays")
+            await waiting.eventually(lambda: len(service.endpoints()) == 3, within=120, every=0.1,
+                                     what="3 ready relays")
         except TimeoutError as exc:
             tail = operator.log_tail() if operator else ""
             raise RuntimeError(f"{mode}: {exc}\n{tail}") from exc
@@ -163,7 +156,7 @@ async def _play(mode: str, cfg: Config, relay: dict[str, Any], workdir: pathlib.
             live = [p for p in plane.pods if not p["metadata"].get("deletionTimestamp")]
             return len(live) == 1 and len(plane.runtimes) == 1 and len(service.endpoints()) == 1
 
-        await _eventually(one_left, 120, "scale-in to one relay")
+        await waiting.eventually(one_left, within=120, every=0.1, what="scale-in to one relay")
         scale_in = time.monotonic() - ordered
         accepted_during = gen.counters.accepted - before.accepted
         refused = gen.counters.refused_421 - before.refused_421

@@ -20,7 +20,9 @@ import collections
 import dataclasses
 from collections.abc import Sequence
 
-from bench import client, postfix, procs, relay, report, server, sink, stats, workdir
+from mailrelay_sandbox import proctree
+
+from bench import client, postfix, relay, report, server, sink, stats, workdir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +39,11 @@ QUICK = Config(idle_sessions=20, idle_postfix=10, cap=10, probes=20, workers=(1,
 
 
 async def idle_memory(target: server.Server, count: int) -> dict[str, float]:
-    before_rss, before_pss = procs.memory_kib(target.pids())
+    before_rss, before_pss = proctree.memory_kib(target.pids())
     held = client.IdleSessions()
     await held.open(target.port, count)
     await asyncio.sleep(1.0)
-    after_rss, after_pss = procs.memory_kib(target.pids())
+    after_rss, after_pss = proctree.memory_kib(target.pids())
     opened = len(held.writers)
     await held.close()
     return {

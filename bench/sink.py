@@ -14,7 +14,9 @@ import subprocess
 import threading
 import time
 
-from bench import procs, stats, workdir
+from mailrelay_sandbox import netutil, proctree
+
+from bench import stats, workdir
 
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 
@@ -22,7 +24,7 @@ SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 class Sink:
     def __init__(self, run: workdir.RunDir, backlog: int = 1024) -> None:
         self.run = run
-        self.port = procs.free_port()
+        self.port = netutil.free_port()
         self.backlog = backlog
         self.proc: subprocess.Popen[bytes] | None = None
         self._count = 0
@@ -40,7 +42,7 @@ class Sink:
         )
         self.run.register(self.proc.pid)
         threading.Thread(target=self._read, daemon=True, name=f"sink-{self.port}").start()
-        procs.wait_for_greeting(self.port, timeout=10, proc=self.proc)
+        netutil.wait_for_greeting("127.0.0.1", self.port, timeout=10, proc=self.proc)
         return self
 
     def _read(self) -> None:
@@ -92,7 +94,7 @@ class Sink:
 
     def stop(self) -> None:
         if self.proc is not None:
-            procs.stop(self.proc)
+            proctree.stop(self.proc)
             self.proc = None
 
     def __enter__(self) -> Sink:

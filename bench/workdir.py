@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 
-from bench import procs
+from mailrelay_sandbox import proctree
 
 BASE = pathlib.Path(os.environ.get("MAILRELAY_BENCH_DIR", "/tmp/mailrelay-bench"))
 
@@ -32,11 +32,11 @@ class RunDir:
         self.path = pathlib.Path(tempfile.mkdtemp(prefix="run-", dir=BASE))
         self.path.chmod(0o755)
         me = os.getpid()
-        (self.path / "owner").write_text(f"{me} {procs.start_time(me)}\n")
+        (self.path / "owner").write_text(f"{me} {proctree.start_time(me)}\n")
 
     def register(self, pid: int) -> None:
         with open(self.path / "pids", "a", encoding="ascii") as handle:
-            handle.write(f"{pid} {procs.start_time(pid)}\n")
+            handle.write(f"{pid} {proctree.start_time(pid)}\n")
 
     def sub(self, name: str) -> pathlib.Path:
         path = self.path / name
@@ -65,7 +65,7 @@ def owner_pid(run: pathlib.Path) -> int | None:
 
 def owner_alive(run: pathlib.Path) -> bool:
     owners = _read_identities(run / "owner")
-    return bool(owners) and all(procs.start_time(pid) == started for pid, started in owners)
+    return bool(owners) and all(proctree.start_time(pid) == started for pid, started in owners)
 
 
 def sweep() -> list[str]:
@@ -83,7 +83,7 @@ def sweep() -> list[str]:
                 stderr=subprocess.DEVNULL,
                 check=False,
             )
-        procs.kill_leftovers(_read_identities(run / "pids"))
+        proctree.kill_leftovers(_read_identities(run / "pids"))
         shutil.rmtree(run, ignore_errors=True)
         cleaned.append(str(run))
     return cleaned

@@ -6,17 +6,15 @@ missing tool skips the test with a reason; with CI=true it fails, so CI can neve
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import os
 import shutil
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from mailrelay_sandbox import faultproxy, kubelet, scenario
+from mailrelay_sandbox import faultproxy, kubelet, scenario, waiting
 
 from tests import kubeenv
 
@@ -47,19 +45,7 @@ def missing(message: str) -> None:
     pytest.skip(message)
 
 
-async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float = 60.0,
-                     what: str = "condition", every: float = 0.2) -> None:
-    """Poll `check` until true; generous timeouts for a loaded 2-core machine, no timing assertions."""
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")
-        await asyncio.sleep(every)
+eventually = waiting.eventually  # the one async poll (mailrelay_sandbox.waiting), for the tests here
 
 
 def with_field(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:

@@ -335,7 +335,11 @@ def plan(
     completed: list[tuple[str, str]] = []
     for pod in draining:
         result = outcome(pod, now, drain_timeout, keep_queued)
-        if result is not None:
+        # Only a pod that is not Ready completes. Lowering the replicas leaves the choice to the
+        # ReplicaSet, which removes a not-ready pod before a ready one whatever its deletion cost: a
+        # finished drain whose relay restarted (ready again, redrained below) would let it pick another
+        # draining relay that still holds mail. It completes once the redrain has made it not ready.
+        if result is not None and not pod.ready:
             completed.append((pod.name, result))
     held = tuple(sorted(p.name for p in draining if _held(p, now, drain_timeout, keep_queued)))
 

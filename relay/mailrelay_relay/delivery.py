@@ -861,7 +861,7 @@ class Delivery:
                                                                     else ())
             queued = await self._spool.store(
                 spool.Envelope("", (notice.envelope_sender,), options), notice.content, now)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, spool.SpoolError) as exc:  # the spool full, say: the copy stays
             logs.event(log, "delivery.notification_failed", level=logging.ERROR, queue_id=msg.id,
                        error=str(exc))
             return
@@ -872,8 +872,10 @@ class Delivery:
 
     async def _notice_then_dead_letter(self, item: _Item, recipients: list[dsn.Recipient],
                                        reason: Literal["permanent", "expired"], text: str) -> None:
-        await self._queue_notice(item, recipients, None)
-        self._dead_letter_now(item, reason, text)
+        try:
+            await self._queue_notice(item, recipients, None)
+        finally:  # whatever became of the notification, the message itself is dead-lettered
+            self._dead_letter_now(item, reason, text)
 
     def _dead_letter(self, item: _Item, reason: Literal["permanent", "expired"], text: str) -> None:
         """Dead-letter the message; first, when its sender wants to hear of it, spool a notification."""

@@ -5,7 +5,8 @@ labels) and renders the exposition for the admin API's `/metrics`. Callers use t
 e.g. `metrics.REPLIES.labels(code="421").inc()`, or the small helpers below.
 
 What it must not do: no I/O beyond prometheus_client's own files, no SMTP or spool logic, no label
-values taken from user input (codes are clamped to three digits, reasons and results are fixed sets).
+values taken from user input (codes are the relay's own three-digit reply codes, reasons and results
+are fixed sets).
 
 Multiprocess mode (`--workers N` with N > 1)
 --------------------------------------------
@@ -153,19 +154,6 @@ def mark_process_dead(pid: int) -> None:
     """Call in the supervisor when worker `pid` exits (multiprocess mode only; no-op otherwise)."""
     if multiprocess_dir():
         multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
-
-
-def reply(code: int | str) -> None:
-    """Count one SMTP reply. Anything that is not a three-digit code is counted as `other`."""
-    text = str(code)
-    REPLIES.labels(code=text if len(text) == 3 and text.isdigit() else "other").inc()
-
-
-def connection(result: str) -> None:
-    """Count one connection by greeting result (one of CONNECTION_RESULTS)."""
-    if result not in CONNECTION_RESULTS:
-        raise ValueError(f"unknown connection result {result!r}")
-    CONNECTIONS.labels(result=result).inc()
 
 
 def dead_lettered(reason: str) -> None:

@@ -34,7 +34,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -50,7 +49,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from mailrelay_sandbox import apiclient
+from mailrelay_sandbox import apiclient, netutil, waiting
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
@@ -96,10 +95,6 @@ def ensure_binaries() -> Path:
     return found
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 # -- certificates -----------------------------------------------------------------------------------
@@ -290,11 +285,7 @@ class Cluster:
         return True
 
     def wait(self, check: Any, *, within: float = 60.0, what: str = "condition") -> None:
-        deadline = time.monotonic() + within
-        while not check():
-            if time.monotonic() > deadline:
-                raise ClusterError(f"timed out after {within:.0f}s waiting for {what}")
-            time.sleep(0.1)
+        waiting.wait_until(check, within=within, every=0.1, what=what)
 
     # -- etcd -------------------------------------------------------------------------------------------
     def compact_etcd(self) -> int:
@@ -437,8 +428,8 @@ def start(workdir: Path, *, binaries: Path | None = None,
         f'{tokens["scheduler"]},system:kube-scheduler,uid-scheduler\n'
         f'{tokens["kubelet"]},sandbox-kubelet,uid-kubelet,"system:masters"\n')
     (workdir / "tokens.csv").chmod(0o600)
-    etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
-    kcm_port, sched_port = free_port(), free_port()
+    etcd_port, peer_port, api_port = netutil.free_port(), netutil.free_port(), netutil.free_port()
+    kcm_port, sched_port = netutil.free_port(), netutil.free_port()
     etcd_url = f"http://127.0.0.1:{etcd_port}"
     url = f"https://127.0.0.1:{api_port}"
     bin_ = binaries

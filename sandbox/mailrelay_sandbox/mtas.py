@@ -72,6 +72,8 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import ClassVar
 
+from mailrelay_sandbox import netutil
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGES = REPO_ROOT / ".tools" / "mta"  # `dpkg -x` trees, by scripts/install-system-deps.sh
 
@@ -109,34 +111,6 @@ def message_id(content: bytes) -> str | None:
     """The Message-ID header of `content` (as received by a sink), or None."""
     match = re.search(rb"^message-id:[ \t]*(\S+)", content, re.IGNORECASE | re.MULTILINE)
     return match.group(1).decode("ascii", "replace") if match else None
-
-
-def wait_for_greeting(host: str, port: int, timeout: float = TIMEOUT,
-                      proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Connect until the server on host:port answers 220 (then QUIT)."""
-    deadline = time.monotonic() + timeout
-    last = "no attempt"
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise MTAError(f"the server exited with {proc.returncode} before it greeted on {host}:{port}")
-        try:
-            with socket.create_connection((host, port), timeout=5) as sock:
-                line = sock.makefile("rb").readline()
-                if line.startswith(b"220"):
-                    with contextlib.suppress(OSError):
-                        sock.sendall(b"QUIT\r\n")
-                    return
-                last = repr(line)
-        except OSError as exc:
-            last = str(exc)
-        time.sleep(0.05)
-    raise MTAError(f"no 220 greeting on {host}:{port} within {timeout:.0f}s ({last})")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _pids() -> list[int]:
@@ -553,7 +527,7 @@ postlog unix-dgram n - n - 1 postlogd
         self.etc = folder / "etc"
         self.process_limit = process_limit
         self.label = label
-        self.port = port or free_port()
+        self.port = port or netutil.free_port()
         self.pickup = pickup
         self.master_pid: int | None = None
 
@@ -632,7 +606,7 @@ smtputf8_enable = no
         while not pid_file.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         self.master_pid = int(pid_file.read_text().split()[0])
-        wait_for_greeting("127.0.0.1", self.port)
+        netutil.wait_for_greeting("127.0.0.1", self.port, timeout=TIMEOUT)
 
     def _stop(self) -> None:
         if self.master_pid is None:
@@ -775,7 +749,7 @@ class OpenSMTPD(ClientMTA):
 
     def __init__(self, folder: pathlib.Path, upstream: tuple[str, int]) -> None:
         super().__init__(folder, upstream)
-        self.port = free_port()
+        self.port = netutil.free_port()
         self.conf = folder / "smtpd.conf"
         self.ns = Namespace(folder / "ns", {})
         self.proc: subprocess.Popen[bytes] | None = None
@@ -811,7 +785,7 @@ class OpenSMTPD(ClientMTA):
         self.ns.run(["mkdir", "-p", "/var/lib/opensmtpd/empty"])
         self.proc = self.ns.popen([str(self.tree() / "usr/sbin/smtpd"), "-d", "-f", str(self.conf)],
                                   self.folder / "smtpd.log")
-        wait_for_greeting("127.0.0.1", self.port, proc=self.proc)
+        netutil.wait_for_greeting("127.0.0.1", self.port, timeout=TIMEOUT, proc=self.proc)
 
     def _stop(self) -> None:
         self.ns.stop()

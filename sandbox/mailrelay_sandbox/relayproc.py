@@ -1,10 +1,11 @@
 """Start and stop a real `mailrelay-relay` process for tests, the demo, the benchmark and the simulated
-control plane.
+control plane: the one relay-process wrapper they all use.
 
 What it is for: one small class, `RelayProcess`, that runs the real console script (or
 `python -m mailrelay_relay.cli` when the script is not installed) on a chosen loopback address with
 free ports, waits until it serves, and stops it the way Kubernetes would (SIGTERM, then wait) or the way
-a crash would (SIGKILL). Its stderr (JSON log lines) goes to a file you can read back.
+a crash would (SIGKILL). Its stderr (JSON log lines) goes to a file you can read back; its process tree
+(supervisor and workers) can be read for CPU and memory, for the benchmark.
 
 What it must not do: reach into the relay's internals (it only uses the CLI, the admin HTTP API and the
 log file), or pick anything but loopback addresses.
@@ -17,7 +18,8 @@ API (everything is synchronous; wrap in `asyncio.to_thread` from async code)::
         upstream=("127.0.0.1", 2526),       # or "127.0.0.1:2526"; required
         spool=tmp_path / "spool",           # created if missing; reuse it to test a restart
         host="127.0.0.5",                   # listen address for SMTP and admin (default 127.0.0.1)
-        smtp_port=0, admin_port=0,          # 0 = pick a free port on `host`
+        smtp_host=None,                     # another listen address for SMTP only (e.g. "::1")
+        smtp_port=0, admin_port=0,          # 0 = pick a free port on its address
         token="s3cret",                     # None = no --admin-token-file (admin API open)
         workers=1,
         hostname="relay.test",              # --hostname (greeting and replies)
@@ -27,18 +29,22 @@ API (everything is synchronous; wrap in `asyncio.to_thread` from async code)::
         startup_timeout=30.0,
     )
     relay.start()                           # returns once /readyz answers 200 (every worker listens)
-    relay.smtp_address                      # ("127.0.0.5", 40123)
+    relay.smtp_address                      # ("127.0.0.5", 40123): (relay.smtp_host, relay.smtp_port)
     relay.admin_address                     # ("127.0.0.5", 40124)
     relay.admin_url                         # "http://127.0.0.5:40124"
     relay.status()                          # GET /status as a dict (sends the token)
     relay.drain(); relay.resume()           # POST /drain, /resume; return the status dict
     relay.get("/readyz")                    # (http status, body text) for any admin path
+    relay.request("POST", "/drain")         # the same for any method (sends the token)
+    relay.healthy()                         # /healthz answers 200
     relay.metrics()                         # /metrics text
     relay.stop(timeout=60.0)                # SIGTERM, wait; returns the exit code (drain, then exit)
     relay.kill()                            # SIGKILL, wait; returns the exit code (-9)
+    relay.signal_group(signal.SIGTERM)      # a signal to the supervisor and every worker, no wait
     relay.restart()                         # start again with the same ports, spool and flags
     relay.log_text(); relay.log_events()    # the log file, raw / as a list of JSON dicts
     relay.pid, relay.running
+    relay.pids(); relay.cpu_seconds(); relay.rss_bytes()   # the process tree, its CPU and memory
 
 `RelayProcess` is also a context manager (`with RelayProcess(...) as relay:`) that starts on enter and,
 on exit, stops with SIGTERM (bounded by `stop_timeout`, then SIGKILL).
@@ -51,10 +57,8 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -62,13 +66,9 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
+from mailrelay_sandbox import netutil, proctree
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` right now."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+free_port = netutil.free_port  # kept for tests/operator, which calls it by this name
 
 
 def relay_command() -> list[str]:
@@ -86,6 +86,7 @@ class RelayProcess:
         upstream: tuple[str, int] | str,
         spool: pathlib.Path | str,
         host: str = "127.0.0.1",
+        smtp_host: str | None = None,
         smtp_port: int = 0,
         admin_port: int = 0,
         token: str | None = None,
@@ -98,10 +99,11 @@ class RelayProcess:
         stop_timeout: float = 60.0,
     ) -> None:
         self.host = host
+        self.smtp_host = smtp_host or host
         self.upstream = upstream if isinstance(upstream, str) else f"{upstream[0]}:{upstream[1]}"
         self.spool = pathlib.Path(spool)
-        self.smtp_port = smtp_port or free_port(host)
-        self.admin_port = admin_port or free_port(host)
+        self.smtp_port = smtp_port or netutil.free_port(self.smtp_host)
+        self.admin_port = admin_port or netutil.free_port(host)
         self.token = token
         self.workers = workers
         self.hostname = hostname
@@ -111,8 +113,7 @@ class RelayProcess:
         self.stop_timeout = stop_timeout
         self.spool.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = pathlib.Path(log_path) if log_path else \
-            self.spool.parent / f"relay-{self.host}-{self.smtp_port}.log"
-        self._token_dir: tempfile.TemporaryDirectory[str] | None = None
+            self.spool.parent / f"relay-{self.smtp_host}-{self.smtp_port}.log"
         self._token_file: pathlib.Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
@@ -120,7 +121,7 @@ class RelayProcess:
     # -- addresses --------------------------------------------------------------------------------------
     @property
     def smtp_address(self) -> tuple[str, int]:
-        return (self.host, self.smtp_port)
+        return (self.smtp_host, self.smtp_port)
 
     @property
     def admin_address(self) -> tuple[str, int]:
@@ -141,9 +142,10 @@ class RelayProcess:
 
     def command(self) -> list[str]:
         host = f"[{self.host}]" if ":" in self.host else self.host
+        smtp_host = f"[{self.smtp_host}]" if ":" in self.smtp_host else self.smtp_host
         args = [
             *relay_command(),
-            "--listen", f"{host}:{self.smtp_port}",
+            "--listen", f"{smtp_host}:{self.smtp_port}",
             "--admin-listen", f"{host}:{self.admin_port}",
             "--upstream", self.upstream,
             "--spool", str(self.spool),
@@ -159,9 +161,11 @@ class RelayProcess:
         if self.running:
             raise RuntimeError("relay already running")
         if self.token is not None and self._token_file is None:
-            self._token_dir = tempfile.TemporaryDirectory(prefix="mailrelay-token-")
-            self._token_file = pathlib.Path(self._token_dir.name) / "token"
-            self._token_file.write_text(self.token + "\n", encoding="utf-8")
+            self._token_file = self.log_path.with_suffix(".token")
+            self._token_file.unlink(missing_ok=True)
+            fd = os.open(self._token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(self.token + "\n")
         environ = {k: v for k, v in os.environ.items() if not k.startswith("MAILRELAY_")}
         environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
         environ.update(self.env)
@@ -221,6 +225,12 @@ class RelayProcess:
                 os.killpg(self.process.pid, signal.SIGKILL)
         return int(self.process.returncode)
 
+    def signal_group(self, sig: int) -> None:
+        """Send `sig` to the supervisor and every worker (the process group); do not wait."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+
     def restart(self) -> RelayProcess:
         if self.running:
             self.stop()
@@ -229,9 +239,8 @@ class RelayProcess:
     def close(self) -> None:
         if self.running:
             self.stop()
-        if self._token_dir is not None:
-            self._token_dir.cleanup()
-            self._token_dir = None
+        if self._token_file is not None:
+            self._token_file.unlink(missing_ok=True)
             self._token_file = None
 
     def __enter__(self) -> RelayProcess:
@@ -264,6 +273,13 @@ class RelayProcess:
         result: dict[str, Any] = json.loads(body)
         return result
 
+    def healthy(self) -> bool:
+        """/healthz answers 200 (False when it does not answer at all)."""
+        try:
+            return self.get("/healthz", timeout=2.0)[0] == 200
+        except OSError:
+            return False
+
     def status(self) -> dict[str, Any]:
         return self._json("GET", "/status")
 
@@ -278,6 +294,21 @@ class RelayProcess:
         if code != 200:
             raise RuntimeError(f"/metrics: HTTP {code}")
         return body
+
+    # -- processes --------------------------------------------------------------------------------------
+    def pids(self) -> list[int]:
+        """The supervisor and every live worker ([] when not started)."""
+        return [] if self.process is None else proctree.tree(self.process.pid)
+
+    def cpu_seconds(self) -> float:
+        """User+system CPU of the tree, the workers already reaped by the supervisor included."""
+        reaped = [] if self.process is None else [self.process.pid]
+        return proctree.cpu_seconds(self.pids(), reaped_of=reaped)
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the supervisor and its workers, in bytes."""
+        rss_kib, _ = proctree.memory_kib(self.pids())
+        return rss_kib * 1024
 
     # -- logs -------------------------------------------------------------------------------------------
     def log_text(self) -> str:

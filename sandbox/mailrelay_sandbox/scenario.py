@@ -23,14 +23,13 @@ import email.parser
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from mailrelay_sandbox import apiclient, kubecluster, sink
+from mailrelay_sandbox import apiclient, kubecluster, netutil, sink
 
 GROUP = "mailrelay.dev"
 VERSION = "v1alpha1"
@@ -91,10 +90,7 @@ def install(cluster: kubecluster.Cluster, workdir: Path, *, release: str = RELEA
     return Platform(cluster, account, token, kubeconfig)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+free_port = netutil.free_port  # kept for tests/operator, which calls it by this name
 
 
 @dataclasses.dataclass

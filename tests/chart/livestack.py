@@ -44,7 +44,6 @@ import os
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from mailrelay_sandbox import netutil, waiting
 
 from tests import kubeenv
 from tests.chart import helmutil, promql
@@ -69,10 +69,6 @@ SCRAPE = "1s"
 OPERATOR_NAMESPACE = "mailrelay-system"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -276,17 +272,12 @@ async def _publish_targets(api: Any, namespace: str, path: Path, stop: asyncio.E
 
 async def _wait(check: Any, within: float, what: str, stack: Stack) -> None:
     """A barrier: poll `check` until true; raise ScenarioError (noted) after `within` seconds."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            stack.note(what)
-            return
-        await asyncio.sleep(0.3)
-    stack.note(f"TIMEOUT waiting for: {what}")
-    raise ScenarioError(f"timed out after {within:.0f}s waiting for: {what}")
+    try:
+        await waiting.eventually(check, within=within, every=0.3, what=what)
+    except TimeoutError:
+        stack.note(f"TIMEOUT waiting for: {what}")
+        raise ScenarioError(f"timed out after {within:.0f}s waiting for: {what}") from None
+    stack.note(what)
 
 
 async def _crash_one_relay(node: Any, stack: Stack, after: float) -> None:
@@ -372,7 +363,7 @@ async def _scenario(stack: Stack, env: kubeenv.KubeEnv, workdir: Path, prometheu
     upstream = sink.Sink(keep_content=False)
     upstream.start()
     upstream.fail("rcpt", 550, recipients={BOUNCE})
-    health_port, metrics_port, prom_port = free_port(), free_port(), free_port()
+    health_port, metrics_port, prom_port = netutil.free_port(), netutil.free_port(), netutil.free_port()
     stack.prometheus_url = f"http://127.0.0.1:{prom_port}"
     prom_dir = workdir / "prometheus"
     prom_dir.mkdir()
@@ -517,12 +508,8 @@ def _get_status(url: str) -> int | None:
 
 
 def _wait_prometheus_ready(url: str, within: float = 60) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if _get_status(f"{url}/-/ready") == 200:
-            return
-        time.sleep(0.3)
-    raise AssertionError("prometheus did not become ready")
+    waiting.wait_until(lambda: _get_status(f"{url}/-/ready") == 200, within=within, every=0.3,
+                       what="prometheus ready")
 
 
 @contextlib.contextmanager

@@ -14,32 +14,9 @@ import tomllib
 
 import yaml
 
-from tests.chart import promql
+from tests.chart import dockerfile, promql
 
-DOCKERFILE = promql.ROOT / "Dockerfile"
 DOCKERIGNORE = promql.ROOT / ".dockerignore"
-
-
-def _stages() -> dict[str, list[str]]:
-    """Stage name -> its instructions (continuation lines joined)."""
-    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
-    stages: dict[str, list[str]] = {}
-    current = None
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = re.match(r"FROM\s+\S+\s+AS\s+(\S+)", line, re.IGNORECASE)
-        if match:
-            current = match.group(1)
-            stages[current] = []
-        if current is not None:
-            stages[current].append(line)
-    return stages
-
-
-def _instruction(stage: list[str], keyword: str) -> list[str]:
-    return [line[len(keyword) :].strip() for line in stage if line.upper().startswith(keyword + " ")]
 
 
 def _scripts() -> dict[str, str]:
@@ -48,11 +25,11 @@ def _scripts() -> dict[str, str]:
 
 
 def test_two_targets_with_tini_and_declared_console_scripts() -> None:
-    stages = _stages()
+    stages = dockerfile.stages()
     scripts = _scripts()
     for target, script in (("relay", "mailrelay-relay"), ("operator", "mailrelay-operator")):
         assert target in stages, f"Dockerfile has no target {target!r}"
-        (entrypoint,) = _instruction(stages[target], "ENTRYPOINT")
+        (entrypoint,) = dockerfile.instruction(stages[target], "ENTRYPOINT")
         argv = yaml.safe_load(entrypoint)  # exec form, a JSON list
         assert argv[0] == "/usr/bin/tini", "tini must be PID 1 so SIGTERM reaches the Python process"
         assert argv[-1] == script
@@ -66,19 +43,20 @@ def test_console_scripts_resolve_to_callables() -> None:
 
 
 def test_non_root_numeric_user_in_every_runtime_stage() -> None:
-    stages = _stages()
+    stages = dockerfile.stages()
     for target in ("relay", "operator"):
-        users = _instruction(stages["base"], "USER") + _instruction(stages[target], "USER")
+        users = dockerfile.instruction(stages["base"], "USER")
+        users += dockerfile.instruction(stages[target], "USER")
         assert users, target
         uid = users[-1].split(":")[0]
         assert uid.isdigit() and int(uid) >= 1000, f"{target} must end as a numeric non-root USER"
 
 
 def test_relay_spool_is_a_volume_with_the_contract_default() -> None:
-    relay = _stages()["relay"]
-    volumes = [yaml.safe_load(v) for v in _instruction(relay, "VOLUME")]
+    relay = dockerfile.stages()["relay"]
+    volumes = [yaml.safe_load(v) for v in dockerfile.instruction(relay, "VOLUME")]
     assert ["/var/spool/mailrelay"] in volumes
-    exposed = " ".join(_instruction(relay, "EXPOSE")).split()
+    exposed = " ".join(dockerfile.instruction(relay, "EXPOSE")).split()
     assert {"2525", "8025"} <= set(exposed)
 
 
@@ -98,7 +76,7 @@ def test_build_context_keeps_what_copy_needs() -> None:
                 verdict = not negate
         return verdict
 
-    for line in _instruction(_stages()["build"], "COPY"):
+    for line in dockerfile.instruction(dockerfile.stages()["build"], "COPY"):
         *sources, _dest = line.split()
         for source in sources:
             if source.startswith("--"):
@@ -113,10 +91,10 @@ def test_chart_image_references_match_the_dockerfile_targets() -> None:
     chart = yaml.safe_load((promql.CHART / "Chart.yaml").read_text())
     with (promql.ROOT / "pyproject.toml").open("rb") as fh:
         version = tomllib.load(fh)["project"]["version"]
-    stages = _stages()
+    stages = dockerfile.stages()
     titles = {}
     for target in ("relay", "operator"):
-        labels = " ".join(_instruction(stages[target], "LABEL"))
+        labels = " ".join(dockerfile.instruction(stages[target], "LABEL"))
         titles[target] = re.search(r'org\.opencontainers\.image\.title="([^"]+)"', labels).group(1)  # type: ignore[union-attr]
     assert values["image"]["repository"].rsplit("/", 1)[-1] == titles["operator"]
     assert values["relayImage"]["repository"].rsplit("/", 1)[-1] == titles["relay"]
@@ -127,11 +105,13 @@ def test_operator_built_relay_pods_fit_the_relay_image() -> None:
     """The operator's relay pod template relies on the image: its UID, its spool path, its entrypoint."""
     from mailrelay_operator import manifests
 
-    stages = _stages()
-    uid = (_instruction(stages["relay"], "USER") or _instruction(stages["base"], "USER"))[-1].split(":")[0]
+    stages = dockerfile.stages()
+    users = dockerfile.instruction(stages["relay"], "USER") or dockerfile.instruction(stages["base"], "USER")
+    uid = users[-1].split(":")[0]
     assert int(uid) == manifests.RUN_AS
-    assert [manifests.SPOOL_PATH] in [yaml.safe_load(v) for v in _instruction(stages["relay"], "VOLUME")]
-    envs = " ".join(_instruction(stages["relay"], "ENV"))
+    volumes = [yaml.safe_load(v) for v in dockerfile.instruction(stages["relay"], "VOLUME")]
+    assert [manifests.SPOOL_PATH] in volumes
+    envs = " ".join(dockerfile.instruction(stages["relay"], "ENV"))
     assert f"MAILRELAY_SPOOL={manifests.SPOOL_PATH}" in envs
 
 
@@ -139,17 +119,17 @@ def test_each_image_gets_a_virtualenv_with_its_own_extra_and_no_sandbox() -> Non
     """The relay image's virtualenv comes from a stage that installs '.[relay]', the operator's from one
     that installs '.[operator]' (tests/chart/test_package.py installs each extra and checks what it holds),
     and the build context holds every folder the wheel's packages come from, but never the sandbox."""
-    stages = _stages()
+    stages = dockerfile.stages()
     for target in ("relay", "operator"):
-        sources = [line.split()[0].removeprefix("--from=") for line in _instruction(stages[target], "COPY")
-                   if line.startswith("--from=")]
+        copies = dockerfile.instruction(stages[target], "COPY")
+        sources = [line.split()[0].removeprefix("--from=") for line in copies if line.startswith("--from=")]
         assert len(sources) == 1, f"{target}: one virtualenv, copied from one build stage"
-        installs = " ".join(_instruction(stages[sources[0]], "RUN"))
+        installs = " ".join(dockerfile.instruction(stages[sources[0]], "RUN"))
         assert f"'.[{target}]'" in installs, f"{target} image must install the {target} extra"
         other = "operator" if target == "relay" else "relay"
         assert f".[{other}" not in installs and "[test" not in installs
     with (promql.ROOT / "pyproject.toml").open("rb") as fh:
         where = tomllib.load(fh)["tool"]["setuptools"]["packages"]["find"]["where"]
-    copied = {line.split()[0].rstrip("/") for line in _instruction(stages["build"], "COPY")}
+    copied = {line.split()[0].rstrip("/") for line in dockerfile.instruction(stages["build"], "COPY")}
     assert {folder for folder in where if (promql.ROOT / folder).is_dir()} <= copied
     assert not [line for stage in stages.values() for line in stage if "sandbox" in line]

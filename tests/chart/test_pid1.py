@@ -23,14 +23,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mailrelay_sandbox import netutil
 
-from tests.chart import livestack
-from tests.chart.test_images import _instruction, _stages
+from tests.chart import dockerfile
 from tests.conftest import missing, require_tool
 
 
 def _relay_entrypoint() -> list[str]:
-    (entrypoint,) = _instruction(_stages()["relay"], "ENTRYPOINT")
+    (entrypoint,) = dockerfile.instruction(dockerfile.stages()["relay"], "ENTRYPOINT")
     argv = list(yaml.safe_load(entrypoint))
     assert argv[0] == "/usr/bin/tini" and argv[-1] == "mailrelay-relay"
     return argv
@@ -59,7 +59,7 @@ def test_sigterm_to_pid_1_drains_the_relay(tmp_path: Path) -> None:
     argv = _relay_entrypoint()
     argv[0] = tini
     argv[-1] = str(Path(sys.executable).with_name("mailrelay-relay"))
-    smtp_port, admin_port = livestack.free_port(), livestack.free_port()
+    smtp_port, admin_port = netutil.free_port(), netutil.free_port()
     with sink.Sink() as upstream:
         flags = [
             f"--listen=127.0.0.1:{smtp_port}",

@@ -9,22 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
-from mailrelay_sandbox import loadgen
+from mailrelay_sandbox import loadgen, netutil, waiting
 
 from tests.conftest import require_tool
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Collector:
@@ -44,7 +37,7 @@ class Collector:
 @pytest.fixture
 def aiosmtpd_server() -> Iterator[tuple[loadgen.Endpoint, Collector]]:
     handler = Collector()
-    port = free_port()
+    port = netutil.free_port()
     controller = Controller(handler, hostname="127.0.0.1", port=port)
     controller.start()
     try:
@@ -56,16 +49,11 @@ def aiosmtpd_server() -> Iterator[tuple[loadgen.Endpoint, Collector]]:
 @contextlib.asynccontextmanager
 async def smtp_sink(*flags: str) -> AsyncIterator[loadgen.Endpoint]:
     tool = require_tool("smtp-sink")
-    port = free_port()
+    port = netutil.free_port()
     proc = await asyncio.create_subprocess_exec(tool, "-u", "nobody", *flags, f"127.0.0.1:{port}", "100")
     try:
-        for _ in range(100):
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
+        await waiting.eventually(lambda: netutil.accepts("127.0.0.1", port), within=30, every=0.05,
+                                 what="smtp-sink listening")
         yield loadgen.Endpoint("127.0.0.1", port)
     finally:
         proc.terminate()
@@ -94,7 +82,7 @@ async def test_a_421_is_shedding_not_a_reset_and_the_message_is_kept() -> None:
         gen = loadgen.LoadGenerator(lambda: [endpoint])
         gen.enqueue(5)
         gen.set_load(0, 2)
-        await asyncio.sleep(1.5)
+        await waiting.eventually(lambda: gen.counters.refused_421 >= 2, every=0.05, what="two 421 replies")
         await gen.close()
     assert gen.counters.refused_421 >= 2
     assert gen.counters.sessions_reset == 0
@@ -109,7 +97,8 @@ async def test_a_dropped_connection_counts_as_a_reset_and_the_message_is_retried
         gen = loadgen.LoadGenerator(lambda: [endpoint])
         gen.enqueue(3)
         gen.set_load(0, 1)
-        await asyncio.sleep(1.5)
+        await waiting.eventually(lambda: gen.counters.sessions_reset >= 2, every=0.05,
+                                 what="two sessions reset")
         await gen.close()
     assert gen.counters.sessions_reset >= 2
     assert gen.counters.refused_421 == 0
@@ -122,7 +111,8 @@ async def test_no_endpoint_means_waiting_not_failing() -> None:
     gen = loadgen.LoadGenerator(lambda: [])
     gen.enqueue(1)
     gen.set_load(0, 1)
-    await asyncio.sleep(0.5)
+    await waiting.eventually(lambda: gen.counters.no_endpoint_waits >= 2, every=0.05,
+                             what="two waits for an endpoint")
     await gen.close()
     assert gen.counters.no_endpoint_waits >= 2
     assert gen.counters.connect_errors == 0

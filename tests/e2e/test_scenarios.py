@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 import pytest
 from mailrelay_operator import kube as k
-from mailrelay_sandbox import apiclient, kubelet, loadgen, scenario
+from mailrelay_sandbox import apiclient, kubelet, loadgen, netutil, scenario
 
 from tests import kubeenv
 from tests.e2e.conftest import eventually
@@ -82,7 +82,7 @@ class Operator:
     ServiceAccount token, and its ticks."""
 
     def __init__(self, kube: kubeenv.KubeEnv, log_path: Path) -> None:
-        port = scenario.free_port()
+        port = netutil.free_port()
         self.process = scenario.OperatorProcess(
             kube.operator_kubeconfig, kube.namespace, log_path,
             "--liveness", "", "--metrics-port", str(port), "--metrics-host", "127.0.0.1")

@@ -14,7 +14,7 @@ import random
 from typing import Any, cast
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from mailrelay_operator import drain, kubetypes
 
@@ -716,6 +716,9 @@ def test_simulated_scenario_covers_cancel_timeout_and_redrain() -> None:
     st.lists(st.tuples(st.integers(1, 8), st.integers(1, 40)), min_size=1, max_size=6),
     st.integers(0, 2**32 - 1),
 )
+# A finished drain whose relay restarted was ready again when the count was lowered: the ReplicaSet
+# removed another draining relay, not ready and still holding mail, instead (found by hypothesis).
+@example(schedule=[(4, 1), (2, 26), (7, 34), (2, 1), (1, 1)], seed=255)
 def test_simulated_cluster_never_loses_mail_and_settles(schedule: list[tuple[int, int]], seed: int) -> None:
     cluster = Cluster(replicas=schedule[0][0], rng=random.Random(seed), stuck_ratio=0.1)
     final = schedule[-1][0]

@@ -1,83 +1,24 @@
-"""Helpers for the relay-core tests that talk to a real `mailrelay-relay` process (no tests here).
+"""Helpers for the relay-core tests that talk to a real `mailrelay-relay` process (no tests here); they
+talk to it with `mailrelay_sandbox.smtpwire.Wire`.
 
-- `Wire`: a blocking raw-socket SMTP client that sends exact bytes and reads whole replies, for
-  transcripts with exact codes (optionally bound to a chosen 127.x source address).
 - `start_relay`: a RelayProcess (sandbox.relayproc) on 127.0.0.5 with a fresh spool and short timeouts.
 - `message`: a small RFC 5322 message with a unique Message-ID.
+- `sentinel`: the barrier before asserting that something did NOT reach the upstream.
 """
 
 from __future__ import annotations
 
 import pathlib
-import socket
 import subprocess
-import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from mailrelay_sandbox import relayproc
+from mailrelay_sandbox import relayproc, smtpwire, waiting
 
 from tests.conftest import require_tool
 
 RELAY_HOST = "127.0.0.5"
 HOSTNAME = "relay.test"
-
-
-class Wire:
-    def __init__(self, address: tuple[str, int], *, source: str | None = None, timeout: float = 20.0,
-                 greet: bool = True) -> None:
-        self.sock = socket.create_connection(address, timeout=timeout,
-                                             source_address=(source, 0) if source else None)
-        self.file = self.sock.makefile("rb")
-        self.greeting: tuple[int, list[str]] | None = self.reply() if greet else None
-
-    def send(self, data: bytes | str) -> None:
-        self.sock.sendall(data.encode("ascii") if isinstance(data, str) else data)
-
-    def reply(self) -> tuple[int, list[str]]:
-        """One whole reply: (code, [text of each line]); (0, []) when the server closed."""
-        lines: list[str] = []
-        while True:
-            raw = self.file.readline(4096)
-            if not raw:
-                return (0, lines)
-            assert raw.endswith(b"\r\n"), raw
-            text = raw[:-2].decode("ascii")
-            lines.append(text[4:])
-            if text[3:4] != "-":
-                return (int(text[:3]), lines)
-
-    def cmd(self, line: str) -> tuple[int, str]:
-        """Send one command line; return (code, last text line)."""
-        self.send(line + "\r\n")
-        code, lines = self.reply()
-        return code, lines[-1] if lines else ""
-
-    def line(self, command: str) -> str:
-        """Send one command line; return the whole last reply line as on the wire ("250 2.1.0 Ok")."""
-        code, text = self.cmd(command)
-        return f"{code} {text}"
-
-    def ehlo(self) -> list[str]:
-        self.send("EHLO client.test\r\n")
-        code, lines = self.reply()
-        assert code == 250, lines
-        return lines
-
-    def closed(self, timeout: float = 20.0) -> bool:
-        """True when the server closes the connection (EOF) within `timeout`."""
-        self.sock.settimeout(timeout)
-        try:
-            return self.file.read(1) == b""
-        except (ConnectionResetError, TimeoutError):
-            return False
-
-    def close(self) -> None:
-        try:
-            self.file.close()
-            self.sock.close()
-        except OSError:
-            pass
 
 
 def certificate(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
@@ -111,10 +52,19 @@ def start_relay(tmp_path: pathlib.Path, upstream: str, *, args: Sequence[str] = 
     return relay
 
 
-def wait_until(predicate: object, timeout: float = 30.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if callable(predicate) and predicate():
-            return True
-        time.sleep(interval)
-    return bool(callable(predicate) and predicate())
+
+def sentinel(relay: relayproc.RelayProcess, arrived: Callable[[bytes], bool], within: float = 60.0) -> None:
+    """A barrier for "nothing else reached the upstream": send a sentinel message on a new session, then
+    wait until `arrived(its Message-ID)` at the upstream and the relay's queue is empty. Whatever the
+    relay accepted before the sentinel has then been delivered (or dead-lettered) too."""
+    msg_id, content = message("sentinel")
+    with smtpwire.Wire(relay.smtp_address) as wire:
+        wire.ehlo()
+        assert wire.cmd("MAIL FROM:<sentinel@client.test>")[0] == 250
+        assert wire.cmd("RCPT TO:<sentinel@dest.test>")[0] == 250
+        assert wire.cmd("DATA")[0] == 354
+        wire.send(content + b".\r\n")
+        assert wire.reply()[0] == 250, "the sentinel was refused"
+    waiting.wait_until(lambda: arrived(msg_id.encode()), within=within, what="the sentinel at the upstream")
+    waiting.wait_until(lambda: relay.status()["queue"]["messages"] == 0, within=within,
+                       what="the relay's queue empty after the sentinel")

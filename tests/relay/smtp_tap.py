@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -239,25 +238,3 @@ class Tap:
         if self.on_reply is not None:
             self.on_reply(conn.session, reply)
 
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 60.0, what: str = "condition",
-               every: float = 0.1, between: Callable[[], None] | None = None,
-               between_every: float = 2.0) -> None:
-    """Poll `predicate` until true (else AssertionError naming `what`); `between` runs every
-    `between_every` seconds meanwhile (a forced queue run)."""
-    deadline = time.monotonic() + timeout
-    next_between = time.monotonic() + between_every
-    while not predicate():
-        now = time.monotonic()
-        if now > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        if between is not None and now >= next_between:
-            between()
-            next_between = now + between_every
-        time.sleep(every)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])

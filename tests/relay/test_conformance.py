@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from mailrelay_sandbox import relayproc
+from mailrelay_sandbox import relayproc, smtpwire
 from mailrelay_sandbox import sink as sinkmod
 
-from tests.relay.relay_harness import Wire, start_relay
+from tests.relay.relay_harness import start_relay
 
 MAIL = "MAIL FROM:<s@example.com>"
 
@@ -82,7 +82,7 @@ def relay(tmp_path_factory: pytest.TempPathFactory, sink: sinkmod.Sink) -> Itera
     r.kill()
 
 
-def send(wire: Wire, line: str) -> str:
+def send(wire: smtpwire.Wire, line: str) -> str:
     """One command line (UTF-8 where it is not ASCII); the last reply line as on the wire."""
     wire.send(line.encode("utf-8") + b"\r\n")
     code, lines = wire.reply()
@@ -91,7 +91,7 @@ def send(wire: Wire, line: str) -> str:
 
 @pytest.mark.parametrize(("before", "command", "expected"), TABLE)
 def test_reply(relay: relayproc.RelayProcess, before: tuple[str, ...], command: str, expected: str) -> None:
-    wire = Wire(relay.smtp_address, source="127.0.0.1")
+    wire = smtpwire.Wire(relay.smtp_address, source="127.0.0.1")
     try:
         wire.ehlo()
         for line in before:
@@ -103,7 +103,7 @@ def test_reply(relay: relayproc.RelayProcess, before: tuple[str, ...], command: 
 
 
 def test_ehlo_offers_smtputf8_and_dsn(relay: relayproc.RelayProcess) -> None:
-    wire = Wire(relay.smtp_address, source="127.0.0.1")
+    wire = smtpwire.Wire(relay.smtp_address, source="127.0.0.1")
     try:
         features = wire.ehlo()[1:]
         assert "SMTPUTF8" in features and "DSN" in features
@@ -114,7 +114,7 @@ def test_ehlo_offers_smtputf8_and_dsn(relay: relayproc.RelayProcess) -> None:
 
 def test_help_lists_only_what_is_offered(relay: relayproc.RelayProcess) -> None:
     """Without a certificate STARTTLS is neither in EHLO nor in HELP."""
-    wire = Wire(relay.smtp_address, source="127.0.0.1")
+    wire = smtpwire.Wire(relay.smtp_address, source="127.0.0.1")
     try:
         wire.ehlo()
         code, text = wire.cmd("HELP")

@@ -8,56 +8,20 @@ recipient failures; retry_now; a pooled connection cut by the upstream; stop and
 from __future__ import annotations
 
 import asyncio
-import pathlib
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 from mailrelay_common import backoff
 from mailrelay_relay import delivery, spool
 from mailrelay_sandbox import sink as sinkmod
-from prometheus_client import REGISTRY
+from mailrelay_sandbox import waiting
 
 from tests.conftest import require_tool
+from tests.relay import delivery_harness as dh
 
 FAST = backoff.Schedule(base=0.05, factor=2.0, cap=0.4, jitter=0.25)
-WAIT = 60.0  # generous: other engineers load this 2-core machine at the same time
-
-
-def sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
-
-
-class Counters:
-    """Deltas of the delivery counters since creation (the registry is process-wide)."""
-
-    NAMES = {
-        "delivered": ("mailrelay_relay_messages_delivered_total", {}),
-        "dl_permanent": ("mailrelay_relay_messages_dead_lettered_total", {"reason": "permanent"}),
-        "dl_expired": ("mailrelay_relay_messages_dead_lettered_total", {"reason": "expired"}),
-        "success": ("mailrelay_relay_delivery_attempts_total", {"result": "success"}),
-        "temporary": ("mailrelay_relay_delivery_attempts_total", {"result": "temporary"}),
-        "permanent": ("mailrelay_relay_delivery_attempts_total", {"result": "permanent"}),
-        "connection_error": ("mailrelay_relay_delivery_attempts_total", {"result": "connection_error"}),
-        "duration_count": ("mailrelay_relay_delivery_duration_seconds_count", {}),
-    }
-
-    def __init__(self) -> None:
-        self.base = {k: sample(n, **labels) for k, (n, labels) in self.NAMES.items()}
-
-    def __getitem__(self, key: str) -> float:
-        name, labels = self.NAMES[key]
-        return sample(name, **labels) - self.base[key]
-
-
-async def eventually(predicate: object, timeout: float = WAIT) -> None:  # noqa: ASYNC109
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -67,13 +31,6 @@ def upstream() -> Iterator[sinkmod.Sink]:
         yield s
     finally:
         s.stop()
-
-
-@pytest.fixture
-async def store(tmp_path: pathlib.Path) -> AsyncIterator[spool.Spool]:
-    sp = spool.Spool(tmp_path / "spool")
-    yield sp
-    sp.close()
 
 
 def make(
@@ -86,16 +43,12 @@ def make(
                              concurrency=connections, schedule=schedule)
 
 
-def content(n: int) -> bytes:
-    return (f"From: a@example.org\r\nTo: b@example.org\r\nSubject: test {n}\r\n\r\n"
-            f"line one of {n}\r\n.leading dot\r\n").encode()
-
-
 async def enqueue(sp: spool.Spool, d: delivery.Delivery, n: int, rcpts: tuple[str, ...] = ("b@example.org",),
                   received_at: float | None = None) -> list[spool.QueuedMessage]:
     msgs = []
     for i in range(n):
-        msg = await sp.store(spool.Envelope("a@example.org", rcpts), content(i), received_at or time.time())
+        msg = await sp.store(spool.Envelope("a@example.org", rcpts), dh.content(i),
+                             received_at or time.time())
         d.submit(msg)
         msgs.append(msg)
     return msgs
@@ -108,42 +61,42 @@ def reasons(sp: spool.Spool) -> list[str]:
 async def test_delivers_everything_over_reused_connections(
     store: spool.Spool, upstream: sinkmod.Sink
 ) -> None:
-    c = Counters()
+    c = dh.Counters()
     d = make(store, upstream, connections=2)
     await d.start()
     try:
         msgs = await enqueue(store, d, 40)
-        assert await d.wait_empty(WAIT)
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     assert upstream.count == 40
     got = {m.content for m in upstream.messages}
-    assert got == {content(i) for i in range(40)}  # exact bytes, dot-stuffing undone by the sink
+    assert got == {dh.content(i) for i in range(40)}  # exact bytes, dot-stuffing undone by the sink
     assert all(m.mail_from == "a@example.org" and m.rcpt_tos == ("b@example.org",) for m in upstream.messages)
     assert upstream.connections <= 2  # pooled and reused, not one connection per message
     assert not any(m.path.exists() for m in msgs)
     assert store.queue_count() == 0
     assert d.stats() == delivery.QueueStats(0, 0, 0.0)
     assert c["delivered"] == 40 and c["success"] == 40 and c["duration_count"] == 40
-    assert sample("mailrelay_relay_queue_messages") == 0
+    assert dh.sample("mailrelay_relay_queue_messages") == 0
 
 
 async def test_upstream_down_queues_then_delivers_when_it_returns(
     store: spool.Spool, upstream: sinkmod.Sink
 ) -> None:
-    c = Counters()
+    c = dh.Counters()
     upstream.stop()
     d = make(store, upstream)
     await d.start()
     try:
         msgs = await enqueue(store, d, 5)
-        await eventually(lambda: c["connection_error"] >= 3)
+        await waiting.eventually(lambda: c["connection_error"] >= 3, what='c["connection_error"] >= 3')
         stats = d.stats()
         assert stats.messages == 5 and stats.bytes == sum(m.size for m in msgs)
-        assert sample("mailrelay_relay_queue_messages") == 5
+        assert dh.sample("mailrelay_relay_queue_messages") == 5
         assert store.queue_count() == 5  # still on disk
         upstream.start()  # same port
-        assert await d.wait_empty(WAIT)
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     assert upstream.count == 5
@@ -155,13 +108,13 @@ async def test_upstream_down_queues_then_delivers_when_it_returns(
 async def test_temporary_failures_are_retried(
     store: spool.Spool, upstream: sinkmod.Sink, command: str, code: int
 ) -> None:
-    c = Counters()
+    c = dh.Counters()
     upstream.fail(command, code, times=2)
     d = make(store, upstream, connections=1)
     await d.start()
     try:
         await enqueue(store, d, 1)
-        assert await d.wait_empty(WAIT)
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     assert upstream.count == 1
@@ -179,13 +132,13 @@ async def test_temporary_failures_are_retried(
 async def test_permanent_failures_are_dead_lettered_with_reason(
     store: spool.Spool, upstream: sinkmod.Sink, command: str, code: int
 ) -> None:
-    c = Counters()
+    c = dh.Counters()
     upstream.fail(command, code, text=f"5.7.1 refused at {command}")
     d = make(store, upstream)
     await d.start()
     try:
         msgs = await enqueue(store, d, 2)
-        assert await d.wait_empty(WAIT)
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     assert upstream.count == 0
@@ -203,13 +156,13 @@ async def test_permanent_failures_are_dead_lettered_with_reason(
 async def test_message_older_than_queue_lifetime_is_dead_lettered(
     store: spool.Spool, upstream: sinkmod.Sink
 ) -> None:
-    c = Counters()
+    c = dh.Counters()
     upstream.fail("mail", 451)  # the upstream never takes it
     d = make(store, upstream, lifetime=0.6)
     await d.start()
     try:
         await enqueue(store, d, 1)
-        assert await d.wait_empty(WAIT)
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     (reason,) = reasons(store)
@@ -226,14 +179,14 @@ async def test_recovered_message_past_lifetime_gets_one_last_attempt(
     await d.start()
     try:
         await enqueue(store, d, 1, received_at=time.time() - 3600)
-        assert await d.wait_empty(WAIT)
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     assert upstream.count == 1 and store.dead_letter_count() == 0
 
 
 async def test_partial_recipient_failures(store: spool.Spool, upstream: sinkmod.Sink) -> None:
-    c = Counters()
+    c = dh.Counters()
     upstream.fail("rcpt", 550, text="5.1.1 no such user", recipients={"bad@example.org"})
     upstream.fail("rcpt", 451, text="4.2.1 try later", recipients={"later@example.org"}, times=1)
     d = make(store, upstream, connections=1)
@@ -241,7 +194,7 @@ async def test_partial_recipient_failures(store: spool.Spool, upstream: sinkmod.
     try:
         rcpts = ("good@example.org", "bad@example.org", "later@example.org")
         (msg,) = await enqueue(store, d, 1, rcpts=rcpts)
-        assert await d.wait_empty(WAIT)
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     # Accepted recipients got it at once; the deferred one on the retry; nobody twice.
@@ -262,7 +215,7 @@ async def test_all_recipients_temporarily_refused_then_accepted(
     await d.start()
     try:
         await enqueue(store, d, 1, rcpts=("x@example.org", "y@example.org"))
-        assert await d.wait_empty(WAIT)
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     assert sorted(r for m in upstream.messages for r in m.rcpt_tos) == ["x@example.org", "y@example.org"]
@@ -270,17 +223,17 @@ async def test_all_recipients_temporarily_refused_then_accepted(
 
 
 async def test_retry_now_wakes_deferred_messages(store: spool.Spool, upstream: sinkmod.Sink) -> None:
-    c = Counters()
+    c = dh.Counters()
     slow = backoff.Schedule(base=600.0, factor=2.0, cap=600.0, jitter=0.0)
     upstream.fail("mail", 451, times=1)
     d = make(store, upstream, schedule=slow)
     await d.start()
     try:
         await enqueue(store, d, 1)
-        await eventually(lambda: c["temporary"] == 1)
+        await waiting.eventually(lambda: c["temporary"] == 1, what='c["temporary"] == 1')
         assert not await d.wait_empty(0.3)  # deferred for ten minutes
         d.retry_now()
-        assert await d.wait_empty(WAIT)
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     assert upstream.count == 1
@@ -289,17 +242,17 @@ async def test_retry_now_wakes_deferred_messages(store: spool.Spool, upstream: s
 async def test_pooled_connection_cut_by_upstream_is_replaced(
     store: spool.Spool, upstream: sinkmod.Sink
 ) -> None:
-    c = Counters()
+    c = dh.Counters()
     d = make(store, upstream, connections=1)
     await d.start()
     try:
         await enqueue(store, d, 3)
-        assert await d.wait_empty(WAIT)
+        assert await d.wait_empty(dh.WAIT)
         assert upstream.connections == 1
         upstream.stop()  # cuts the pooled connection
         upstream.start()
         await enqueue(store, d, 3)
-        assert await d.wait_empty(WAIT)
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     assert upstream.count == 6
@@ -309,15 +262,15 @@ async def test_pooled_connection_cut_by_upstream_is_replaced(
 
 async def test_idle_connection_is_checked_with_noop(store: spool.Spool, upstream: sinkmod.Sink) -> None:
     """After an idle spell the pool sends NOOP; a 421 to it means a new connection, not a failure."""
-    c = Counters()
+    c = dh.Counters()
     d = make(store, upstream, connections=1, check_idle_after=0.0)
     await d.start()
     try:
         await enqueue(store, d, 1)
-        assert await d.wait_empty(WAIT)
+        assert await d.wait_empty(dh.WAIT)
         upstream.fail("noop", 421, times=1)
         await enqueue(store, d, 1)
-        assert await d.wait_empty(WAIT)
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     assert upstream.count == 2 and upstream.connections == 2
@@ -328,10 +281,11 @@ async def test_stop_keeps_undelivered_mail_in_spool_for_recovery(
     store: spool.Spool, upstream: sinkmod.Sink
 ) -> None:
     upstream.stop()
+    c = dh.Counters()
     d = make(store, upstream)
     await d.start()
     await enqueue(store, d, 4)
-    await asyncio.sleep(0.2)
+    await waiting.eventually(lambda: c["connection_error"] >= 1, what="a failed delivery attempt")
     await d.stop()
     assert store.queue_count() == 4
     upstream.start()
@@ -343,7 +297,7 @@ async def test_stop_keeps_undelivered_mail_in_spool_for_recovery(
     assert d2.stats().messages == 4
     await d2.start()
     try:
-        assert await d2.wait_empty(WAIT)
+        assert await d2.wait_empty(dh.WAIT)
     finally:
         await d2.stop()
     assert upstream.count == 4 and store.queue_count() == 0
@@ -358,7 +312,7 @@ async def test_mail_options_are_passed_on(store: spool.Spool, upstream: sinkmod.
         d.submit(await store.store(env, body, time.time()))
         env = spool.Envelope("", ("postmaster@example.org",))  # null sender (a bounce)
         d.submit(await store.store(env, b"Subject: bounce\r\n\r\nx\r\n", time.time()))
-        assert await d.wait_empty(WAIT)
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     by_from = {m.mail_from: m for m in upstream.messages}
@@ -390,7 +344,7 @@ async def test_tls_and_auth(store: spool.Spool, certificate: tuple[str, str], tl
         await d.start()
         try:
             await enqueue(store, d, 3)
-            assert await d.wait_empty(WAIT)
+            assert await d.wait_empty(dh.WAIT)
         finally:
             await d.stop()
         assert s.count == 3
@@ -399,13 +353,13 @@ async def test_tls_and_auth(store: spool.Spool, certificate: tuple[str, str], tl
 async def test_wrong_password_keeps_mail_queued(store: spool.Spool, certificate: tuple[str, str]) -> None:
     """An AUTH failure is an upstream problem, never a reason to dead-letter mail."""
     cert, key = certificate
-    c = Counters()
+    c = dh.Counters()
     with sinkmod.running(tls="starttls", certfile=cert, keyfile=key, auth=("relay", "pw")) as s:
         d = make(store, s, tls="starttls", user="relay", password="wrong", cafile=cert)
         await d.start()
         try:
             await enqueue(store, d, 1)
-            await eventually(lambda: c["connection_error"] >= 2)
+            await waiting.eventually(lambda: c["connection_error"] >= 2, what='c["connection_error"] >= 2')
             assert d.stats().messages == 1 and store.dead_letter_count() == 0
         finally:
             await d.stop()
@@ -414,13 +368,13 @@ async def test_wrong_password_keeps_mail_queued(store: spool.Spool, certificate:
 
 async def test_unverified_certificate_is_refused(store: spool.Spool, certificate: tuple[str, str]) -> None:
     cert, key = certificate
-    c = Counters()
+    c = dh.Counters()
     with sinkmod.running(tls="tls", certfile=cert, keyfile=key) as s:
         d = make(store, s, tls="tls")  # no cafile: the self-signed certificate is not trusted
         await d.start()
         try:
             await enqueue(store, d, 1)
-            await eventually(lambda: c["connection_error"] >= 1)
+            await waiting.eventually(lambda: c["connection_error"] >= 1, what='c["connection_error"] >= 1')
             assert s.count == 0 and d.stats().messages == 1
         finally:
             await d.stop()
@@ -455,8 +409,8 @@ async def test_upstream_without_esmtp_gets_helo(store: spool.Spool, upstream: si
     await d.start()
     try:
         env = spool.Envelope("a@example.org", ("b@example.org",), ("BODY=8BITMIME",))
-        d.submit(await store.store(env, content(0), time.time()))
-        assert await d.wait_empty(WAIT)
+        d.submit(await store.store(env, dh.content(0), time.time()))
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     (got,) = upstream.messages
@@ -471,8 +425,8 @@ async def test_addresses_pass_through_exactly(store: spool.Spool, upstream: sink
     await d.start()
     try:
         env = spool.Envelope('"odd sender"@example.org', rcpts)
-        d.submit(await store.store(env, content(0), time.time()))
-        assert await d.wait_empty(WAIT)
+        d.submit(await store.store(env, dh.content(0), time.time()))
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     (got,) = upstream.messages
@@ -485,14 +439,14 @@ async def test_command_injection_in_an_address_is_refused_not_sent(
 ) -> None:
     """Defence in depth: smtp.py never spools such an address, but if one appeared, CR/LF must not
     reach the upstream as a second command; that recipient is dead-lettered, the others delivered."""
-    c = Counters()
+    c = dh.Counters()
     d = make(store, upstream, connections=1)
     await d.start()
     try:
         smuggled = "x@example.org>\r\nRCPT TO:<evil@example.org"
         env = spool.Envelope("a@example.org", ("ok@example.org", smuggled))
-        d.submit(await store.store(env, content(0), time.time()))
-        assert await d.wait_empty(WAIT)
+        d.submit(await store.store(env, dh.content(0), time.time()))
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     (got,) = upstream.messages
@@ -509,7 +463,7 @@ async def test_unavailable_upstream_is_probed_not_hammered(
     """With the upstream down (or answering 421), 200 queued messages do not mean 200 attempts at once:
     after a refused connection or a 421 the workers pause (a short, growing gate) and probe. A slower
     machine only makes fewer attempts, so the bound below cannot be missed by load."""
-    c = Counters()
+    c = dh.Counters()
     if outage == "down":
         upstream.stop()
     else:
@@ -518,7 +472,8 @@ async def test_unavailable_upstream_is_probed_not_hammered(
     await d.start()
     try:
         await enqueue(store, d, 200)
-        await eventually(lambda: c["connection_error"] + c["temporary"] >= 4)
+        await waiting.eventually(lambda: c["connection_error"] + c["temporary"] >= 4,
+                                 what="four failed attempts")
         await asyncio.sleep(1.0)
         assert c["connection_error"] + c["temporary"] < 60
         assert d.stats().messages == 200
@@ -527,7 +482,7 @@ async def test_unavailable_upstream_is_probed_not_hammered(
         else:
             upstream.clear_failures()
         d.retry_now()
-        assert await d.wait_empty(WAIT)
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     assert upstream.count == 200
@@ -541,11 +496,11 @@ async def test_upstream_crash_mid_burst_loses_nothing(store: spool.Spool, upstre
     await d.start()
     try:
         await enqueue(store, d, n)
-        assert await upstream.wait_for_async(50, WAIT)
+        assert await upstream.wait_for_async(50, dh.WAIT)
         upstream.stop()  # cuts every pooled connection, mid-transaction for some
         await asyncio.sleep(0.3)
         upstream.start()
-        assert await d.wait_empty(WAIT)
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     subjects = {m.content.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0] for m in upstream.messages}

@@ -6,94 +6,32 @@ as an upstream that recovers, and the message must arrive."""
 
 from __future__ import annotations
 
-import os
-import pathlib
-import signal
-import socket
-import subprocess
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 from mailrelay_common import backoff
 from mailrelay_relay import delivery, spool
+from mailrelay_sandbox import netutil, waiting
 
 from tests.conftest import require_tool
-from tests.relay.test_delivery import WAIT, Counters, content, eventually
+from tests.relay import delivery_harness as dh
 
 FAST = backoff.Schedule(base=0.05, factor=2.0, cap=0.3, jitter=0.25)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class SmtpSink:
-    """One `smtp-sink` process that dumps every transaction to a file in its own directory."""
-
-    def __init__(self, port: int, *flags: str) -> None:
-        self.port = port
-        self.dump = pathlib.Path(tempfile.mkdtemp(prefix="mailrelay-smtp-sink-"))
-        self.dump.chmod(0o777)  # smtp-sink writes as user nobody
-        args = [require_tool("smtp-sink"), "-u", "nobody", *flags, "-d", f"{self.dump}/%M.",
-                f"127.0.0.1:{port}", "1000"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read() if self.proc.stderr else b""
-                raise RuntimeError(f"smtp-sink exited: {err!r}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                    sock.recv(100)  # the greeting (or the 421 it was told to send)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def files(self) -> list[pathlib.Path]:
-        return [p for p in self.dump.rglob("*") if p.is_file()]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self.proc.stderr:
-            self.proc.stderr.close()
-        for p in self.files():
-            p.unlink()
-        for d in sorted(self.dump.rglob("*"), reverse=True):
-            d.rmdir()
-        os.rmdir(self.dump)
 
 
 @pytest.fixture
 def port() -> int:
     require_tool("smtp-sink")
-    return free_port()
+    return netutil.free_port()
 
 
 @pytest.fixture
-def sinks() -> Iterator[list[SmtpSink]]:
-    started: list[SmtpSink] = []
+def sinks() -> Iterator[list[dh.SmtpSink]]:
+    started: list[dh.SmtpSink] = []
     yield started
     for s in started:
         s.stop()
-
-
-@pytest.fixture
-async def store(tmp_path: pathlib.Path) -> AsyncIterator[spool.Spool]:
-    sp = spool.Spool(tmp_path / "spool")
-    yield sp
-    sp.close()
 
 
 def make(sp: spool.Spool, port: int, connections: int = 2) -> delivery.Delivery:
@@ -102,21 +40,21 @@ def make(sp: spool.Spool, port: int, connections: int = 2) -> delivery.Delivery:
                              schedule=FAST)
 
 
-async def test_delivers_to_smtp_sink(store: spool.Spool, port: int, sinks: list[SmtpSink]) -> None:
-    c = Counters()
-    sink = SmtpSink(port)
+async def test_delivers_to_smtp_sink(store: spool.Spool, port: int, sinks: list[dh.SmtpSink]) -> None:
+    c = dh.Counters()
+    sink = dh.SmtpSink(port)
     sinks.append(sink)
     d = make(store, port, connections=4)
     await d.start()
     try:
         for i in range(200):
-            d.submit(await store.store(spool.Envelope("a@example.org", ("b@example.org",)), content(i),
+            d.submit(await store.store(spool.Envelope("a@example.org", ("b@example.org",)), dh.content(i),
                                        time.time()))
-        assert await d.wait_empty(WAIT)
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     assert c["delivered"] == 200 and c["success"] == 200
-    await eventually(lambda: len(sink.files()) == 200)
+    await waiting.eventually(lambda: len(sink.files()) == 200, what='len(sink.files()) == 200')
     dumped = b"".join(p.read_bytes() for p in sink.files())
     for i in (0, 99, 199):
         assert f"Subject: test {i}\r\n".encode() in dumped or f"Subject: test {i}\n".encode() in dumped
@@ -137,42 +75,42 @@ async def test_delivers_to_smtp_sink(store: spool.Spool, port: int, sinks: list[
     ids=["421-dot", "421-mail", "421-greeting", "4xx-rcpt", "4xx-dot", "hangup-mail", "hangup-dot"],
 )
 async def test_temporary_failures_retried_until_upstream_recovers(
-    store: spool.Spool, port: int, sinks: list[SmtpSink], flags: tuple[str, ...], counter: str
+    store: spool.Spool, port: int, sinks: list[dh.SmtpSink], flags: tuple[str, ...], counter: str
 ) -> None:
-    c = Counters()
-    failing = SmtpSink(port, *flags)
+    c = dh.Counters()
+    failing = dh.SmtpSink(port, *flags)
     sinks.append(failing)
     d = make(store, port)
     await d.start()
     try:
         for i in range(3):
-            d.submit(await store.store(spool.Envelope("a@example.org", ("b@example.org",)), content(i),
+            d.submit(await store.store(spool.Envelope("a@example.org", ("b@example.org",)), dh.content(i),
                                        time.time()))
-        await eventually(lambda: c[counter] >= 4)  # retried, more than once
+        await waiting.eventually(lambda: c[counter] >= 4, what='c[counter] >= 4')  # retried, more than once
         assert d.stats().messages == 3 and store.queue_count() == 3 and store.dead_letter_count() == 0
         failing.stop()
         sinks.remove(failing)
-        healthy = SmtpSink(port)
+        healthy = dh.SmtpSink(port)
         sinks.append(healthy)
-        assert await d.wait_empty(WAIT)
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     assert c["delivered"] == 3 and c["dl_permanent"] == 0 and c["dl_expired"] == 0
-    await eventually(lambda: len(healthy.files()) == 3)
+    await waiting.eventually(lambda: len(healthy.files()) == 3, what='len(healthy.files()) == 3')
 
 
 @pytest.mark.parametrize("command", ["MAIL", "RCPT", "."])
 async def test_hard_reject_is_dead_lettered(
-    store: spool.Spool, port: int, sinks: list[SmtpSink], command: str
+    store: spool.Spool, port: int, sinks: list[dh.SmtpSink], command: str
 ) -> None:
-    c = Counters()
-    sinks.append(SmtpSink(port, "-f", command))
+    c = dh.Counters()
+    sinks.append(dh.SmtpSink(port, "-f", command))
     d = make(store, port)
     await d.start()
     try:
         env = spool.Envelope("a@example.org", ("b@example.org",))
-        d.submit(await store.store(env, content(0), time.time()))
-        assert await d.wait_empty(WAIT)
+        d.submit(await store.store(env, dh.content(0), time.time()))
+        assert await d.wait_empty(dh.WAIT)
     finally:
         await d.stop()
     assert c["dl_permanent"] == 1 and c["delivered"] == 0

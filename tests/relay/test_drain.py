@@ -12,11 +12,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from mailrelay_sandbox import relayproc
+from mailrelay_sandbox import relayproc, smtpwire, waiting
 from mailrelay_sandbox import sink as sinkmod
 
 from tests.conftest import require_tool
-from tests.relay.relay_harness import HOSTNAME, Wire, message, start_relay, wait_until
+from tests.relay.relay_harness import HOSTNAME, message, start_relay
 
 DRAINING_421 = f"4.3.2 {HOSTNAME} Service shutting down, try again later"
 
@@ -36,7 +36,7 @@ def delivered_ids(sink: sinkmod.Sink) -> set[str]:
     return ids
 
 
-def open_transaction(w: Wire) -> None:
+def open_transaction(w: smtpwire.Wire) -> None:
     w.ehlo()
     assert w.cmd("MAIL FROM:<a@client.test>")[0] == 250
     assert w.cmd("RCPT TO:<b@dest.test>")[0] == 250
@@ -45,8 +45,8 @@ def open_transaction(w: Wire) -> None:
 def test_drain_with_session_in_data_then_resume(tmp_path: pathlib.Path, sink: sinkmod.Sink) -> None:
     relay = start_relay(tmp_path, sink.address, args=["--drain-grace", "30"])
     try:
-        in_data = Wire(relay.smtp_address)
-        between = Wire(relay.smtp_address)
+        in_data = smtpwire.Wire(relay.smtp_address)
+        between = smtpwire.Wire(relay.smtp_address)
         between.ehlo()
         open_transaction(in_data)
         assert in_data.cmd("DATA")[0] == 354
@@ -57,7 +57,7 @@ def test_drain_with_session_in_data_then_resume(tmp_path: pathlib.Path, sink: si
         assert status["draining"] is True and status["drained"] is False and status["sessions"] == 2
         assert relay.get("/readyz")[0] == 503
         # a new connection: 421 at the greeting, the listener stays open
-        late = Wire(relay.smtp_address)
+        late = smtpwire.Wire(relay.smtp_address)
         assert late.greeting == (421, [DRAINING_421])
         assert late.closed()
         # the session greeted before the drain is still served: one more transaction completes...
@@ -80,14 +80,16 @@ def test_drain_with_session_in_data_then_resume(tmp_path: pathlib.Path, sink: si
         assert in_data.cmd("NOOP")[0] == 250
         assert in_data.cmd("MAIL FROM:<a@client.test>") == (421, DRAINING_421)
         assert in_data.closed()
-        assert wait_until(lambda: between_id in delivered_ids(sink))
-        assert wait_until(lambda: msg_id in delivered_ids(sink))
-        assert wait_until(lambda: relay.status()["drained"] is True)
+        waiting.wait_until(lambda: between_id in delivered_ids(sink),
+                           what='between_id in delivered_ids(sink)')
+        waiting.wait_until(lambda: msg_id in delivered_ids(sink), what='msg_id in delivered_ids(sink)')
+        waiting.wait_until(lambda: relay.status()["drained"] is True,
+                           what='relay.status()["drained"] is True')
 
         resumed = relay.resume()
         assert resumed["draining"] is False and resumed["drained"] is False
         assert relay.get("/readyz")[0] == 200
-        again = Wire(relay.smtp_address)
+        again = smtpwire.Wire(relay.smtp_address)
         assert again.greeting is not None and again.greeting[0] == 220
         assert again.line("QUIT") == "221 2.0.0 Bye"
         metrics = relay.metrics()
@@ -104,7 +106,7 @@ def test_a_session_greeted_before_the_drain_is_served_from_ehlo_on(
     EHLO gets anything but 2xx. A greeted session is in flight: EHLO, one transaction, then 421 at MAIL."""
     relay = start_relay(tmp_path, sink.address, args=["--drain-grace", "30"])
     try:
-        w = Wire(relay.smtp_address)
+        w = smtpwire.Wire(relay.smtp_address)
         assert w.greeting is not None and w.greeting[0] == 220
         assert relay.drain()["draining"] is True
         assert w.ehlo()[0] == HOSTNAME
@@ -117,8 +119,9 @@ def test_a_session_greeted_before_the_drain_is_served_from_ehlo_on(
         assert w.cmd("EHLO client.test")[0] == 250
         assert w.cmd("MAIL FROM:<a@client.test>") == (421, DRAINING_421)
         assert w.closed()
-        assert wait_until(lambda: msg_id in delivered_ids(sink))
-        assert wait_until(lambda: relay.status()["drained"] is True)
+        waiting.wait_until(lambda: msg_id in delivered_ids(sink), what='msg_id in delivered_ids(sink)')
+        waiting.wait_until(lambda: relay.status()["drained"] is True,
+                           what='relay.status()["drained"] is True')
     finally:
         relay.kill()
 
@@ -126,7 +129,7 @@ def test_a_session_greeted_before_the_drain_is_served_from_ehlo_on(
 def test_quit_while_draining_gets_221(tmp_path: pathlib.Path, sink: sinkmod.Sink) -> None:
     relay = start_relay(tmp_path, sink.address, args=["--drain-grace", "30"])
     try:
-        w = Wire(relay.smtp_address)
+        w = smtpwire.Wire(relay.smtp_address)
         w.ehlo()
         relay.drain()
         assert w.line("QUIT") == "221 2.0.0 Bye"
@@ -137,9 +140,9 @@ def test_quit_while_draining_gets_221(tmp_path: pathlib.Path, sink: sinkmod.Sink
 def test_idle_session_gets_unprompted_421(tmp_path: pathlib.Path, sink: sinkmod.Sink) -> None:
     relay = start_relay(tmp_path, sink.address, args=["--drain-grace", "0.5"])
     try:
-        idle = Wire(relay.smtp_address)
+        idle = smtpwire.Wire(relay.smtp_address)
         idle.ehlo()
-        busy = Wire(relay.smtp_address)
+        busy = smtpwire.Wire(relay.smtp_address)
         open_transaction(busy)  # inside a transaction: not idle, no unprompted 421
         started = time.monotonic()
         relay.drain()
@@ -151,7 +154,8 @@ def test_idle_session_gets_unprompted_421(tmp_path: pathlib.Path, sink: sinkmod.
         assert busy.reply()[0] == 250
         # after its transaction, the busy session is idle too, and gets its 421 after the grace
         assert busy.reply() == (421, [DRAINING_421])
-        assert wait_until(lambda: relay.status()["drained"] is True)
+        waiting.wait_until(lambda: relay.status()["drained"] is True,
+                           what='relay.status()["drained"] is True')
     finally:
         relay.kill()
 
@@ -159,13 +163,13 @@ def test_idle_session_gets_unprompted_421(tmp_path: pathlib.Path, sink: sinkmod.
 def test_sigterm_drains_then_exits(tmp_path: pathlib.Path, sink: sinkmod.Sink) -> None:
     relay = start_relay(tmp_path, sink.address, args=["--drain-grace", "30", "--drain-timeout", "60"])
     assert relay.process is not None
-    w = Wire(relay.smtp_address)
+    w = smtpwire.Wire(relay.smtp_address)
     open_transaction(w)
     assert w.cmd("DATA")[0] == 354
     relay.process.send_signal(signal.SIGTERM)
-    assert wait_until(lambda: relay.status()["draining"] is True)
-    time.sleep(0.5)
-    assert relay.running  # a transaction in flight keeps the relay up
+    waiting.wait_until(lambda: relay.status()["draining"] is True, what='relay.status()["draining"] is True')
+    status = relay.status()  # draining, and the transaction in flight keeps the relay up
+    assert status["sessions"] == 1 and status["drained"] is False and relay.running
     msg_id, content = message("sigterm")
     w.send(content + b".\r\n")
     assert w.reply()[0] == 250
@@ -180,10 +184,11 @@ def test_resume_cannot_cancel_sigterm(tmp_path: pathlib.Path, sink: sinkmod.Sink
     relay = start_relay(tmp_path, sink.address, args=["--drain-grace", "30"])
     try:
         assert relay.process is not None
-        w = Wire(relay.smtp_address)
+        w = smtpwire.Wire(relay.smtp_address)
         w.ehlo()  # an open session keeps the drain going
         relay.process.send_signal(signal.SIGTERM)
-        assert wait_until(lambda: relay.status()["draining"] is True)
+        waiting.wait_until(lambda: relay.status()["draining"] is True,
+                           what='relay.status()["draining"] is True')
         assert relay.resume()["draining"] is True
         assert relay.get("/readyz")[0] == 503
         w.line("QUIT")
@@ -242,7 +247,7 @@ def test_sigkill_with_queued_mail_then_restart_delivers_every_250(tmp_path: path
     for t in threads:
         t.start()
     try:
-        assert wait_until(lambda: len(accepted) >= 30, timeout=60)
+        waiting.wait_until(lambda: len(accepted) >= 30, within=60, what='len(accepted) >= 30')
         assert relay.kill() == -signal.SIGKILL  # crash in the middle of the load
     finally:
         stop.set()
@@ -254,9 +259,10 @@ def test_sigkill_with_queued_mail_then_restart_delivers_every_250(tmp_path: path
     upstream.clear_failures()
     try:
         relay.start()
-        assert wait_until(lambda: set(acknowledged) <= delivered_ids(upstream), timeout=90), (
-            f"missing {len(set(acknowledged) - delivered_ids(upstream))} of {len(acknowledged)}")
-        assert wait_until(lambda: relay.status()["queue"]["messages"] == 0, timeout=60)
+        waiting.wait_until(lambda: set(acknowledged) <= delivered_ids(upstream), within=90,
+                           what=f"all {len(acknowledged)} acknowledged messages delivered")
+        waiting.wait_until(lambda: relay.status()["queue"]["messages"] == 0, within=60,
+                           what='relay.status()["queue"]["messages"] == 0')
     finally:
         relay.kill()
         upstream.stop()
@@ -266,37 +272,39 @@ def test_workers_share_session_cap_status_and_drain(tmp_path: pathlib.Path, sink
     relay = start_relay(tmp_path, sink.address, workers=2,
                         args=["--max-sessions", "6", "--drain-grace", "0.5"])
     try:
-        sessions = [Wire(relay.smtp_address) for _ in range(6)]
+        sessions = [smtpwire.Wire(relay.smtp_address) for _ in range(6)]
         assert relay.status()["sessions"] == 6
-        busy = Wire(relay.smtp_address)
+        busy = smtpwire.Wire(relay.smtp_address)
         assert busy.greeting == (421, [f"4.3.2 {HOSTNAME} Too busy, try again later"])
         pids = {e.get("pid") for e in relay.log_events() if e["event"] == "relay.started"}
         assert len(pids) == 2
         for w in sessions:
             w.close()
-        assert wait_until(lambda: relay.status()["sessions"] == 0)
+        waiting.wait_until(lambda: relay.status()["sessions"] == 0, what='relay.status()["sessions"] == 0')
         ids = []
         for n in range(10):
             with smtplib.SMTP(*relay.smtp_address) as client:
                 msg_id, content = message(f"w{n}")
                 client.sendmail("a@client.test", ["b@dest.test"], content)
                 ids.append(msg_id)
-        assert wait_until(lambda: set(ids) <= delivered_ids(sink))
-        assert wait_until(lambda: relay.status()["queue"]["messages"] == 0)
+        waiting.wait_until(lambda: set(ids) <= delivered_ids(sink), what='set(ids) <= delivered_ids(sink)')
+        waiting.wait_until(lambda: relay.status()["queue"]["messages"] == 0,
+                           what='relay.status()["queue"]["messages"] == 0')
         metrics = relay.metrics()
         accepted = [line for line in metrics.splitlines()
                     if line.startswith("mailrelay_relay_messages_accepted_total ")]
         assert accepted == ["mailrelay_relay_messages_accepted_total 10.0"]
-        idle = Wire(relay.smtp_address)
+        idle = smtpwire.Wire(relay.smtp_address)
         idle.ehlo()
         status = relay.drain()
         assert status["draining"] is True
         assert idle.reply() == (421, [DRAINING_421])
-        assert Wire(relay.smtp_address).greeting == (421, [DRAINING_421])
-        assert wait_until(lambda: relay.status()["drained"] is True)
+        assert smtpwire.Wire(relay.smtp_address).greeting == (421, [DRAINING_421])
+        waiting.wait_until(lambda: relay.status()["drained"] is True,
+                           what='relay.status()["drained"] is True')
         assert "mailrelay_relay_draining 1.0" in relay.metrics()
         relay.resume()
-        assert Wire(relay.smtp_address).greeting is not None
+        assert smtpwire.Wire(relay.smtp_address).greeting is not None
         assert relay.stop(timeout=60) == 0
         assert json.dumps(relay.log_events()).count('"relay.stopped"') >= 2
     finally:
@@ -317,7 +325,8 @@ def test_smtp_source_to_smtp_sink_through_two_workers(tmp_path: pathlib.Path) ->
                                "-t", "b@dest.test", f"{host}:{smtp_port}"], capture_output=True, text=True,
                               timeout=180, check=False)
         assert sent.returncode == 0, sent.stderr
-        assert wait_until(lambda: relay.status()["queue"]["messages"] == 0, timeout=120)
+        waiting.wait_until(lambda: relay.status()["queue"]["messages"] == 0, within=120,
+                           what='relay.status()["queue"]["messages"] == 0')
         metrics = relay.metrics()
         for name in ("mailrelay_relay_messages_accepted_total", "mailrelay_relay_messages_delivered_total"):
             assert f"{name} 200.0" in metrics.splitlines()

@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 import uvloop
 from mailrelay_relay import smtp, stream
-from mailrelay_sandbox import relayproc
+from mailrelay_sandbox import relayproc, smtpwire, waiting
 from mailrelay_sandbox import sink as sinkmod
 
 from tests.relay import relay_harness
-from tests.relay.relay_harness import HOSTNAME, Wire, start_relay, wait_until
+from tests.relay.relay_harness import HOSTNAME, start_relay
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
@@ -206,7 +206,7 @@ def relay(tmp_path_factory: pytest.TempPathFactory, sink: sinkmod.Sink) -> Itera
 def _send(relay: relayproc.RelayProcess, wire_data: bytes, *, piece: int = 0) -> tuple[int, list[str]]:
     """One transaction whose DATA content is `wire_data` (dot-stuffed, ending with CRLF . CRLF), sent
     whole or in pieces of `piece` bytes; returns the reply to the end of DATA."""
-    w = Wire(relay.smtp_address)
+    w = smtpwire.Wire(relay.smtp_address)
     try:
         w.ehlo()
         assert w.cmd("MAIL FROM:<a@client.test>")[0] == 250
@@ -237,7 +237,8 @@ def _stuff(content: bytes) -> bytes:
 
 def _arrived(sink: sinkmod.Sink, marker: str) -> bytes:
     needle = f"Subject: {marker}\r\n".encode()
-    assert wait_until(lambda: any(needle in m.content for m in sink.messages), timeout=60)
+    waiting.wait_until(lambda: any(needle in m.content for m in sink.messages), within=60,
+                       what='any(needle in m.content for m in sink.messages)')
     found = [m.content for m in sink.messages if needle in m.content]
     assert len(found) == 1
     return found[0]

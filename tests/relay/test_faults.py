@@ -20,18 +20,19 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from mailrelay_sandbox import netutil, relayproc, smtpwire, waiting
 
-from tests.relay import test_faults_support as h
+from tests.relay import faults_harness as h
+from tests.relay import relay_harness
 
 pytestmark = pytest.mark.timeout(150)
 
 
-def metric(relay: h.RelayProcess, name: str, labels: str = "") -> float:
+def metric(relay: relayproc.RelayProcess, name: str, labels: str = "") -> float:
     """The value of one sample on /metrics (0 when absent)."""
-    _, body = relay.http("GET", "/metrics")
-    pattern = re.compile(rb"^" + re.escape(name.encode() + (b"{" + labels.encode() + b"}" if labels else b""))
-                         + rb" ([0-9.e+-]+)$", re.M)
-    m = pattern.search(body)
+    pattern = re.compile("^" + re.escape(name + ("{" + labels + "}" if labels else ""))
+                         + " ([0-9.e+-]+)$", re.M)
+    m = pattern.search(relay.metrics())
     return float(m.group(1)) if m else 0.0
 
 
@@ -41,11 +42,11 @@ def markers_at(sink: h.RecordingSink, markers: list[str]) -> dict[str, int]:
     return {mk: sum(1 for m in messages if f"Message-ID: <{mk}@test>".encode() in m.data) for mk in markers}
 
 
-def send_many(relay: h.RelayProcess, markers: list[str]) -> list[str]:
+def send_many(relay: relayproc.RelayProcess, markers: list[str]) -> list[str]:
     """Send one message per marker, sequentially; return the markers that got 250."""
     accepted = []
     for mk in markers:
-        r = h.send_one(relay.host, relay.port, mk)
+        r = h.send_one(relay.smtp_address, mk)
         if h.first_code(r) == 250:
             assert r is not None and r[0].startswith(b"250 2.0.0"), h.text(r)
             accepted.append(mk)
@@ -55,13 +56,13 @@ def send_many(relay: h.RelayProcess, markers: list[str]) -> list[str]:
 ATTEMPTS = "mailrelay_relay_delivery_attempts_total"
 
 
-def failed_attempts(relay: h.RelayProcess) -> float:
+def failed_attempts(relay: relayproc.RelayProcess) -> float:
     """Delivery attempts that failed temporarily or could not connect."""
     temporary = metric(relay, ATTEMPTS, 'result="temporary"')
     return temporary + metric(relay, ATTEMPTS, 'result="connection_error"')
 
 
-def queue_len(relay: h.RelayProcess) -> int:
+def queue_len(relay: relayproc.RelayProcess) -> int:
     return int(relay.status()["queue"]["messages"])
 
 
@@ -73,26 +74,21 @@ def test_sigkill_mid_data_owes_nothing_and_leaves_no_partial_entry(tmp_path: pat
     """Killed while a client is in the middle of DATA: the client never sees a 250 (nothing is owed),
     the spool holds no entry for the partial message, and after a restart nothing of it is delivered."""
     with h.RecordingSink() as sink:
-        relay = h.RelayProcess(tmp_path, sink.address).start()
+        relay = h.relay_process(tmp_path, sink.address).start()
         try:
-            c = h.RawClient(relay.host, relay.port, timeout=20)
-            c.reply()
-            c.cmd("EHLO client.test")
-            assert h.first_code(c.cmd("MAIL FROM:<a@example.org>")) == 250
-            assert h.first_code(c.cmd("RCPT TO:<b@example.net>")) == 250
-            assert h.first_code(c.cmd("DATA")) == 354
+            c = smtpwire.Wire(relay.smtp_address, greet=False, timeout=20)
+            h.start_data(c)
             c.send(b"Message-ID: <partial@test>\r\nSubject: partial\r\n\r\n" + (b"x" * 998 + b"\r\n") * 600)
             time.sleep(0.5)
             relay.kill()
             with contextlib.suppress(OSError):
                 c.send(b"more\r\n.\r\n")
-            assert c.reply() is None, "a killed relay cannot have answered"
+            assert c.reply_lines() is None, "a killed relay cannot have answered"
             c.close()
             assert h.spool_problems(relay.spool) == []
             assert h.queue_entries(relay.spool) == []
             relay.start()
-            time.sleep(1.0)
-            assert queue_len(relay) == 0
+            relay_harness.sentinel(relay, lambda msg_id: bool(sink.bodies_containing(msg_id)))
             assert list((relay.spool / "tmp").iterdir()) == [], "recovery left temporary files"
             assert markers_at(sink, ["partial"]) == {"partial": 0}
         finally:
@@ -105,9 +101,9 @@ def test_sigkill_right_after_250_the_message_arrives_after_restart(
 ) -> None:
     """With the upstream down, ten messages get 250 and the relay (every worker) is SIGKILLed right after
     the last one. After a restart, with the upstream back, every one arrives exactly once."""
-    port = h.free_port()
+    port = netutil.free_port()
     sink = h.RecordingSink()
-    relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}", extra=["--workers", str(workers)]).start()
+    relay = h.relay_process(tmp_path, f"127.0.0.1:{port}", extra=["--workers", str(workers)]).start()
     try:
         markers = [f"kill-after-250-{i}" for i in range(10)]
         accepted = send_many(relay, markers)
@@ -117,9 +113,9 @@ def test_sigkill_right_after_250_the_message_arrives_after_restart(
         assert len(h.queue_entries(relay.spool)) == 10
         sink.start(port)
         relay.start()
-        assert h.wait_until(lambda: all(n >= 1 for n in markers_at(sink, markers).values()), 60), \
-            markers_at(sink, markers)
-        assert h.wait_until(lambda: queue_len(relay) == 0, 30)
+        waiting.wait_until(lambda: all(n >= 1 for n in markers_at(sink, markers).values()), within=60,
+                           what="every marker at the sink")
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=30, what='queue_len(relay) == 0')
         assert markers_at(sink, markers) == dict.fromkeys(markers, 1)
     finally:
         relay.kill()
@@ -130,9 +126,9 @@ def test_sigkill_during_concurrent_writes_loses_nothing_that_got_250(tmp_path: p
     """Many clients send at once (group commit at work) and the relay is SIGKILLed while replies are
     still coming. Every message that got a 250 is in the spool as a complete entry and arrives after
     the restart; the spool never holds a half-written entry."""
-    port = h.free_port()
+    port = netutil.free_port()
     sink = h.RecordingSink()
-    relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}").start()
+    relay = h.relay_process(tmp_path, f"127.0.0.1:{port}").start()
     accepted: list[str] = []
     try:
         markers = [f"concurrent-{i}" for i in range(60)]
@@ -141,7 +137,7 @@ def test_sigkill_during_concurrent_writes_loses_nothing_that_got_250(tmp_path: p
         def one(mk: str) -> str | None:
             body = (f"Message-ID: <{mk}@test>\r\nSubject: {mk}\r\n\r\n".encode() + body_pad * 40)
             with contextlib.suppress(OSError, h.MalformedReply):
-                r = h.send_one(relay.host, relay.port, mk, body=body)
+                r = h.send_one(relay.smtp_address, mk, body=body)
                 if h.first_code(r) == 250:
                     return mk
             return None
@@ -149,7 +145,8 @@ def test_sigkill_during_concurrent_writes_loses_nothing_that_got_250(tmp_path: p
         with concurrent.futures.ThreadPoolExecutor(12) as pool:
             futures = [pool.submit(one, mk) for mk in markers]
             # Kill once a third of the replies are in: the rest are in flight somewhere.
-            h.wait_until(lambda: sum(f.done() for f in futures) >= 20, 60, 0.01)
+            waiting.wait_until(lambda: sum(f.done() for f in futures) >= 20, within=60, every=0.01,
+                               what='sum(f.done() for f in futures) >= 20')
             relay.kill()
             accepted = [mk for f in futures if (mk := f.result()) is not None]
         assert accepted, "nothing was accepted before the kill"
@@ -159,8 +156,9 @@ def test_sigkill_during_concurrent_writes_loses_nothing_that_got_250(tmp_path: p
             assert any(f"<{mk}@test>".encode() in c for c in spooled), f"{mk} got 250 but is not spooled"
         sink.start(port)
         relay.start()
-        assert h.wait_until(lambda: all(n >= 1 for n in markers_at(sink, accepted).values()), 90)
-        assert h.wait_until(lambda: queue_len(relay) == 0, 30)
+        waiting.wait_until(lambda: all(n >= 1 for n in markers_at(sink, accepted).values()), within=90,
+                           what='all(n >= 1 for n in markers_at(sink, accepted).values())')
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=30, what='queue_len(relay) == 0')
     finally:
         relay.kill()
         sink.stop()
@@ -173,17 +171,18 @@ def test_sigkill_during_concurrent_writes_loses_nothing_that_got_250(tmp_path: p
 def test_upstream_down_then_back_mail_queues_and_is_delivered(tmp_path: pathlib.Path) -> None:
     """The upstream refuses connections: the relay still answers 250, keeps the messages queued (not
     dead-lettered), counts connection errors, and delivers each exactly once when the upstream returns."""
-    port = h.free_port()
+    port = netutil.free_port()
     sink = h.RecordingSink()
     with h.relay(tmp_path, f"127.0.0.1:{port}") as relay:
         markers = [f"down-{i}" for i in range(3)]
         assert send_many(relay, markers) == markers
-        assert h.wait_until(lambda: metric(relay, ATTEMPTS, 'result="connection_error"') >= 2, 20)
+        waiting.wait_until(lambda: metric(relay, ATTEMPTS, 'result="connection_error"') >= 2, within=20,
+                           what='metric(relay, ATTEMPTS, \'result="connection_error"\') >= 2')
         status = relay.status()
         assert status["queue"]["messages"] == 3 and status["dead_letter"]["messages"] == 0
         try:
             sink.start(port)
-            assert h.wait_until(lambda: queue_len(relay) == 0, 60)
+            waiting.wait_until(lambda: queue_len(relay) == 0, within=60, what='queue_len(relay) == 0')
             assert markers_at(sink, markers) == dict.fromkeys(markers, 1)
         finally:
             sink.stop()
@@ -195,8 +194,9 @@ def test_upstream_slow_messages_still_arrive_and_acceptance_does_not_wait(tmp_pa
     with h.RecordingSink(h.SinkBehaviour(delay=0.4)) as sink, h.relay(tmp_path, sink.address) as relay:
         markers = [f"slow-{i}" for i in range(6)]
         assert send_many(relay, markers) == markers
-        assert h.wait_until(lambda: all(n >= 1 for n in markers_at(sink, markers).values()), 90)
-        assert h.wait_until(lambda: queue_len(relay) == 0, 30)
+        waiting.wait_until(lambda: all(n >= 1 for n in markers_at(sink, markers).values()), within=90,
+                           what='all(n >= 1 for n in markers_at(sink, markers).values())')
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=30, what='queue_len(relay) == 0')
         assert relay.status()["dead_letter"]["messages"] == 0
 
 
@@ -216,12 +216,12 @@ def test_upstream_temporary_failures_are_retried_not_lost(
     with h.RecordingSink(behaviour) as sink, h.relay(tmp_path, sink.address) as relay:
         markers = ["temp-a", "temp-b"]
         assert send_many(relay, markers) == markers
-        assert h.wait_until(lambda: failed_attempts(relay) >= 2, 30)
+        waiting.wait_until(lambda: failed_attempts(relay) >= 2, within=30, what='failed_attempts(relay) >= 2')
         status = relay.status()
         assert status["queue"]["messages"] == 2 and status["dead_letter"]["messages"] == 0
         assert markers_at(sink, markers) == {"temp-a": 0, "temp-b": 0}
         behaviour.fail.clear()
-        assert h.wait_until(lambda: queue_len(relay) == 0, 60)
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=60, what='queue_len(relay) == 0')
         assert markers_at(sink, markers) == {"temp-a": 1, "temp-b": 1}
         assert relay.status()["dead_letter"]["messages"] == 0
 
@@ -241,8 +241,8 @@ def test_upstream_permanent_failure_dead_letters_with_reason(
     behaviour = h.SinkBehaviour(fail={verb: reply})
     with h.RecordingSink(behaviour) as sink, h.relay(tmp_path, sink.address) as relay:
         assert send_many(relay, ["perm-1"]) == ["perm-1"]
-        assert h.wait_until(lambda: relay.status()["dead_letter"]["messages"] == 2, 30)
-        assert h.wait_until(lambda: queue_len(relay) == 0, 30)
+        waiting.wait_until(lambda: relay.status()["dead_letter"]["messages"] == 2, within=30)
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=30)
         dead = h.dead_letters(relay.spool)
         assert len(dead) == 2
         [(_, reason, _)] = [d for d in dead if b"Message-ID: <perm-1@test>" in d[2].split(b"\r\n\r\n")[0]]
@@ -261,19 +261,21 @@ def test_upstream_tls_failure_defers_and_never_falls_back_to_plaintext(
     dead-lettered, not lost) and the relay never sends the envelope in plaintext. Restarted with TLS
     off, the relay delivers it."""
     with h.RecordingSink(h.SinkBehaviour(advertise_starttls=advertise)) as sink:
-        relay = h.RelayProcess(tmp_path, sink.address, extra=["--upstream-tls", mode]).start()
+        relay = h.relay_process(tmp_path, sink.address, extra=["--upstream-tls", mode]).start()
         try:
             assert send_many(relay, ["tls-1"]) == ["tls-1"]
-            assert h.wait_until(lambda: failed_attempts(relay) >= 2, 30)
+            waiting.wait_until(lambda: failed_attempts(relay) >= 2, within=30,
+                               what='failed_attempts(relay) >= 2')
             status = relay.status()
             assert status["queue"]["messages"] == 1 and status["dead_letter"]["messages"] == 0
             lines, _ = sink.snapshot()
             assert not any(x.upper().startswith((b"MAIL", b"RCPT", b"DATA")) for x in lines), lines
             relay.kill()
-            relay.extra = []
+            relay.extra_args = []
             relay.start()
-            assert h.wait_until(lambda: markers_at(sink, ["tls-1"])["tls-1"] == 1, 30)
-            assert h.wait_until(lambda: queue_len(relay) == 0, 10)
+            waiting.wait_until(lambda: markers_at(sink, ["tls-1"])["tls-1"] == 1, within=30,
+                               what='markers_at(sink, ["tls-1"])["tls-1"] == 1')
+            waiting.wait_until(lambda: queue_len(relay) == 0, within=10, what='queue_len(relay) == 0')
         finally:
             relay.kill()
 
@@ -282,11 +284,11 @@ def test_queue_lifetime_expiry_dead_letters_with_reason(tmp_path: pathlib.Path) 
     """The upstream stays down longer than --queue-lifetime: the message goes to dead-letter with reason
     "expired" (counted as such), never silently dropped. Its sender's notification, queued behind it,
     expires the same way and is dead-lettered without another."""
-    port = h.free_port()
+    port = netutil.free_port()
     with h.relay(tmp_path, f"127.0.0.1:{port}", extra=["--queue-lifetime", "2"]) as relay:
         assert send_many(relay, ["expire-1"]) == ["expire-1"]
-        assert h.wait_until(lambda: relay.status()["dead_letter"]["messages"] == 2, 30)
-        assert h.wait_until(lambda: queue_len(relay) == 0, 30)
+        waiting.wait_until(lambda: relay.status()["dead_letter"]["messages"] == 2, within=30)
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=30)
         dead = h.dead_letters(relay.spool)
         [(_, reason, _)] = [d for d in dead if b"Message-ID: <expire-1@test>" in d[2].split(b"\r\n\r\n")[0]]
         assert "expire" in reason.lower()
@@ -334,25 +336,25 @@ def test_spool_disk_full_answers_452_and_keeps_the_spool_intact(tmp_path: pathli
     """The spool's file system fills up (a real 4 MiB tmpfs): a MAIL whose SIZE no longer fits gets
     `452 4.3.1`, a DATA that cannot be written gets `452 4.3.1` (never 250, never a crash), the
     messages already queued stay whole, and once space is back mail flows and everything arrives."""
-    port = h.free_port()
+    port = netutil.free_port()
     sink = h.RecordingSink()
     with small_filesystem(tmp_path / "fs", "4m") as fs:
-        relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}", spool=fs / "spool").start()
+        relay = h.relay_process(tmp_path, f"127.0.0.1:{port}", spool=fs / "spool").start()
         try:
             assert send_many(relay, ["full-before-1", "full-before-2"]) == ["full-before-1", "full-before-2"]
             filler = fill(fs)
             # The relay reuses a free-space reading for up to spool.FREE_MAX_AGE (0.1 s); within that
             # window a MAIL may still pass, and its DATA then gets the 452 checked below.
             time.sleep(0.5)
-            with h.RawClient(relay.host, relay.port) as c:
-                c.reply()
-                c.cmd("EHLO client.test")
-                r = c.cmd("MAIL FROM:<a@example.org> SIZE=200000")
+            with smtpwire.Wire(relay.smtp_address, greet=False) as c:
+                c.reply_lines()
+                c.cmd_lines("EHLO client.test")
+                r = c.cmd_lines("MAIL FROM:<a@example.org> SIZE=200000")
                 assert r is not None and r[0].startswith(b"452 4.3.1"), h.text(r)
             body = b"Message-ID: <full-during@test>\r\n\r\n" + (b"z" * 998 + b"\r\n") * 300
-            r = h.send_one(relay.host, relay.port, "full-during", body=body)
+            r = h.send_one(relay.smtp_address, "full-during", body=body)
             assert r is not None and r[0].startswith(b"452 4.3.1"), h.text(r)
-            assert relay.alive() and relay.healthy()
+            assert relay.running and relay.healthy()
             assert h.spool_problems(relay.spool) == []
             entries = h.queue_entries(relay.spool)
             assert len(entries) == 2 and not any(b"full-during" in e[2] for e in entries)
@@ -361,7 +363,7 @@ def test_spool_disk_full_answers_452_and_keeps_the_spool_intact(tmp_path: pathli
             assert send_many(relay, ["full-after"]) == ["full-after"]
             sink.start(port)
             markers = ["full-before-1", "full-before-2", "full-after"]
-            assert h.wait_until(lambda: queue_len(relay) == 0, 60)
+            waiting.wait_until(lambda: queue_len(relay) == 0, within=60, what='queue_len(relay) == 0')
             assert markers_at(sink, markers) == dict.fromkeys(markers, 1)
             assert markers_at(sink, ["full-during"]) == {"full-during": 0}
         finally:
@@ -377,36 +379,36 @@ def test_drain_that_never_finishes_times_out_and_leftovers_survive(tmp_path: pat
     """The upstream is down, so the queue cannot flush. POST /drain makes the relay draining but never
     `drained`; SIGTERM then exits once --drain-timeout passes, with the messages still in the spool.
     A restart with the upstream back delivers each exactly once."""
-    port = h.free_port()
+    port = netutil.free_port()
     sink = h.RecordingSink()
-    relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}", extra=["--drain-timeout", "3"]).start()
+    relay = h.relay_process(tmp_path, f"127.0.0.1:{port}", extra=["--drain-timeout", "3"]).start()
     try:
         markers = [f"drain-left-{i}" for i in range(3)]
         assert send_many(relay, markers) == markers
-        code, _ = relay.http("POST", "/drain", token=relay.token)
+        code, _ = relay.request("POST", "/drain")
         assert code == 200
-        time.sleep(1)
+        waiting.wait_until(lambda: relay.status()["draining"] is True, what="the relay draining")
         status = relay.status()
         assert status["draining"] is True and status["drained"] is False
         assert status["queue"]["messages"] == 3
-        with h.RawClient(relay.host, relay.port) as c:
-            r = c.reply()
+        with smtpwire.Wire(relay.smtp_address, greet=False) as c:
+            r = c.reply_lines()
             assert r is not None and r[0].startswith(b"421 4.3.2"), h.text(r)
-        assert relay.proc is not None
-        relay.signal(signal.SIGTERM)
+        assert relay.process is not None
+        relay.signal_group(signal.SIGTERM)
         started = time.monotonic()
-        rc = relay.proc.wait(60)
+        rc = relay.process.wait(60)
         elapsed = time.monotonic() - started
-        assert rc == 0, f"exit code {rc}; log:\n{relay.log()[-2000:]}"
+        assert rc == 0, f"exit code {rc}; log:\n{relay.log_text()[-2000:]}"
         assert elapsed < 45
-        log = relay.log()
+        log = relay.log_text()
         assert '"drain.timeout"' in log and '"relay.stopped_with_queue"' in log, log[-2000:]
         assert h.spool_problems(relay.spool) == []
         assert len(h.queue_entries(relay.spool)) == 3
         sink.start(port)
-        relay.extra = []
+        relay.extra_args = []
         relay.start()
-        assert h.wait_until(lambda: queue_len(relay) == 0, 60)
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=60, what='queue_len(relay) == 0')
         assert markers_at(sink, markers) == dict.fromkeys(markers, 1)
     finally:
         relay.kill()
@@ -417,7 +419,7 @@ def test_sigterm_with_a_flushable_queue_delivers_before_exit(tmp_path: pathlib.P
     """Control for the case above: when the upstream is up, SIGTERM flushes the queue and exits 0 with
     an empty spool queue."""
     with h.RecordingSink(h.SinkBehaviour(delay=0.05)) as sink:
-        relay = h.RelayProcess(tmp_path, sink.address, extra=["--drain-timeout", "30"]).start()
+        relay = h.relay_process(tmp_path, sink.address, extra=["--drain-timeout", "30"]).start()
         try:
             markers = [f"flush-{i}" for i in range(5)]
             assert send_many(relay, markers) == markers
@@ -440,33 +442,33 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _live_children(relay: h.RelayProcess) -> list[int]:
-    assert relay.proc is not None
-    return [pid for pid in h._process_tree(relay.proc.pid)[1:] if _alive(pid)]
+def _live_children(relay: relayproc.RelayProcess) -> list[int]:
+    return [pid for pid in relay.pids()[1:] if _alive(pid)]
 
 
 def test_a_worker_sigkilled_takes_the_pod_down_and_nothing_is_lost(tmp_path: pathlib.Path) -> None:
     """With --workers 2 and the upstream down, six messages get 250; one worker is SIGKILLed. The
     supervisor notices, stops the other worker and exits non-zero (so Kubernetes restarts the pod),
     and a restart with the upstream back delivers each message exactly once."""
-    port = h.free_port()
+    port = netutil.free_port()
     sink = h.RecordingSink()
-    relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}", extra=["--workers", "2"]).start()
+    relay = h.relay_process(tmp_path, f"127.0.0.1:{port}", extra=["--workers", "2"]).start()
     try:
         markers = [f"worker-kill-{i}" for i in range(6)]
         assert send_many(relay, markers) == markers
         workers = _live_children(relay)
         assert len(workers) >= 2, workers
         os.kill(workers[0], signal.SIGKILL)
-        assert relay.proc is not None
-        rc = relay.proc.wait(60)
+        assert relay.process is not None
+        rc = relay.process.wait(60)
         assert rc != 0, "the supervisor exited 0 after losing a worker"
-        assert h.wait_until(lambda: not _live_children(relay), 30), "workers outlived the supervisor"
+        waiting.wait_until(lambda: not _live_children(relay), within=30,
+                           what="the workers gone with their supervisor")
         assert h.spool_problems(relay.spool) == []
         assert len(h.queue_entries(relay.spool)) == 6
         sink.start(port)
         relay.start()
-        assert h.wait_until(lambda: queue_len(relay) == 0, 60)
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=60, what='queue_len(relay) == 0')
         assert markers_at(sink, markers) == dict.fromkeys(markers, 1)
     finally:
         relay.kill()
@@ -476,21 +478,21 @@ def test_a_worker_sigkilled_takes_the_pod_down_and_nothing_is_lost(tmp_path: pat
 def test_supervisor_sigkilled_alone_its_workers_exit(tmp_path: pathlib.Path) -> None:
     """Only the supervisor is SIGKILLed: its workers must not live on as orphans serving SMTP."""
     with h.RecordingSink() as sink:
-        relay = h.RelayProcess(tmp_path, sink.address, extra=["--workers", "2"]).start()
+        relay = h.relay_process(tmp_path, sink.address, extra=["--workers", "2"]).start()
         try:
             workers = _live_children(relay)
             assert len(workers) >= 2
-            assert relay.proc is not None
-            os.kill(relay.proc.pid, signal.SIGKILL)
-            relay.proc.wait(10)
+            assert relay.process is not None
+            os.kill(relay.process.pid, signal.SIGKILL)
+            relay.process.wait(10)
 
-            orphans_gone = h.wait_until(lambda: not any(_alive(p) for p in workers), 5)
-            assert orphans_gone, "orphaned workers still running"
+            waiting.wait_until(lambda: not any(_alive(p) for p in workers), within=5,
+                               what="the orphaned workers gone")
             # The listener can take one last handshake while the dying workers' sockets are torn down
             # (seen as a zombie worker with a connect() that still succeeds); what must not happen is a
             # listener that stays.
-            stopped_accepting = h.wait_until(lambda: not relay.smtp_ready(), 5)
-            assert stopped_accepting, "orphaned workers still accept SMTP"
+            waiting.wait_until(lambda: not netutil.accepts(*relay.smtp_address), within=5,
+                               what="no orphaned worker accepting SMTP")
         finally:
             for p in workers:
                 with contextlib.suppress(OSError):
@@ -511,10 +513,10 @@ def test_upstream_hangs_up_without_a_reply_the_message_is_retried(tmp_path: path
     behaviour = h.SinkBehaviour(drop={verb})
     with h.RecordingSink(behaviour) as sink, h.relay(tmp_path, sink.address) as relay:
         assert send_many(relay, ["hangup-1"]) == ["hangup-1"]
-        assert h.wait_until(lambda: failed_attempts(relay) >= 1, 30)
+        waiting.wait_until(lambda: failed_attempts(relay) >= 1, within=30, what='failed_attempts(relay) >= 1')
         assert relay.status()["dead_letter"]["messages"] == 0
         behaviour.drop.clear()
-        assert h.wait_until(lambda: queue_len(relay) == 0, 60)
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=60, what='queue_len(relay) == 0')
         assert markers_at(sink, ["hangup-1"])["hangup-1"] >= 1
         assert relay.status()["dead_letter"]["messages"] == 0
 
@@ -529,7 +531,7 @@ def test_upstream_closing_pooled_connections_loses_nothing(tmp_path: pathlib.Pat
         for mk in markers:
             assert send_many(relay, [mk]) == [mk]
             time.sleep(0.1)
-        assert h.wait_until(lambda: queue_len(relay) == 0, 60)
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=60, what='queue_len(relay) == 0')
         assert markers_at(sink, markers) == dict.fromkeys(markers, 1)
         assert relay.status()["dead_letter"]["messages"] == 0
 
@@ -549,13 +551,15 @@ def test_spool_io_error_answers_451_and_the_message_is_never_delivered(
     fault_file.write_text(fault)
     with (h.RecordingSink() as sink,
           h.relay(tmp_path, sink.address, env={"MAILRELAY_SPOOL_FAULT_FILE": str(fault_file)}) as relay):
-        r = h.send_one(relay.host, relay.port, "io-error")
+        r = h.send_one(relay.smtp_address, "io-error")
         assert r is not None and r[0].startswith(b"451 4.3.0"), h.text(r)
-        assert relay.alive() and relay.healthy()
+        assert relay.running and relay.healthy()
         fault_file.write_text("")
         assert send_many(relay, ["io-after"]) == ["io-after"]
-        assert h.wait_until(lambda: markers_at(sink, ["io-after"])["io-after"] == 1, 30)
-        time.sleep(0.5)
+        waiting.wait_until(lambda: markers_at(sink, ["io-after"])["io-after"] == 1, within=30,
+                           what='markers_at(sink, ["io-after"])["io-after"] == 1')
+        # the barrier: nothing is left queued, so a message wrongly kept after its 451 has arrived too
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=30, what="an empty queue")
         assert markers_at(sink, ["io-error"]) == {"io-error": 0}, "a message answered 451 was delivered"
         assert h.spool_problems(relay.spool) == []
         assert list((relay.spool / "tmp").iterdir()) == []
@@ -567,9 +571,9 @@ def test_damaged_spool_files_are_dead_lettered_at_recovery_not_delivered(tmp_pat
     are delivered, and the relay starts normally."""
     from mailrelay_relay import spool
 
-    port = h.free_port()
+    port = netutil.free_port()
     sink = h.RecordingSink()
-    relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}").start()
+    relay = h.relay_process(tmp_path, f"127.0.0.1:{port}").start()
     try:
         markers = ["damaged-ok", "damaged-truncated", "damaged-flipped"]
         assert send_many(relay, markers) == markers
@@ -587,9 +591,10 @@ def test_damaged_spool_files_are_dead_lettered_at_recovery_not_delivered(tmp_pat
         (relay.spool / "queue" / ("0" * 25 + spool.SUFFIX)).write_bytes(b"\x00garbage\n" * 10)
         sink.start(port)
         relay.start()
-        assert h.wait_until(lambda: queue_len(relay) == 0, 30)
-        assert h.wait_until(lambda: markers_at(sink, ["damaged-ok"])["damaged-ok"] == 1, 30)
-        time.sleep(0.5)
+        waiting.wait_until(lambda: queue_len(relay) == 0, within=30, what='queue_len(relay) == 0')
+        waiting.wait_until(lambda: markers_at(sink, ["damaged-ok"])["damaged-ok"] == 1, within=30,
+                           what='markers_at(sink, ["damaged-ok"])["damaged-ok"] == 1')
+        # (the empty queue above is the barrier: nothing is left to deliver)
         assert markers_at(sink, markers[1:]) == {"damaged-truncated": 0, "damaged-flipped": 0}
         dead = h.dead_letters(relay.spool)
         assert len(dead) == 3, dead
@@ -604,17 +609,22 @@ def test_disk_full_when_a_5xx_must_dead_letter_keeps_the_message(tmp_path: pathl
     """The upstream refuses a queued message with 550 while the spool's disk is full, so its dead-letter
     reason cannot be written: the message stays in the queue (never dropped, never half-moved), and once
     there is space again (here: after a restart) it is dead-lettered with its reason."""
-    port = h.free_port()
+    port = netutil.free_port()
     sink = h.RecordingSink(h.SinkBehaviour(fail={"RCPT": b"550 5.1.1 no such user"}))
     with small_filesystem(tmp_path / "fs", "4m") as fs:
-        relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}", spool=fs / "spool").start()
+        relay = h.relay_process(tmp_path, f"127.0.0.1:{port}", spool=fs / "spool").start()
         try:
             assert send_many(relay, ["full-5xx"]) == ["full-5xx"]
             filler = fill(fs)
             sink.start(port)
-            assert h.wait_until(lambda: metric(relay, ATTEMPTS, 'result="permanent"') >= 1, 30)
-            time.sleep(0.5)
-            assert relay.alive() and relay.healthy()
+            waiting.wait_until(lambda: metric(relay, ATTEMPTS, 'result="permanent"') >= 1, within=30,
+                               what='metric(relay, ATTEMPTS, \'result="permanent"\') >= 1')
+            # the barrier: the relay has either dead-lettered the message or logged that it could not
+            waiting.wait_until(
+                lambda: any(e.get("event") == "delivery.dead_letter_failed" for e in relay.log_events())
+                or any(b"full-5xx" in d[2] and d[1] for d in h.dead_letters(relay.spool)),
+                within=30, what="the dead-letter attempt done")
+            assert relay.running and relay.healthy()
             entries = h.queue_entries(relay.spool)
             dead_done = [d for d in h.dead_letters(relay.spool) if b"full-5xx" in d[2] and d[1]]
             assert len(entries) + len(dead_done) == 1, "the refused message vanished"
@@ -623,8 +633,8 @@ def test_disk_full_when_a_5xx_must_dead_letter_keeps_the_message(tmp_path: pathl
             relay.kill()
             relay.start()
             # with space again: dead-lettered, and so is its notification (the upstream refuses it too)
-            assert h.wait_until(lambda: relay.status()["dead_letter"]["messages"] == 2, 30)
-            assert h.wait_until(lambda: queue_len(relay) == 0, 30)
+            waiting.wait_until(lambda: relay.status()["dead_letter"]["messages"] == 2, within=30)
+            waiting.wait_until(lambda: queue_len(relay) == 0, within=30)
             [(_, reason, _)] = [d for d in h.dead_letters(relay.spool)
                                 if b"Message-ID: <full-5xx@test>" in d[2].split(b"\r\n\r\n")[0]]
             assert "550" in reason
@@ -650,20 +660,21 @@ def test_upstream_certificate_not_trusted_defers_and_sends_nothing(tmp_path: pat
     tls_sink = sandbox_sink.Sink(tls=mode, certfile=str(cert), keyfile=str(key))
     tls_sink.start()
     port = tls_sink.port
-    relay = h.RelayProcess(tmp_path, f"127.0.0.1:{port}", extra=["--upstream-tls", mode]).start()
+    relay = h.relay_process(tmp_path, f"127.0.0.1:{port}", extra=["--upstream-tls", mode]).start()
     plain = h.RecordingSink()
     try:
         assert send_many(relay, ["untrusted-1"]) == ["untrusted-1"]
-        assert h.wait_until(lambda: failed_attempts(relay) >= 2, 30)
+        waiting.wait_until(lambda: failed_attempts(relay) >= 2, within=30, what='failed_attempts(relay) >= 2')
         status = relay.status()
         assert status["queue"]["messages"] == 1 and status["dead_letter"]["messages"] == 0
         assert tls_sink.count == 0 and tls_sink.messages == []
         tls_sink.stop()
         relay.kill()
         plain.start(port)
-        relay.extra = []
+        relay.extra_args = []
         relay.start()
-        assert h.wait_until(lambda: markers_at(plain, ["untrusted-1"])["untrusted-1"] == 1, 30)
+        waiting.wait_until(lambda: markers_at(plain, ["untrusted-1"])["untrusted-1"] == 1, within=30,
+                           what='markers_at(plain, ["untrusted-1"])["untrusted-1"] == 1')
     finally:
         relay.kill()
         tls_sink.stop()

@@ -16,8 +16,9 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mailrelay_sandbox import relayproc
 
-from tests.relay import test_faults_support as h
+from tests.relay import faults_harness as h
 
 EXAMPLES = int(os.environ.get("MAILRELAY_FUZZ_EXAMPLES", "150"))
 TOKEN = "fuzz-admin-token-0123456789"
@@ -27,13 +28,13 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[h.RelayProcess]:
+def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[relayproc.RelayProcess]:
     tmp = tmp_path_factory.mktemp("fuzz-admin")
     with h.RecordingSink() as sink, h.relay(tmp, sink.address, token=TOKEN) as r:
         yield r
 
 
-def raw_http(relay: h.RelayProcess, request: bytes) -> bytes:
+def raw_http(relay: relayproc.RelayProcess, request: bytes) -> bytes:
     with socket.create_connection((relay.host, relay.admin_port), timeout=10) as s:
         s.sendall(request)
         s.shutdown(socket.SHUT_WR)
@@ -70,7 +71,7 @@ BODIES = st.one_of(st.just(b""), st.binary(max_size=200), st.just(b'{"drain": tr
 @given(method=METHODS, path=PATHS, auth=AUTHS, body=BODIES, extra=st.binary(max_size=40),
        version=st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/9.9", b""]))
 def test_fuzz_admin_api_without_the_token_never_drains_or_fails(
-    relay: h.RelayProcess, method: bytes, path: bytes, auth: bytes | None, body: bytes, extra: bytes,
+    relay: relayproc.RelayProcess, method: bytes, path: bytes, auth: bytes | None, body: bytes, extra: bytes,
     version: bytes,
 ) -> None:
     lines = [method + b" " + path + (b" " + version if version else b""), b"Host: relay.test"]
@@ -81,7 +82,7 @@ def test_fuzz_admin_api_without_the_token_never_drains_or_fails(
     lines.append(b"Content-Length: " + str(len(body)).encode())
     lines.append(b"Connection: close")
     response = raw_http(relay, b"\r\n".join(lines) + b"\r\n\r\n" + body)
-    assert relay.alive(), f"relay died; log tail:\n{relay.log()[-2000:]}"
+    assert relay.running, f"relay died; log tail:\n{relay.log_text()[-2000:]}"
     if response:
         status_line = response.split(b"\r\n", 1)[0]
         parts = status_line.split(b" ")
@@ -90,15 +91,15 @@ def test_fuzz_admin_api_without_the_token_never_drains_or_fails(
         assert code < 500, f"{status_line!r} for {lines[0]!r}"
         if 200 <= code < 300:
             assert path.split(b"?")[0] in OPEN_PATHS, f"{lines[0]!r} answered {code} without the token"
-    code, _ = relay.http("GET", "/readyz")
+    code, _ = relay.get("/readyz")
     assert code == 200, f"the relay was drained by {lines!r}"
 
 
-def test_fuzz_admin_aftermath_the_token_still_works(relay: h.RelayProcess) -> None:
+def test_fuzz_admin_aftermath_the_token_still_works(relay: relayproc.RelayProcess) -> None:
     """After the fuzzing (file order), the real token still drains and resumes: nothing got stuck."""
-    code, _ = relay.http("POST", "/drain", token=TOKEN)
+    code, _ = relay.request("POST", "/drain")
     assert code == 200
-    assert relay.http("GET", "/readyz")[0] == 503
-    assert relay.http("POST", "/resume", token=TOKEN)[0] == 200
-    assert relay.http("GET", "/readyz")[0] == 200
+    assert relay.get("/readyz")[0] == 503
+    assert relay.request("POST", "/resume")[0] == 200
+    assert relay.get("/readyz")[0] == 200
     assert relay.healthy()

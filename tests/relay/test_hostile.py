@@ -11,10 +11,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from mailrelay_sandbox import relayproc
+from mailrelay_sandbox import relayproc, smtpwire, waiting
 from mailrelay_sandbox import sink as sinkmod
 
-from tests.relay.relay_harness import HOSTNAME, Wire, message, start_relay, wait_until
+from tests.relay import relay_harness
+from tests.relay.relay_harness import HOSTNAME, message, start_relay
 
 ARGS = ["--max-message-size", "200000", "--data-timeout", "2", "--command-timeout", "30",
         "--max-sessions", "50", "--log-level", "debug"]
@@ -34,14 +35,14 @@ def relay(tmp_path_factory: pytest.TempPathFactory, sink: sinkmod.Sink) -> Itera
 
 
 @pytest.fixture
-def wire(relay: relayproc.RelayProcess) -> Iterator[Wire]:
-    w = Wire(relay.smtp_address)
+def wire(relay: relayproc.RelayProcess) -> Iterator[smtpwire.Wire]:
+    w = smtpwire.Wire(relay.smtp_address)
     yield w
     w.close()
     assert relay.running
 
 
-def start_data(w: Wire) -> None:
+def start_data(w: smtpwire.Wire) -> None:
     w.ehlo()
     assert w.cmd("MAIL FROM:<a@client.test>")[0] == 250
     assert w.cmd("RCPT TO:<b@dest.test>")[0] == 250
@@ -56,7 +57,9 @@ SMUGGLED = (b"MAIL FROM:<evil@attacker.test>\r\nRCPT TO:<victim@dest.test>\r\nDA
 
 @pytest.mark.parametrize("fake_end", [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r\n.\r", b"\r.\r\n",
                                       b"\n.", b"\r\n\x00.\r\n"])
-def test_smuggling_vectors_never_make_two_messages(wire: Wire, sink: sinkmod.Sink, fake_end: bytes) -> None:
+def test_smuggling_vectors_never_make_two_messages(
+    relay: relayproc.RelayProcess, wire: smtpwire.Wire, sink: sinkmod.Sink, fake_end: bytes,
+) -> None:
     start_data(wire)
     _, content = message("carrier")
     # the fake end of data, a smuggled transaction, its own end, then the one real end of data
@@ -72,14 +75,16 @@ def test_smuggling_vectors_never_make_two_messages(wire: Wire, sink: sinkmod.Sin
             assert first == (550, ["5.6.0 Error: bare CR or LF in message data (RFC 5321 section 2.3.8)"])
         # the NOOP: nothing inside the DATA was taken as a command
         assert wire.reply() == (250, ["2.0.0 Ok"])
-    time.sleep(0.3)
+    relay_harness.sentinel(relay, lambda msg_id: any(msg_id in m.content for m in sink.messages))
     assert not any(b"smuggled body" in m.content and b"Subject: smuggled" in m.content.split(b"\r\n\r\n")[0]
                    for m in sink.messages)
     assert all(m.mail_from != "evil@attacker.test" for m in sink.messages)
 
 
 @pytest.mark.parametrize("size", [100, 150_000])
-def test_a_bare_lf_end_of_data_is_answered_at_once(wire: Wire, sink: sinkmod.Sink, size: int) -> None:
+def test_a_bare_lf_end_of_data_is_answered_at_once(
+    wire: smtpwire.Wire, sink: sinkmod.Sink, size: int,
+) -> None:
     """A client that ends DATA with LF "." LF gets 550 and a closed session at once, not the data
     timeout's 421 (the relay here waits 2 s for a DATA; the reply would be 421 4.4.2 then)."""
     start_data(wire)
@@ -92,7 +97,7 @@ def test_a_bare_lf_end_of_data_is_answered_at_once(wire: Wire, sink: sinkmod.Sin
 
 @pytest.mark.parametrize("where", ["start", "middle", "end"])
 def test_a_nul_octet_anywhere_is_refused_and_never_relayed(
-    wire: Wire, sink: sinkmod.Sink, where: str
+    wire: smtpwire.Wire, sink: sinkmod.Sink, where: str
 ) -> None:
     start_data(wire)
     msg_id, content = message("nul")
@@ -104,7 +109,7 @@ def test_a_nul_octet_anywhere_is_refused_and_never_relayed(
     assert msg_id not in b"".join(m.content for m in sink.messages).decode("latin-1")
 
 
-def test_over_long_command_line(wire: Wire) -> None:
+def test_over_long_command_line(wire: smtpwire.Wire) -> None:
     wire.ehlo()
     assert wire.line("NOOP " + "x" * 5000) == "500 5.5.2 Error: command line too long"
     too_long = "MAIL FROM:<" + "a" * 300_000 + "@client.test>"
@@ -113,7 +118,7 @@ def test_over_long_command_line(wire: Wire) -> None:
 
 
 @pytest.mark.parametrize("length", [1001, 70_000, 150_000])
-def test_over_long_data_line(wire: Wire, sink: sinkmod.Sink, length: int) -> None:
+def test_over_long_data_line(wire: smtpwire.Wire, sink: sinkmod.Sink, length: int) -> None:
     start_data(wire)
     msg_id, content = message("long line")
     # a long line that ends in ".\r\n": its tail is not at a line start, so it is not an end of data
@@ -130,7 +135,7 @@ def test_over_long_data_line(wire: Wire, sink: sinkmod.Sink, length: int) -> Non
     assert msg_id not in b"".join(m.content for m in sink.messages).decode("latin-1")
 
 
-def test_oversized_data_without_size(wire: Wire) -> None:
+def test_oversized_data_without_size(wire: smtpwire.Wire) -> None:
     start_data(wire)
     _, content = message("big", size=250_000)
     wire.send(content + b".\r\n")
@@ -138,7 +143,7 @@ def test_oversized_data_without_size(wire: Wire) -> None:
     assert wire.line("NOOP") == "250 2.0.0 Ok"
 
 
-def test_thousand_recipients_pipelined(wire: Wire, sink: sinkmod.Sink) -> None:
+def test_thousand_recipients_pipelined(wire: smtpwire.Wire, sink: sinkmod.Sink) -> None:
     wire.ehlo()
     batch = b"MAIL FROM:<a@client.test>\r\n" + b"".join(
         b"RCPT TO:<r%d@dest.test>\r\n" % n for n in range(1000))
@@ -151,14 +156,15 @@ def test_thousand_recipients_pipelined(wire: Wire, sink: sinkmod.Sink) -> None:
     msg_id, content = message("many")
     wire.send(content + b".\r\n")
     assert wire.reply()[0] == 250
-    assert wait_until(lambda: any(msg_id.encode() in m.content for m in sink.messages))
+    waiting.wait_until(lambda: any(msg_id.encode() in m.content for m in sink.messages),
+                       what='any(msg_id.encode() in m.content for m in sink.messages)')
     got = next(m for m in sink.messages if msg_id.encode() in m.content)
     assert len(got.rcpt_tos) == 100
 
 
 def test_garbage_commands_end_the_session(relay: relayproc.RelayProcess) -> None:
     rng = random.Random(1234)
-    w = Wire(relay.smtp_address)
+    w = smtpwire.Wire(relay.smtp_address)
     try:
         w.ehlo()
         codes = []
@@ -174,7 +180,7 @@ def test_garbage_commands_end_the_session(relay: relayproc.RelayProcess) -> None
     finally:
         w.close()
     # binary garbage without any newline is an over-long line, not a crash
-    w2 = Wire(relay.smtp_address)
+    w2 = smtpwire.Wire(relay.smtp_address)
     try:
         w2.send(bytes(rng.randrange(0, 256) for _ in range(100_000)).replace(b"\n", b"") + b"\r\n")
         assert w2.reply() == (500, ["5.5.2 Error: command line too long"])
@@ -185,7 +191,7 @@ def test_garbage_commands_end_the_session(relay: relayproc.RelayProcess) -> None
 
 
 def test_slow_data_hits_the_data_deadline(relay: relayproc.RelayProcess, sink: sinkmod.Sink) -> None:
-    w = Wire(relay.smtp_address)
+    w = smtpwire.Wire(relay.smtp_address)
     stop = threading.Event()
 
     def trickle(lines: list[bytes]) -> None:
@@ -214,23 +220,28 @@ def test_slow_data_hits_the_data_deadline(relay: relayproc.RelayProcess, sink: s
 
 def test_many_connections_that_vanish(relay: relayproc.RelayProcess) -> None:
     for n in range(30):
-        w = Wire(relay.smtp_address, greet=n % 2 == 0)
+        w = smtpwire.Wire(relay.smtp_address, greet=n % 2 == 0)
         if n % 3 == 0:
             w.send(b"EHLO x\r\nMAIL FROM:<a@client.test>\r\n")
         w.close()
-    assert wait_until(lambda: relay.status()["sessions"] == 0)
-    assert wait_until(lambda: relay.status()["inflight_bytes"] == 0)
+    waiting.wait_until(lambda: relay.status()["sessions"] == 0, what='relay.status()["sessions"] == 0')
+    waiting.wait_until(lambda: relay.status()["inflight_bytes"] == 0,
+                       what='relay.status()["inflight_bytes"] == 0')
 
 
 def test_log_never_contains_content(relay: relayproc.RelayProcess, tmp_path: pathlib.Path) -> None:
-    w = Wire(relay.smtp_address)
+    w = smtpwire.Wire(relay.smtp_address)
     try:
         start_data(w)
         w.send(b"Subject: secret-subject-7731\r\n\r\nsecret-body-7731\r\n.\r\n")
-        assert w.reply()[0] == 250
+        code, lines = w.reply()
+        assert code == 250 and lines[-1].startswith("2.0.0 Ok: queued as "), lines
     finally:
         w.close()
-    time.sleep(0.3)
+    queue_id = lines[-1].rsplit(" ", 1)[1]
+    # the barrier: the message's last log line (its delivery) is written
+    waiting.wait_until(lambda: any(e.get("event") == "delivery.delivered" and e.get("queue_id") == queue_id
+                                   for e in relay.log_events()), what="the message's delivery in the log")
     text = relay.log_text()
     assert "secret-body-7731" not in text and "secret-subject-7731" not in text
     assert any(e["event"] == "message.queued" and e.get("session") for e in relay.log_events())

@@ -26,12 +26,12 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
-from mailrelay_sandbox import mtas, relayproc
+from mailrelay_sandbox import mtas, relayproc, smtpwire, waiting
 from mailrelay_sandbox import sink as sinkmod
 
 from tests.conftest import REPO_ROOT, missing
-from tests.relay.relay_harness import Wire, start_relay
-from tests.relay.smtp_tap import Reply, Session, Tap, wait_until
+from tests.relay.relay_harness import start_relay
+from tests.relay.smtp_tap import Reply, Session, Tap
 
 N = 20  # messages per run
 K = 5  # the relay is drained as it accepts the K-th
@@ -213,9 +213,9 @@ class World:
     def wait(self, predicate: Callable[[], object], what: str, *, flush: bool = False) -> None:
         """Wait for `predicate`; with `flush`, force the MTA's queue run every 2 s meanwhile."""
         try:
-            wait_until(lambda: bool(predicate()), timeout=WAIT, what=what,
-                       between=self.client.flush if flush else None, between_every=2.0)
-        except AssertionError as error:
+            waiting.wait_until(lambda: bool(predicate()), within=WAIT, what=what,
+                               between=self.client.flush if flush else None, between_every=2.0)
+        except TimeoutError as error:
             raise AssertionError(f"{error}{self.explain()}") from None
 
     def deliver_all(self, msgs: Sequence[mtas.Message]) -> None:
@@ -301,8 +301,9 @@ def world(client: mtas.ClientMTA, tap: Tap, sink: sinkmod.Sink,
     finally:
         # the MTA's cached connections close on their own (Postfix keeps one 2 s, OpenSMTPD for its
         # session-keepalive); cut, one would cost the next test an error on it and the MTA's wait after it
-        with contextlib.suppress(AssertionError):
-            wait_until(lambda: tap.open_sessions() == 0, timeout=30, what="the MTA's connections closed")
+        with contextlib.suppress(TimeoutError):
+            waiting.wait_until(lambda: tap.open_sessions() == 0, within=30,
+                               what="the MTA's connections closed")
         tap.reset(relays["main"].smtp_address)
         fault_file(relays).unlink(missing_ok=True)
         for relay in world.extra_relays:
@@ -368,7 +369,7 @@ def test_session_cap_then_drained_in_the_queue_run(world: World, tmp_path: pathl
     capped = world.relays["capped"]
     reaction = world.reaction("421 at the greeting")
     world.wait(lambda: capped.status()["sessions"] == 0, "the capped relay free")
-    held = [Wire(capped.smtp_address) for _ in range(2)]
+    held = [smtpwire.Wire(capped.smtp_address) for _ in range(2)]
     try:
         assert all(w.greeting is not None and w.greeting[0] == 220 for w in held)
         world.tap.reset(capped.smtp_address)
@@ -452,7 +453,7 @@ def test_455_at_mail(world: World) -> None:
     """Another transaction (the test's) holds all of --max-inflight-bytes: the MTA's MAIL gets 455."""
     cell = "455 at MAIL"
     tight = world.relays["tight"]
-    holder = Wire(tight.smtp_address)
+    holder = smtpwire.Wire(tight.smtp_address)
     try:
         holder.ehlo()
         assert holder.cmd(f"MAIL FROM:<holder@client.test> SIZE={TIGHT}")[0] == 250
@@ -503,8 +504,8 @@ def test_msmtp_gets_no_queue_and_a_failing_exit_code(
     sink.reset()
     sent: list[tuple[str, mtas.MsmtpResult, mtas.Message]] = []
     capped = relays["capped"]
-    wait_until(lambda: capped.status()["sessions"] == 0, timeout=WAIT, what="the capped relay free")
-    held = [Wire(capped.smtp_address) for _ in range(2)]
+    waiting.wait_until(lambda: capped.status()["sessions"] == 0, within=WAIT, what="the capped relay free")
+    held = [smtpwire.Wire(capped.smtp_address) for _ in range(2)]
     try:
         msg = mtas.message("msmtp at the cap")
         sent.append(("421 at the greeting", msmtp(capped.smtp_address).send(msg), msg))
@@ -514,7 +515,7 @@ def test_msmtp_gets_no_queue_and_a_failing_exit_code(
             w.close()
     msg = mtas.message("msmtp 452", recipients=("first@dest.test", "second@dest.test"))
     sent.append(("452 at RCPT", msmtp(relays["strict"].smtp_address).send(msg), msg))
-    holder = Wire(relays["tight"].smtp_address)
+    holder = smtpwire.Wire(relays["tight"].smtp_address)
     try:
         holder.ehlo()
         assert holder.cmd(f"MAIL FROM:<holder@client.test> SIZE={TIGHT}")[0] == 250

@@ -24,11 +24,11 @@ from collections.abc import Iterator
 
 import pytest
 from mailrelay_relay import spool
-from mailrelay_sandbox import relayproc
+from mailrelay_sandbox import netutil, relayproc, waiting
 from mailrelay_sandbox import sink as sinkmod
 
-from tests.relay.relay_harness import start_relay, wait_until
-from tests.relay.test_delivery_smtp_sink import SmtpSink, free_port
+from tests.relay.delivery_harness import SmtpSink
+from tests.relay.relay_harness import start_relay
 
 WAIT = 60.0
 SENDER = "sender@client.test"
@@ -96,7 +96,7 @@ def report_of(notice: email.message.EmailMessage) -> tuple[list[dict[str, str]],
 
 
 def wait_for_notices(sink: sinkmod.Sink, n: int) -> list[tuple[sinkmod.Received, email.message.EmailMessage]]:
-    assert wait_until(lambda: len(notifications(sink)) >= n, timeout=WAIT), sink.messages
+    waiting.wait_until(lambda: len(notifications(sink)) >= n, within=WAIT)
     return notifications(sink)
 
 
@@ -141,8 +141,8 @@ def test_a_notification_that_fails_is_dead_lettered_once(relay: relayproc.RelayP
     upstream.fail("rcpt", 550, "5.1.1 No such user here", recipients={"lost@client.test"})
     _, content = message("both fail")
     send(relay, "lost@client.test", [REFUSED], content)
-    assert wait_until(lambda: len(dead_letters(relay)) == before + 2, timeout=WAIT)
-    assert wait_until(lambda: relay.status()["queue"]["messages"] == 0, timeout=WAIT)
+    waiting.wait_until(lambda: len(dead_letters(relay)) == before + 2, within=WAIT)
+    waiting.wait_until(lambda: relay.status()["queue"]["messages"] == 0, within=WAIT)
     senders = sorted(spool.decode_record(p.read_bytes())[1].mail_from for p in dead_letters(relay)[-2:])
     assert senders == ["", "lost@client.test"]
     assert len(dead_letters(relay)) == before + 2 and notifications(upstream) == []
@@ -166,14 +166,14 @@ def test_notify_success_through_an_upstream_without_dsn_is_relayed(relay: relayp
 
 
 def test_dsn_parameters_are_passed_to_an_upstream_that_offers_dsn(tmp_path: pathlib.Path) -> None:
-    smtp_sink = SmtpSink(free_port())
+    smtp_sink = SmtpSink(netutil.free_port())
     relay = start_relay(tmp_path, f"127.0.0.1:{smtp_sink.port}")
     try:
         _, content = message("dsn passed on")
         send(relay, SENDER, ["ok@dest.test"], content, mail_options=("RET=HDRS", "ENVID=QQ314159"),
              rcpt_options=("NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;ok+40dest.test"))
-        assert wait_until(lambda: len(smtp_sink.files()) == 1, timeout=WAIT)
-        assert wait_until(lambda: relay.status()["queue"]["messages"] == 0, timeout=WAIT)
+        waiting.wait_until(lambda: len(smtp_sink.files()) == 1, within=WAIT)
+        waiting.wait_until(lambda: relay.status()["queue"]["messages"] == 0, within=WAIT)
         dump = smtp_sink.files()[0].read_text(errors="replace")
         mail_args = [line for line in dump.splitlines() if line.startswith("X-Mail-Args:")]
         rcpt_args = [line for line in dump.splitlines() if line.startswith("X-Rcpt-Args:")]
@@ -201,12 +201,12 @@ def test_smtputf8_through_an_upstream_without_it_fails_and_is_reported(
 ) -> None:
     """smtp-sink offers no SMTPUTF8: the message fails for good (5.6.7); the report goes out through
     the same upstream, and smtp-sink keeps it."""
-    smtp_sink = SmtpSink(free_port())
+    smtp_sink = SmtpSink(netutil.free_port())
     relay = start_relay(tmp_path, f"127.0.0.1:{smtp_sink.port}")
     try:
         content = b"From: sender@client.test\r\nSubject: x\r\n\r\nhallo\r\n"
         send(relay, SENDER, ["rëcipient@dest.test"], content, mail_options=("SMTPUTF8",))
-        assert wait_until(lambda: len(smtp_sink.files()) == 1, timeout=WAIT)
+        waiting.wait_until(lambda: len(smtp_sink.files()) == 1, within=WAIT)
         dump = smtp_sink.files()[0].read_bytes()
         body = dump[dump.index(b"\n\n") + 2:] if b"\n\n" in dump else dump
         assert b"Status: 5.6.7" in body and b"Action: failed" in body
@@ -238,8 +238,8 @@ def test_a_delay_warning_is_sent_once(tmp_path: pathlib.Path, upstream: sinkmod.
         assert recipients[0]["Final-Recipient"] == "rfc822; slow@dest.test"
         assert "451 4.2.0 Try again later" in recipients[0]["Diagnostic-Code"]
         upstream.clear_failures()
-        assert wait_until(lambda: any(msg_id.encode() in m.content for m in upstream.messages
-                                      if m.mail_from == SENDER), timeout=WAIT)
+        waiting.wait_until(lambda: any(msg_id.encode() in m.content for m in upstream.messages
+                                      if m.mail_from == SENDER), within=WAIT)
         assert len(notifications(upstream)) == 1
     finally:
         relay.kill()

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from mailrelay_relay import logs
-from mailrelay_sandbox import relayproc
+from mailrelay_sandbox import relayproc, waiting
 from mailrelay_sandbox import sink as sinkmod
 
 from tests.conftest import require_tool
@@ -73,7 +73,8 @@ def test_unverifiable_upstream_certificate_is_logged_once_at_warning(
             send_some(relay, 3)
             # Several failed attempts (each message is tried again after ~1 s), all within the 60 s
             # default interval.
-            assert relay_harness.wait_until(lambda: attempts(relay, "connection_error") >= 5, timeout=WAIT)
+            waiting.wait_until(lambda: attempts(relay, "connection_error") >= 5, within=WAIT,
+                               what='attempts(relay, "connection_error") >= 5')
             events = deferrals(relay)
         finally:
             relay.kill()
@@ -94,8 +95,8 @@ def test_upstream_4xx_is_logged_rate_limited_with_the_count_left_out(tmp_path: p
         relay = relay_harness.start_relay(tmp_path, sink.address, args=["--deferral-log-interval", "1"])
         try:
             send_some(relay, 3)
-            assert relay_harness.wait_until(
-                lambda: any(e["suppressed"] for e in deferrals(relay)[1:]), timeout=WAIT)
+            waiting.wait_until(lambda: any(e["suppressed"] for e in deferrals(relay)[1:]), within=WAIT,
+                               what='any(e["suppressed"] for e in deferrals(relay)[1:])')
             events = deferrals(relay)
             temporary = attempts(relay, "temporary")
         finally:

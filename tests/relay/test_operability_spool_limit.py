@@ -10,7 +10,7 @@ import pathlib
 
 import pytest
 from mailrelay_relay import spool
-from mailrelay_sandbox import relayproc
+from mailrelay_sandbox import relayproc, smtpwire
 
 from tests.relay import relay_harness
 
@@ -39,7 +39,7 @@ def queue_id(reply: tuple[int, str]) -> str:
     return text.rsplit(" ", 1)[1]
 
 
-def send(wire: relay_harness.Wire, size: int, content_size: int) -> tuple[int, str]:
+def send(wire: smtpwire.Wire, size: int, content_size: int) -> tuple[int, str]:
     """One transaction declaring `size`, with about `content_size` bytes of content; the final reply."""
     mail = wire.cmd(f"MAIL FROM:<a@client.test> SIZE={size}")
     if mail[0] != 250:
@@ -62,7 +62,7 @@ def test_a_full_spool_limit_gets_452_and_the_spool_stays_intact(tmp_path: pathli
     try:
         refused = None
         for _ in range(40):  # 13 of 20 KB fit in 256 KiB; the sessions may land on either worker
-            wire = relay_harness.Wire(relay.smtp_address)
+            wire = smtpwire.Wire(relay.smtp_address)
             wire.ehlo()
             reply = send(wire, BODY, BODY)
             wire.close()
@@ -75,7 +75,7 @@ def test_a_full_spool_limit_gets_452_and_the_spool_stays_intact(tmp_path: pathli
         assert len(accepted) >= 10 and used <= LIMIT
         assert LIMIT - used < BODY + 1024  # refused because it did not fit, not earlier
 
-        wire = relay_harness.Wire(relay.smtp_address)
+        wire = smtpwire.Wire(relay.smtp_address)
         wire.ehlo()
         # A smaller message still fits, at MAIL and once written.
         small = send(wire, 500, 200)
@@ -92,7 +92,7 @@ def test_a_full_spool_limit_gets_452_and_the_spool_stays_intact(tmp_path: pathli
         # A restart counts the spool again from disk: still full for a 20 KB message.
         assert relay.kill() == -9
         relay.restart()
-        wire = relay_harness.Wire(relay.smtp_address)
+        wire = smtpwire.Wire(relay.smtp_address)
         wire.ehlo()
         assert wire.line(f"MAIL FROM:<a@client.test> SIZE={BODY}") == \
             "452 4.3.1 Error: insufficient system storage"

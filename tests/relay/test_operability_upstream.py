@@ -12,7 +12,7 @@ import sys
 
 import pytest
 from mailrelay_relay import cli, config
-from mailrelay_sandbox import relayproc
+from mailrelay_sandbox import relayproc, waiting
 from mailrelay_sandbox import sink as sinkmod
 
 from tests.conftest import require_tool
@@ -76,9 +76,9 @@ def test_upstream_ca_file_trusts_a_private_ca(tmp_path: pathlib.Path, private_ca
             send(trusting, "private-ca")
             assert sink.wait_for(1, timeout=WAIT)
             if untrusting is not None:
-                assert relay_harness.wait_until(
-                    lambda: 'mailrelay_relay_delivery_attempts_total{result="connection_error"} 0.0'
-                    not in untrusting.metrics(), timeout=WAIT)
+                unattempted = 'mailrelay_relay_delivery_attempts_total{result="connection_error"} 0.0'
+                waiting.wait_until(lambda: unattempted not in untrusting.metrics(), within=WAIT,
+                                   what="a failed delivery attempt by the relay that does not trust the CA")
                 assert untrusting.status()["queue"]["messages"] == 1
             assert trusting.stop() == 0
             assert [b"Subject: private-ca" in m.content for m in sink.messages] == [True]

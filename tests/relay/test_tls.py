@@ -9,11 +9,11 @@ import ssl
 from collections.abc import Iterator
 
 import pytest
-from mailrelay_sandbox import relayproc
+from mailrelay_sandbox import relayproc, smtpwire, waiting
 from mailrelay_sandbox import sink as sinkmod
 
 from tests.relay import relay_harness
-from tests.relay.relay_harness import HOSTNAME, Wire, message, start_relay, wait_until
+from tests.relay.relay_harness import HOSTNAME, message, start_relay
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +56,13 @@ def test_starttls_with_smtplib(relay: relayproc.RelayProcess, sink: sinkmod.Sink
         assert not client.has_extn("starttls")  # not offered twice
         assert client.sock is not None and isinstance(client.sock, ssl.SSLSocket)
         client.sendmail("a@client.test", ["b@dest.test"], content)
-    assert wait_until(lambda: any(msg_id.encode() in m.content for m in sink.messages))
+    waiting.wait_until(lambda: any(msg_id.encode() in m.content for m in sink.messages),
+                       what='any(msg_id.encode() in m.content for m in sink.messages)')
 
 
 def test_starttls_discards_pipelined_plaintext(relay: relayproc.RelayProcess,
                                                certificate: tuple[pathlib.Path, pathlib.Path]) -> None:
-    w = Wire(relay.smtp_address)
+    w = smtpwire.Wire(relay.smtp_address)
     try:
         w.ehlo()
         w.send(b"STARTTLS\r\nMAIL FROM:<injected@attacker.test>\r\n")  # RFC 3207 command injection
@@ -87,7 +88,7 @@ def test_starttls_discards_pipelined_plaintext(relay: relayproc.RelayProcess,
 
 
 def test_failed_handshake_closes_only_that_session(relay: relayproc.RelayProcess) -> None:
-    w = Wire(relay.smtp_address)
+    w = smtpwire.Wire(relay.smtp_address)
     try:
         w.ehlo()
         assert w.cmd("STARTTLS")[0] == 220

@@ -1,5 +1,6 @@
-"""Wire transcripts against a real `mailrelay-relay` process: the exact reply for every row of the
-reply table (docs/relay.md, "Replies"), real clients (smtplib, aiosmtplib, swaks) and a real upstream sink."""
+"""smtpwire.Wire transcripts against a real `mailrelay-relay` process: the exact reply for every row of the
+reply table (docs/relay.md, "Replies"), real clients (smtplib, aiosmtplib, swaks) and a real upstream
+sink."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from collections.abc import Iterator
 
 import aiosmtplib
 import pytest
-from mailrelay_sandbox import relayproc
+from mailrelay_sandbox import relayproc, smtpwire, waiting
 from mailrelay_sandbox import sink as sinkmod
 
 from tests.conftest import require_tool
-from tests.relay.relay_harness import HOSTNAME, Wire, message, start_relay, wait_until
+from tests.relay.relay_harness import HOSTNAME, message, start_relay
 
 MAX_SIZE = 100_000
 ARGS = [
@@ -47,8 +48,8 @@ def relay(tmp_path_factory: pytest.TempPathFactory, sink: sinkmod.Sink,
 
 
 @pytest.fixture
-def wire(relay: relayproc.RelayProcess) -> Iterator[Wire]:
-    w = Wire(relay.smtp_address, source="127.0.0.1")
+def wire(relay: relayproc.RelayProcess) -> Iterator[smtpwire.Wire]:
+    w = smtpwire.Wire(relay.smtp_address, source="127.0.0.1")
     yield w
     w.close()
 
@@ -57,7 +58,7 @@ def delivered(sink: sinkmod.Sink, msg_id: str) -> bool:
     return any(msg_id.encode() in m.content for m in sink.messages)
 
 
-def test_greeting_and_ehlo(wire: Wire) -> None:
+def test_greeting_and_ehlo(wire: smtpwire.Wire) -> None:
     assert wire.greeting == (220, [f"{HOSTNAME} ESMTP mailrelay"])
     assert wire.ehlo() == [HOSTNAME, "PIPELINING", f"SIZE {MAX_SIZE}", "8BITMIME", "ENHANCEDSTATUSCODES",
                            "SMTPUTF8", "DSN"]
@@ -65,7 +66,7 @@ def test_greeting_and_ehlo(wire: Wire) -> None:
     assert wire.closed()
 
 
-def test_queued_message_is_delivered(wire: Wire, sink: sinkmod.Sink) -> None:
+def test_queued_message_is_delivered(wire: smtpwire.Wire, sink: sinkmod.Sink) -> None:
     wire.ehlo()
     assert wire.line("MAIL FROM:<a@client.test> SIZE=500 BODY=8BITMIME") == "250 2.1.0 Ok"
     assert wire.line("RCPT TO:<b@dest.test>") == "250 2.1.5 Ok"
@@ -74,7 +75,7 @@ def test_queued_message_is_delivered(wire: Wire, sink: sinkmod.Sink) -> None:
     wire.send(content + b".\r\n")
     code, lines = wire.reply()
     assert code == 250 and lines[0].startswith("2.0.0 Ok: queued as ")
-    assert wait_until(lambda: delivered(sink, msg_id))
+    waiting.wait_until(lambda: delivered(sink, msg_id), what='delivered(sink, msg_id)')
     got = next(m for m in sink.messages if msg_id.encode() in m.content)
     assert got.mail_from == "a@client.test" and got.rcpt_tos == ("b@dest.test",)
     # dot-stuffing undone on the way in, redone by the delivery client: the upstream sees one dot
@@ -83,7 +84,9 @@ def test_queued_message_is_delivered(wire: Wire, sink: sinkmod.Sink) -> None:
 
 
 @pytest.mark.parametrize("quit_too", [True, False])
-def test_a_half_closed_client_still_gets_its_replies(wire: Wire, sink: sinkmod.Sink, quit_too: bool) -> None:
+def test_a_half_closed_client_still_gets_its_replies(
+    wire: smtpwire.Wire, sink: sinkmod.Sink, quit_too: bool,
+) -> None:
     """Exim pipelines QUIT after a message's final dot and shuts down its sending side, then reads the
     replies. The relay used to close at that EOF: the message was queued and delivered, the client never
     saw its 250 and sent it again (a duplicate). Now it gets 250 (and 221), and the message arrives once."""
@@ -99,7 +102,7 @@ def test_a_half_closed_client_still_gets_its_replies(wire: Wire, sink: sinkmod.S
     if quit_too:
         assert wire.reply() == (221, ["2.0.0 Bye"])
     assert wire.closed()
-    assert wait_until(lambda: delivered(sink, msg_id))
+    waiting.wait_until(lambda: delivered(sink, msg_id), what='delivered(sink, msg_id)')
     assert sum(1 for m in sink.messages if msg_id.encode() in m.content) == 1
 
 
@@ -126,20 +129,20 @@ def test_a_half_closed_client_still_gets_its_replies(wire: Wire, sink: sinkmod.S
         (["STARTTLS"], "454 4.7.0 TLS not available"),
     ],
 )
-def test_reply_rows(wire: Wire, commands: list[str], expected: str) -> None:
+def test_reply_rows(wire: smtpwire.Wire, commands: list[str], expected: str) -> None:
     wire.ehlo()
     for command in commands[:-1]:
         assert wire.cmd(command)[0] == 250
     assert wire.line(commands[-1]) == expected
 
 
-def test_mail_before_helo_and_params_after_helo(wire: Wire) -> None:
+def test_mail_before_helo_and_params_after_helo(wire: smtpwire.Wire) -> None:
     assert wire.line("MAIL FROM:<a@client.test>") == "503 5.5.1 Error: send HELO/EHLO first"
     assert wire.line("HELO client.test") == f"250 {HOSTNAME}"
     assert wire.line("MAIL FROM:<a@client.test> SIZE=10") == "501 5.5.4 Error: parameters need EHLO"
 
 
-def test_too_many_recipients(wire: Wire) -> None:
+def test_too_many_recipients(wire: smtpwire.Wire) -> None:
     wire.ehlo()
     wire.cmd("MAIL FROM:<a@client.test>")
     for n in range(5):
@@ -148,7 +151,7 @@ def test_too_many_recipients(wire: Wire) -> None:
 
 
 def test_relay_access_denied_outside_accept_from(relay: relayproc.RelayProcess) -> None:
-    outsider = Wire(relay.smtp_address, source="127.0.0.200")
+    outsider = smtpwire.Wire(relay.smtp_address, source="127.0.0.200")
     try:
         outsider.ehlo()
         assert outsider.line("MAIL FROM:<a@client.test>") == "250 2.1.0 Ok"
@@ -159,7 +162,7 @@ def test_relay_access_denied_outside_accept_from(relay: relayproc.RelayProcess) 
 
 
 def test_inflight_bytes_455_and_smaller_passes(relay: relayproc.RelayProcess) -> None:
-    sessions = [Wire(relay.smtp_address, source="127.0.0.1") for _ in range(3)]
+    sessions = [smtpwire.Wire(relay.smtp_address, source="127.0.0.1") for _ in range(3)]
     first, second, third = sessions
     try:
         for w in sessions:
@@ -173,29 +176,31 @@ def test_inflight_bytes_455_and_smaller_passes(relay: relayproc.RelayProcess) ->
         assert relay.status()["inflight_bytes"] == 250000
         assert first.line("RSET") == "250 2.0.0 Ok"
         second.close()
-        assert wait_until(lambda: relay.status()["inflight_bytes"] == 50000)
+        waiting.wait_until(lambda: relay.status()["inflight_bytes"] == 50000,
+                           what='relay.status()["inflight_bytes"] == 50000')
     finally:
         for w in sessions:
             w.close()
-    assert wait_until(lambda: relay.status()["inflight_bytes"] == 0)
+    waiting.wait_until(lambda: relay.status()["inflight_bytes"] == 0,
+                       what='relay.status()["inflight_bytes"] == 0')
 
 
 def test_session_cap_421_at_greeting(relay: relayproc.RelayProcess) -> None:
-    assert wait_until(lambda: relay.status()["sessions"] == 0)
-    open_ = [Wire(relay.smtp_address, source="127.0.0.1") for _ in range(4)]
+    waiting.wait_until(lambda: relay.status()["sessions"] == 0, what='relay.status()["sessions"] == 0')
+    open_ = [smtpwire.Wire(relay.smtp_address, source="127.0.0.1") for _ in range(4)]
     try:
-        refused = Wire(relay.smtp_address, source="127.0.0.1")
+        refused = smtpwire.Wire(relay.smtp_address, source="127.0.0.1")
         assert refused.greeting == (421, [f"4.3.2 {HOSTNAME} Too busy, try again later"])
         assert refused.closed()
         assert relay.status()["sessions"] == 4
     finally:
         for w in open_:
             w.close()
-    assert wait_until(lambda: relay.status()["sessions"] == 0)
-    assert Wire(relay.smtp_address, source="127.0.0.1").greeting[0] == 220  # type: ignore[index]
+    waiting.wait_until(lambda: relay.status()["sessions"] == 0, what='relay.status()["sessions"] == 0')
+    assert smtpwire.Wire(relay.smtp_address, source="127.0.0.1").greeting[0] == 220  # type: ignore[index]
 
 
-def test_disk_space_452_at_mail(wire: Wire, fault_file: pathlib.Path) -> None:
+def test_disk_space_452_at_mail(wire: smtpwire.Wire, fault_file: pathlib.Path) -> None:
     wire.ehlo()
     fault_file.write_text("free=50000")
     try:
@@ -211,7 +216,7 @@ def test_disk_space_452_at_mail(wire: Wire, fault_file: pathlib.Path) -> None:
     ("write-eio", "451 4.3.0 Error: local error in processing, try again later"),
     ("fsync-eio", "451 4.3.0 Error: local error in processing, try again later"),
 ])
-def test_spool_failure_at_end_of_data(wire: Wire, relay: relayproc.RelayProcess, sink: sinkmod.Sink,
+def test_spool_failure_at_end_of_data(wire: smtpwire.Wire, relay: relayproc.RelayProcess, sink: sinkmod.Sink,
                                       fault_file: pathlib.Path, fault: str, expected: str) -> None:
     before = sorted(p.name for p in (relay.spool / "queue").iterdir())
     wire.ehlo()
@@ -236,7 +241,7 @@ def test_spool_failure_at_end_of_data(wire: Wire, relay: relayproc.RelayProcess,
     ok_id, ok_content = message()
     wire.send(ok_content + b".\r\n")
     assert wire.reply()[0] == 250
-    assert wait_until(lambda: delivered(sink, ok_id))
+    waiting.wait_until(lambda: delivered(sink, ok_id), what='delivered(sink, ok_id)')
     assert not delivered(sink, msg_id)
 
 
@@ -269,11 +274,12 @@ def test_smtplib_aiosmtplib_and_swaks_clients(relay: relayproc.RelayProcess, sin
     assert result.returncode == 0, result.stdout + result.stderr
     assert "<~  250 2.0.0 Ok: queued as " in result.stdout or "<-  250 2.0.0 Ok: queued as " in result.stdout
     ids.append(msg_id3)
-    assert wait_until(lambda: all(delivered(sink, i) for i in ids))
+    waiting.wait_until(lambda: all(delivered(sink, i) for i in ids),
+                       what='all(delivered(sink, i) for i in ids)')
 
 
 def test_idle_command_timeout_421(relay: relayproc.RelayProcess) -> None:
-    w = Wire(relay.smtp_address, source="127.0.0.1")
+    w = smtpwire.Wire(relay.smtp_address, source="127.0.0.1")
     try:
         w.ehlo()
         code, lines = w.reply()  # nothing sent: the relay speaks first after --command-timeout

@@ -1,5 +1,5 @@
-"""Process and socket plumbing for the benchmark: free ports, waiting for a greeting, process trees and
-their memory and CPU, and stopping what the benchmark started.
+"""Process trees read from /proc: a process and its descendants, their CPU and memory, and stopping a
+process with whatever it started, for the benchmark and the relay-process wrapper (relayproc).
 
 What it must not do: signal any process it was not handed (callers pass the pids they started).
 """
@@ -9,40 +9,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import time
 from collections.abc import Iterable
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_greeting(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> str:
-    """Connect until the server answers its SMTP greeting; return the greeting line."""
-    deadline = time.monotonic() + timeout
-    last_error = "no attempt"
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with code {proc.returncode} before greeting on :{port}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2.0) as sock:
-                line = sock.makefile("rb").readline().decode("ascii", "replace").strip()
-                if line.startswith("220"):
-                    with contextlib.suppress(OSError):
-                        sock.sendall(b"QUIT\r\n")
-                    return line
-                last_error = f"greeting {line!r}"
-        except OSError as error:
-            last_error = str(error)
-        time.sleep(0.1)
-    raise TimeoutError(f"no SMTP greeting on 127.0.0.1:{port} within {timeout}s ({last_error})")
 
 
 def _stat_fields(pid: int) -> list[str] | None:

@@ -5,10 +5,11 @@ What it is for: real peers on real sockets, for tests that break the relay on pu
   command line it receives byte for byte, and can be told to answer 4xx/5xx/421 at a chosen command, to
   answer slowly, to refuse or to advertise STARTTLS it cannot do. It records raw lines, not parsed
   envelopes, so a test can prove that nothing a client wrote inside an address became a command.
-- `RawClient`: a blocking SMTP client on a plain socket (optionally bound to a chosen 127.x source
-  address) that sends exact bytes and reads replies line by line.
-- `check_reply`: the well-formedness rules every SMTP reply must follow.
-- `RelayProcess`: a real `mailrelay-relay` process with its own spool, on chosen loopback addresses.
+- `check_reply`: the well-formedness rules every SMTP reply must follow (of the raw lines
+  `smtpwire.Wire.reply_lines` returns).
+- `relay_process` / `relay`: a real relay (`relayproc.RelayProcess`) with its own spool and log under the
+  test's folder, on chosen loopback addresses; `send_one`: one message through it over `smtpwire.Wire`;
+  `start_data`: a session up to DATA's 354.
 - `spool_problems`: what is wrong with a spool folder (a file that does not parse, a half-written entry).
 
 What it must not do: fake the relay or decide what it should answer; the tests assert that.
@@ -19,41 +20,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
-import os
 import pathlib
 import re
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-RELAY_BIN = pathlib.Path(sys.executable).with_name("mailrelay-relay")
+from mailrelay_sandbox import netutil, relayproc, smtpwire, waiting
 
 REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -])(.*)$", re.DOTALL)
 ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,88 +69,6 @@ def check_reply(lines: Sequence[bytes], *, enhanced: bool) -> int:
                 raise MalformedReply(f"missing or mismatched enhanced status code in {line!r}")
     assert code is not None
     return int(code)
-
-
-# --------------------------------------------------------------------------------------------------
-# raw client
-
-
-class RawClient:
-    """A blocking SMTP client that sends exact bytes and reads replies line by line."""
-
-    def __init__(self, host: str, port: int, *, source: str | None = None, timeout: float = 30.0) -> None:
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        if source is not None:
-            self.sock.bind((source, 0))
-        self.sock.connect((host, port))
-        self.buf = b""
-        self.closed = False
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-    def __enter__(self) -> RawClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _line(self) -> bytes | None:
-        while b"\r\n" not in self.buf:
-            try:
-                chunk = self.sock.recv(65536)
-            except ConnectionResetError:
-                chunk = b""
-            if not chunk:
-                self.closed = True
-                if self.buf:
-                    rest, self.buf = self.buf, b""
-                    return rest
-                return None
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\r\n")
-        return line
-
-    def reply(self) -> list[bytes] | None:
-        """One reply (all its lines, without CRLF), or None when the server closed first."""
-        lines: list[bytes] = []
-        while True:
-            line = self._line()
-            if line is None:
-                if lines:
-                    raise MalformedReply(f"connection closed inside a multi-line reply: {lines!r}")
-                return None
-            lines.append(line)
-            if len(line) < 4 or line[3:4] != b"-":
-                return lines
-
-    def code(self) -> int | None:
-        r = self.reply()
-        return None if r is None else check_reply(r, enhanced=False)
-
-    def cmd(self, line: bytes | str) -> list[bytes] | None:
-        if isinstance(line, str):
-            line = line.encode()
-        self.send(line + b"\r\n")
-        return self.reply()
-
-    def wait_closed(self, timeout: float) -> bool:
-        """True when the server closes the connection within `timeout` (reading and discarding)."""
-        self.sock.settimeout(timeout)
-        try:
-            while True:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    return True
-        except TimeoutError:
-            return False
-        except OSError:
-            return True
 
 
 def text(reply: list[bytes] | None) -> str:
@@ -277,8 +171,9 @@ class RecordingSink:
         with self._lock:
             return list(self.lines), list(self.messages)
 
-    def wait_messages(self, n: int, timeout: float) -> bool:
-        return wait_until(lambda: len(self.snapshot()[1]) >= n, timeout)
+    def wait_messages(self, n: int, within: float) -> None:
+        waiting.wait_until(lambda: len(self.snapshot()[1]) >= n, within=within,
+                           what=f"{n} messages at the recording sink")
 
     def bodies_containing(self, marker: bytes) -> list[SinkMessage]:
         return [m for m in self.snapshot()[1] if marker in m.data]
@@ -377,198 +272,73 @@ class RecordingSink:
 # --------------------------------------------------------------------------------------------------
 # relay process
 
-
-class RelayProcess:
-    """A real `mailrelay-relay` process. Start it with `start()`, stop it with `stop()` or `kill()`."""
-
-    def __init__(
-        self,
-        tmp: pathlib.Path,
-        upstream: str,
-        *,
-        host: str = "127.0.0.1",
-        spool: pathlib.Path | None = None,
-        token: str | None = "s3cret-token",
-        extra: Sequence[str] = (),
-        env: dict[str, str] | None = None,
-        smtp_host: str | None = None,
-    ) -> None:
-        self.tmp = tmp
-        self.host = host  # admin API (and SMTP unless smtp_host is given)
-        self.smtp_host = smtp_host or host
-        self.port = free_port(self.smtp_host)
-        self.admin_port = free_port(host)
-        self.spool = spool or (tmp / "spool")
-        self.token = token
-        self.upstream = upstream
-        self.extra = list(extra)
-        self.env = env or {}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = tmp / f"relay-{self.port}.log"
-        self.starts = 0
-
-    def argv(self) -> list[str]:
-        listen_host = f"[{self.smtp_host}]" if ":" in self.smtp_host else self.smtp_host
-        args = [
-            str(RELAY_BIN),
-            "--listen", f"{listen_host}:{self.port}",
-            "--admin-listen", f"{self.host}:{self.admin_port}",
-            "--upstream", self.upstream,
-            "--spool", str(self.spool),
-            "--hostname", "relay.test",
-        ]
-        if self.token is not None:
-            token_file = self.tmp / "admin-token"
-            token_file.write_text(self.token + "\n")
-            args += ["--admin-token-file", str(token_file)]
-        return args + self.extra
-
-    def start(self, wait: bool = True) -> RelayProcess:
-        self.spool.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MAILRELAY_")}
-        env.update(self.env)
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log, env=env, start_new_session=True)
-        log.close()
-        self.starts += 1
-        if wait:
-            ok = wait_until(lambda: self.healthy() or not self.alive(), 60, 0.1)
-            if not ok or not self.alive():
-                raise RuntimeError(f"relay did not start; log:\n{self.log()[-3000:]}")
-            wait_until(self.smtp_ready, 30, 0.05)
-        return self
-
-    def smtp_ready(self) -> bool:
-        try:
-            with socket.create_connection((self.smtp_host, self.port), timeout=2):
-                return True
-        except OSError:
-            return False
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def http(
-        self, method: str, path: str, *, token: str | None = None, timeout: float = 10
-    ) -> tuple[int, bytes]:
-        req = urllib.request.Request(f"http://{self.host}:{self.admin_port}{path}", method=method)
-        if token is not None:
-            req.add_header("Authorization", f"Bearer {token}")
-        if method == "POST":
-            req.data = b""
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return int(resp.status), resp.read()
-        except urllib.error.HTTPError as e:
-            return int(e.code), e.read()
-
-    def healthy(self) -> bool:
-        try:
-            return self.http("GET", "/healthz", timeout=2)[0] == 200
-        except OSError:
-            return False
-
-    def status(self) -> dict[str, Any]:
-        code, body = self.http("GET", "/status", token=self.token)
-        assert code == 200, (code, body)
-        result: dict[str, Any] = json.loads(body)
-        return result
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, sig)
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (workers included) and reap it."""
-        if self.proc is None:
-            return
-        self.signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self, timeout: float = 30) -> int | None:
-        """SIGTERM and wait; SIGKILL after `timeout`. Returns the exit code."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return None
-
-    def rss_bytes(self) -> int:
-        """Resident memory of the relay and its children (the workers), in bytes."""
-        assert self.proc is not None
-        total = 0
-        for pid in _process_tree(self.proc.pid):
-            with contextlib.suppress(OSError):
-                for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-        return total
+TOKEN = "s3cret-token"
 
 
-def _process_tree(root: int) -> list[int]:
-    pids = [root]
-    children: dict[int, list[int]] = {}
-    for d in pathlib.Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            ppid = int(d.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(d.name))
-    i = 0
-    while i < len(pids):
-        pids.extend(children.get(pids[i], []))
-        i += 1
-    return pids
+def relay_process(tmp: pathlib.Path, upstream: str, *, host: str = "127.0.0.1", smtp_host: str | None = None,
+                  spool: pathlib.Path | None = None, token: str | None = TOKEN, extra: Sequence[str] = (),
+                  env: dict[str, str] | None = None) -> relayproc.RelayProcess:
+    """A real relay (not started) with its own spool under `tmp` and its log in `tmp` (never on the
+    spool's filesystem, which a test may fill); `host` serves admin (and SMTP unless `smtp_host`)."""
+    smtp_port = netutil.free_port(smtp_host or host)
+    return relayproc.RelayProcess(
+        upstream=upstream, spool=spool or tmp / "spool", host=host, smtp_host=smtp_host, smtp_port=smtp_port,
+        token=token, extra_args=extra, env=env, log_path=tmp / f"relay-{smtp_port}.log",
+        startup_timeout=60.0, stop_timeout=30.0,
+    )
 
 
 @contextlib.contextmanager
-def relay(tmp: pathlib.Path, upstream: str, **kw: Any) -> Iterator[RelayProcess]:
-    r = RelayProcess(tmp, upstream, **kw)
+def relay(tmp: pathlib.Path, upstream: str, **kw: Any) -> Iterator[relayproc.RelayProcess]:
+    """A started `relay_process`, SIGKILLed (not drained) on exit."""
+    r = relay_process(tmp, upstream, **kw)
     try:
         yield r.start()
     finally:
         r.kill()
+        r.close()
 
 
 # --------------------------------------------------------------------------------------------------
 # SMTP helpers
 
 
-def send_one(host: str, port: int, marker: str, *, source: str | None = None, rcpt: str = "to@example.net",
-             mail_from: str = "from@example.org", body: bytes | None = None) -> list[bytes] | None:
+def send_one(address: tuple[str, int], marker: str, *, source: str | None = None,
+             rcpt: str = "to@example.net", mail_from: str = "from@example.org",
+             body: bytes | None = None) -> list[bytes] | None:
     """Send one message over a raw client; returns the reply to the end of DATA (None if closed)."""
     content = body if body is not None else (
         f"Subject: {marker}\r\nMessage-ID: <{marker}@test>\r\n\r\nbody {marker}\r\n".encode()
     )
-    with RawClient(host, port, source=source) as c:
-        greeting = c.reply()
+    with smtpwire.Wire(address, source=source, greet=False) as c:
+        greeting = c.reply_lines()
         if first_code(greeting) != 220:
             return greeting
-        c.cmd("EHLO client.test")
-        r = c.cmd(f"MAIL FROM:<{mail_from}>")
+        c.cmd_lines("EHLO client.test")
+        r = c.cmd_lines(f"MAIL FROM:<{mail_from}>")
         if first_code(r) != 250:
             return r
-        r = c.cmd(f"RCPT TO:<{rcpt}>")
+        r = c.cmd_lines(f"RCPT TO:<{rcpt}>")
         if first_code(r) != 250:
             return r
-        r = c.cmd("DATA")
+        r = c.cmd_lines("DATA")
         if first_code(r) != 354:
             return r
         c.send(content + b".\r\n")
-        final = c.reply()
+        final = c.reply_lines()
         with contextlib.suppress(OSError):
-            c.cmd("QUIT")
+            c.cmd_lines("QUIT")
         return final
+
+
+def start_data(c: smtpwire.Wire, *, helo: str = "client.test", mail: str = "MAIL FROM:<a@example.org>",
+               rcpt: str = "b@example.net") -> None:
+    """Read the greeting and open a transaction up to DATA's 354, asserting every step."""
+    c.reply_lines()
+    c.cmd_lines(f"EHLO {helo}")
+    assert first_code(c.cmd_lines(mail)) == 250
+    assert first_code(c.cmd_lines(f"RCPT TO:<{rcpt}>")) == 250
+    assert first_code(c.cmd_lines("DATA")) == 354
 
 
 # --------------------------------------------------------------------------------------------------
