@@ -19,7 +19,17 @@ from collections.abc import Mapping, Sequence
 import kopf
 from mailrelay_common import flags, jsonlog
 
-from mailrelay_operator import cache, config, handlers, kube, manifests, metrics, relayclient, runtime
+from mailrelay_operator import (
+    __version__,
+    cache,
+    config,
+    handlers,
+    kube,
+    manifests,
+    metrics,
+    relayclient,
+    runtime,
+)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
         epilog="Every flag also reads an environment variable: --metrics-port is "
         f"{config.PREFIX}METRICS_PORT; a repeatable flag takes a comma-separated list from its variable.",
     )
+    p.add_argument("--version", action="version", version=f"mailrelay-operator {__version__}")
     flags.add_arguments(p, config.FLAGS)
     return p
 
@@ -149,6 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             runner.run(run(options))
     except KeyboardInterrupt:
         return 0
+    except kube.NoCluster as error:
+        print(f"mailrelay-operator: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

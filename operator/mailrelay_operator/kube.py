@@ -158,18 +158,30 @@ def _error(status: int, body: bytes, method: str, path: str) -> ApiError:
     return cls(status, reason, message, method=method, path=path)
 
 
+class NoCluster(Exception):
+    """No usable cluster configuration: the message says where the operator looked and what was wrong."""
+
+
 async def load_configuration(kubeconfig: str | None = None, context: str | None = None) -> Any:
-    """Standard resolution: an explicit kubeconfig, else $KUBECONFIG, else in-cluster, else ~/.kube/config."""
+    """Standard resolution: an explicit kubeconfig, else $KUBECONFIG, else in-cluster, else ~/.kube/config.
+    NoCluster when none of them gives a usable configuration."""
     configuration = k8s_client.Configuration()
     explicit = kubeconfig or os.environ.get("KUBECONFIG")
-    if explicit:
-        await k8s_config.load_kube_config(config_file=explicit, context=context,
-                                          client_configuration=configuration)
-    elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-    else:
-        await k8s_config.load_kube_config(config_file=str(Path.home() / ".kube" / "config"), context=context,
-                                          client_configuration=configuration)
+    try:
+        if explicit:
+            where = f"the kubeconfig {explicit}"
+            await k8s_config.load_kube_config(config_file=explicit, context=context,
+                                              client_configuration=configuration)
+        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+            where = "the in-cluster configuration (the pod's ServiceAccount)"
+            k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=configuration)
+        else:
+            where = f"{Path.home() / '.kube' / 'config'} (no --kubeconfig, KUBECONFIG or in-cluster service)"
+            await k8s_config.load_kube_config(config_file=str(Path.home() / ".kube" / "config"),
+                                              context=context, client_configuration=configuration)
+    except (k8s_config.ConfigException, OSError, ValueError, KeyError) as error:
+        raise NoCluster(f"no Kubernetes cluster to talk to: {where}: {error}") from None
     return configuration
 
 

@@ -137,3 +137,20 @@ def test_logs_are_json_lines_by_default_and_text_on_request(capsys: pytest.Captu
     logging.getLogger("mailrelay_operator.scaling").debug("a tick")
     text = capsys.readouterr().err
     assert "DEBUG mailrelay_operator.scaling: a tick" in text and not text.startswith("{")
+
+
+def test_version() -> None:
+    done = subprocess.run([sys.executable, "-m", "mailrelay_operator.cli", "--version"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip().startswith("mailrelay-operator ")
+
+
+def test_no_cluster_is_a_message_not_a_traceback(tmp_path: pathlib.Path) -> None:
+    """No --kubeconfig, no KUBECONFIG, no in-cluster service and no ~/.kube/config: one line saying so."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("KUBE", "MAILRELAY_OPERATOR_"))} | {"HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "mailrelay_operator.cli", "--standalone", "--liveness", ""],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "mailrelay-operator: error: no Kubernetes cluster to talk to" in done.stderr
+    assert "Traceback" not in done.stderr
