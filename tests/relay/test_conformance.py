@@ -9,13 +9,8 @@ malformed or repeated parameter, 553 5.6.7 for a UTF-8 address without SMTPUTF8.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from mailrelay_sandbox import relayproc, smtpwire
-from mailrelay_sandbox import sink as sinkmod
-
-from tests.relay.relay_harness import start_relay
 
 MAIL = "MAIL FROM:<s@example.com>"
 
@@ -67,19 +62,6 @@ TABLE: list[tuple[tuple[str, ...], str, str]] = [
     ((), "VRFY postmaster", "252 2.0.0"),
     ((), "HELO", "501 5.5.4"),
 ]
-
-
-@pytest.fixture(scope="module")
-def sink() -> Iterator[sinkmod.Sink]:
-    with sinkmod.running() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def relay(tmp_path_factory: pytest.TempPathFactory, sink: sinkmod.Sink) -> Iterator[relayproc.RelayProcess]:
-    r = start_relay(tmp_path_factory.mktemp("conformance"), sink.address)
-    yield r
-    r.kill()
 
 
 def send(wire: smtpwire.Wire, line: str) -> str:

@@ -35,19 +35,6 @@ SENDER = "sender@client.test"
 REFUSED = "gone@dest.test"
 
 
-@pytest.fixture(scope="module")
-def sink() -> Iterator[sinkmod.Sink]:
-    with sinkmod.running() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def relay(tmp_path_factory: pytest.TempPathFactory, sink: sinkmod.Sink) -> Iterator[relayproc.RelayProcess]:
-    r = start_relay(tmp_path_factory.mktemp("notifications"), sink.address)
-    yield r
-    r.kill()
-
-
 @pytest.fixture
 def upstream(sink: sinkmod.Sink) -> Iterator[sinkmod.Sink]:
     sink.reset()
