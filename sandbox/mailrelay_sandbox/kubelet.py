@@ -436,15 +436,8 @@ class ProcessKubelet:
                 await self._cannot_run(pod)
             return
         ports = {str(p.get("name")): int(p["containerPort"]) for p in container.get("ports") or []}
-        workdir = self.workdir / namespace / name
-        workdir.mkdir(parents=True, exist_ok=True)
-        mounts = await self._volumes(pod, container, workdir)
-        ip = self._allocate_ip()
-        env: dict[str, str] = {}
-        for item in container.get("env") or []:
-            value = await self._env_value(pod, item, ip)
-            if value is not None:
-                env[item["name"]] = rewrite_path(value, mounts)
+        workdir, mounts, ip, env = await self._prepare(pod, container)
+        env = {key: rewrite_path(value, mounts) for key, value in env.items()}
         for key in _OVERRIDDEN_ENV:
             env.pop(key, None)
         smtp_port = ports.get("smtp", 2525)
@@ -476,11 +469,11 @@ class ProcessKubelet:
         self.runtimes[name] = runtime
         runtime.task = asyncio.create_task(self._run(runtime, container, env, args))
 
-    async def _start_container(self, pod: Obj, container: Obj) -> None:
-        """Run `container` from its local image with podman, as a kubelet with a container runtime would."""
-        meta, spec = pod["metadata"], pod["spec"]
-        name, namespace = meta["name"], meta["namespace"]
-        workdir = self.workdir / namespace / name
+    async def _prepare(self, pod: Obj, container: Obj) -> tuple[Path, dict[str, Path], str, dict[str, str]]:
+        """What any container of a pod needs first: its work folder, its volumes (mount path -> host
+        folder), its pod IP and the env of its spec (values, fields, Secret and ConfigMap keys)."""
+        meta = pod["metadata"]
+        workdir = self.workdir / meta["namespace"] / meta["name"]
         workdir.mkdir(parents=True, exist_ok=True)
         mounts = await self._volumes(pod, container, workdir)
         ip = self._allocate_ip()
@@ -489,6 +482,13 @@ class ProcessKubelet:
             value = await self._env_value(pod, item, ip)
             if value is not None:
                 env[item["name"]] = value
+        return workdir, mounts, ip, env
+
+    async def _start_container(self, pod: Obj, container: Obj) -> None:
+        """Run `container` from its local image with podman, as a kubelet with a container runtime would."""
+        meta, spec = pod["metadata"], pod["spec"]
+        name, namespace = meta["name"], meta["namespace"]
+        workdir, mounts, ip, env = await self._prepare(pod, container)
         api = self.api.base_url.split("://", 1)[1]
         host, _, port = api.rpartition(":")
         env.update({"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port})
