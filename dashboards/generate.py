@@ -227,6 +227,19 @@ RELAY_ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
                     ),
                 ),
             ),
+            PanelSpec(
+                "Notifications to senders per second",
+                "Delivery status notifications the relays queued for senders: failed (bounces), delayed "
+                "(--delay-warning-time) and relayed (NOTIFY=SUCCESS through an upstream without DSN).",
+                "ops",
+                (
+                    Query(
+                        f"sum by (kind) "
+                        f"(rate(mailrelay_relay_notifications_total{{{SEL}}}[$__rate_interval]))",
+                        "{{kind}}",
+                    ),
+                ),
+            ),
         ),
     ),
     (
