@@ -394,6 +394,17 @@ def ordinal(set_name: str, pod_name: str) -> int | None:
     return int(rest)
 
 
+def claimed_ordinals(claim_prefix: str, claims: Sequence[kubetypes.PersistentVolumeClaim]) -> frozenset[int]:
+    """The ordinals whose spool claim (`<claim_prefix>-<n>`, e.g. spool-outbound-2) may hold mail: it
+    exists and is not Pending (a claim never bound to a volume was never written). For `plan_ordinals`."""
+    found: set[int] = set()
+    for claim in claims:
+        n = ordinal(claim_prefix, (claim.get("metadata") or {}).get("name", ""))
+        if n is not None and (claim.get("status") or {}).get("phase") != "Pending":
+            found.add(n)
+    return frozenset(found)
+
+
 def plan_ordinals(
     set_name: str,
     desired: int,

@@ -350,9 +350,14 @@ def stateful_set(
     }
 
 
+def spool_claim_prefix(name: str) -> str:
+    """The claims of MailRelay `name`'s StatefulSet are `<prefix>-<ordinal>`."""
+    return f"{SPOOL_VOLUME}-{name}"
+
+
 def spool_claim_name(name: str, ordinal: int) -> str:
     """The claim the StatefulSet of MailRelay `name` makes for the relay with `ordinal`."""
-    return f"{SPOOL_VOLUME}-{name}-{ordinal}"
+    return f"{spool_claim_prefix(name)}-{ordinal}"
 
 
 def service(name: str, namespace: str) -> kubetypes.Service:

@@ -814,6 +814,19 @@ def test_stateful_set_plan(desired: int, replicas: int, pods: list[drain.PodStat
     assert sts(desired, replicas, pods, **kw) == dataclasses.replace(want, **expected)
 
 
+def test_claimed_ordinals() -> None:
+    def claim(name: str, phase: str | None) -> kubetypes.PersistentVolumeClaim:
+        out: kubetypes.PersistentVolumeClaim = {"metadata": {"name": name}}
+        if phase is not None:
+            out["status"] = {"phase": phase}
+        return out
+
+    claims = [claim("spool-relay-0", "Bound"), claim("spool-relay-1", "Pending"),
+              claim("spool-relay-2", None), claim("spool-relay-3", "Lost"),
+              claim("spool-other-4", "Bound"), claim("spool-relay-x", "Bound")]
+    assert drain.claimed_ordinals("spool-relay", claims) == {0, 2, 3}
+
+
 def test_the_deployment_plan_still_deletes_its_pods() -> None:
     assert drain.plan(1, 2, [pod("a"), done("b")], NOW, TIMEOUT, False).operator_deletes is True
 
