@@ -394,6 +394,11 @@ def ordinal(set_name: str, pod_name: str) -> int | None:
     return int(rest)
 
 
+def set_members(set_name: str, set_replicas: int, pods: Sequence[PodState]) -> list[PodState]:
+    """The pods of StatefulSet `set_name` at ordinals below its replicas (the others are being removed)."""
+    return [p for p in pods if (n := ordinal(set_name, p.name)) is not None and n < set_replicas]
+
+
 def claimed_ordinals(claim_prefix: str, claims: Sequence[kubetypes.PersistentVolumeClaim]) -> frozenset[int]:
     """The ordinals whose spool claim (`<claim_prefix>-<n>`, e.g. spool-outbound-2) may hold mail: it
     exists and is not Pending (a claim never bound to a volume was never written). For `plan_ordinals`."""

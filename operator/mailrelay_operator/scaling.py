@@ -75,7 +75,10 @@ async def tick(rt: runtime.Runtime, body: Mapping[str, Any], memory: runtime.Mem
     states = seen.states
     # Serving relays; in and right after maintenance, the Deployment's count (not scale-in: the pool comes
     # back at its size instead of dropping to the minimum).
-    current = drain.serving_replicas(dep_replicas, states, parsed.maintenance)
+    # A StatefulSet's pods above its replicas are already leaving (the controller removes them): not
+    # counted, as a Deployment's pods being deleted are not.
+    members = drain.set_members(name, dep_replicas, states) if workload is kube.STATEFULSETS else states
+    current = drain.serving_replicas(dep_replicas, members, parsed.maintenance)
     if memory.history is None:
         memory.history = status.load_history(body, now)
     decision = policy.decide(current, policy.loads(states), parsed, now, memory.history)

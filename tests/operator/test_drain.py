@@ -827,6 +827,12 @@ def test_claimed_ordinals() -> None:
     assert drain.claimed_ordinals("spool-relay", claims) == {0, 2, 3}
 
 
+def test_set_members_and_serving_replicas() -> None:
+    pods = [pod("relay-0"), draining("relay-1"), done("relay-2"), pod("other-0")]
+    assert [p.name for p in drain.set_members("relay", 2, pods)] == ["relay-0", "relay-1"]
+    assert drain.serving_replicas(2, drain.set_members("relay", 2, pods), False) == 1
+
+
 def test_the_deployment_plan_still_deletes_its_pods() -> None:
     assert drain.plan(1, 2, [pod("a"), done("b")], NOW, TIMEOUT, False).operator_deletes is True
 
