@@ -7,7 +7,9 @@ runs each pod the real scheduler binds to it as real processes:
   the pod template's env/args (MAILRELAY_*); the upstream is pointed at the sandbox's sink;
 - volumes as folders under the pod's work folder: emptyDir (gone with the pod, as in a cluster), Secret
   and ConfigMap (their keys as files), projected service-account tokens (TokenRequest), and
-  persistentVolumeClaim (one folder per claim that outlives its pods);
+  persistentVolumeClaim (one folder per claim that outlives its pods; the node's `provisioner` binds
+  each claim of its pinned namespaces to a PersistentVolume at that folder, so that the real scheduler
+  places the pod, and removes the folder when the volume is reclaimed);
 - probes from the pod spec (startup, readiness, liveness; httpGet and tcpSocket): Ready comes from the
   readiness probe, a failed liveness or startup probe restarts the container;
 - container states, restarts (restartPolicy Always, with a short back-off) and the pod IP in the pod's
@@ -54,7 +56,7 @@ from typing import Any
 
 import aiohttp
 
-from mailrelay_sandbox import apiclient, containers, kubecluster, loadgen
+from mailrelay_sandbox import apiclient, containers, kubecluster, loadgen, provisioner
 
 log = logging.getLogger("mailrelay_sandbox.kubelet")
 
@@ -244,8 +246,11 @@ class ProcessKubelet:
         max_grace_seconds: float | None = None,
         observe_status: bool = True,
         images: bool = False,
+        provision_period: float = 1.0,
     ) -> None:
         self.api = apiclient.Api(api_url, token, ca_file)
+        self.provisioner = provisioner.Provisioner(self.api, node, workdir)
+        self.provision_period = provision_period
         self.node = node
         self.workdir = workdir
         self.upstream = upstream
@@ -366,8 +371,12 @@ class ProcessKubelet:
     # -- the loop ----------------------------------------------------------------------------------
     async def _loop(self) -> None:
         beat = 0.0
+        provisioned = 0.0
         while True:
             try:
+                if time.monotonic() - provisioned > self.provision_period:
+                    provisioned = time.monotonic()
+                    await self.provisioner.sync()
                 await self.sync()
                 if time.monotonic() - beat > 10:
                     await self.heartbeat()
