@@ -397,6 +397,11 @@ class ProcessKubelet:
             seen.add(name)
             runtime = self.runtimes.get(name)
             if runtime is not None and runtime.uid != meta.get("uid"):
+                if not runtime.terminating:
+                    # The older pod of this name is gone from the API without grace (force-deleted) and
+                    # its name already belongs to a new pod (a StatefulSet's ordinal): stop it first.
+                    runtime.terminating = True
+                    self._spawn(self.stop_pod(runtime, runtime.grace, finalize=False))
                 continue  # an older pod of the same name is still being torn down
             if meta.get("deletionTimestamp"):
                 if runtime is None:
@@ -451,7 +456,9 @@ class ProcessKubelet:
             env.pop(key, None)
         smtp_port = ports.get("smtp", 2525)
         admin_port = ports.get("admin", 8025)
-        spool = Path(rewrite_path(env.get("MAILRELAY_SPOOL", "/var/spool/mailrelay"), mounts))
+        # env is rewritten already: rewriting it again would move a spool whose host folder happens to
+        # lie under a mounted path (such as /tmp) into that volume
+        spool = Path(env.get("MAILRELAY_SPOOL") or rewrite_path("/var/spool/mailrelay", mounts))
         if not str(spool).startswith(str(workdir)) and not str(spool).startswith(str(self.workdir)):
             spool = workdir / "spool"
         tmp = mounts.get("/tmp")
