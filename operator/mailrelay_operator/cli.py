@@ -80,7 +80,8 @@ async def run(
     )
     relays = relayclient.RelayClient(timeout=options.relay_timeout)
     read_cache = cache.Cache.of(
-        client, (kube.DEPLOYMENTS, kube.PODS), cache_namespaces(options.namespaces),
+        client, (kube.DEPLOYMENTS, kube.STATEFULSETS, kube.PODS, kube.PVCS),
+        cache_namespaces(options.namespaces),
         {manifests.NAME_LABEL: manifests.APP_NAME}, index_label=manifests.INSTANCE_LABEL,
     )
     shared = runtime.Runtime(

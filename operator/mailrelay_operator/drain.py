@@ -12,6 +12,11 @@ ReplicaSet removes those NotReady, cheapest pods and never starts a replacement 
 the `completed` and `delete_pods` pods as well (404 counts as done), which is a no-op when the
 ReplicaSet was first and keeps the count right when it removed a never-serving pod instead.
 
+With a persistent spool the relays are a StatefulSet, which always removes its highest ordinals:
+`plan_ordinals` drains exactly those and lowers the replicas only past ordinals whose drain is over. It
+never asks the shell to delete a pod (`Plan.operator_deletes` is False): the StatefulSet controller does
+that when the replicas drop, and removes the claim after the pod (whenScaled: Delete).
+
 Pure: no I/O, no clock reads (time is `now`, in seconds since the epoch), no asyncio.
 """
 
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from mailrelay_operator import kubetypes
@@ -62,6 +67,10 @@ class Plan:
     delete_pods: tuple[str, ...]  # pods that never served (not Running yet): delete without a drain
     redrain: tuple[str, ...] = ()  # annotated pods whose relay is not draining (it restarted): POST /drain
     held: tuple[str, ...] = ()  # draining past the timeout, kept because mail is queued (report only)
+    # True (a Deployment): the shell deletes `completed` and `delete_pods` itself. False (a StatefulSet,
+    # `plan_ordinals`): it deletes nothing; lowering the replicas to `deployment_replicas` (the workload's
+    # replicas) removes the `completed` pods, which are exactly the ordinals above the new count.
+    operator_deletes: bool = True
 
     @property
     def empty(self) -> bool:
@@ -366,4 +375,120 @@ def plan(
         delete_pods=delete,
         redrain=tuple(name for name in redrain if name not in {n for n, _ in completed}),
         held=held,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# A StatefulSet (spec.spool.persistent): the highest ordinals go
+# ---------------------------------------------------------------------------------------------------
+
+
+def ordinal(set_name: str, pod_name: str) -> int | None:
+    """The ordinal of pod `<set_name>-<n>` of StatefulSet `set_name`; None for any other name."""
+    prefix = f"{set_name}-"
+    if not pod_name.startswith(prefix):
+        return None
+    rest = pod_name[len(prefix):]
+    if not rest.isascii() or not rest.isdigit() or (len(rest) > 1 and rest.startswith("0")):
+        return None
+    return int(rest)
+
+
+def set_members(set_name: str, set_replicas: int, pods: Sequence[PodState]) -> list[PodState]:
+    """The pods of StatefulSet `set_name` at ordinals below its replicas (the others are being removed)."""
+    return [p for p in pods if (n := ordinal(set_name, p.name)) is not None and n < set_replicas]
+
+
+def claimed_ordinals(claim_prefix: str, claims: Sequence[kubetypes.PersistentVolumeClaim]) -> frozenset[int]:
+    """The ordinals whose spool claim (`<claim_prefix>-<n>`, e.g. spool-outbound-2) may hold mail: it
+    exists and is not Pending (a claim never bound to a volume was never written). For `plan_ordinals`."""
+    found: set[int] = set()
+    for claim in claims:
+        n = ordinal(claim_prefix, (claim.get("metadata") or {}).get("name", ""))
+        if n is not None and (claim.get("status") or {}).get("phase") != "Pending":
+            found.add(n)
+    return frozenset(found)
+
+
+def plan_ordinals(
+    set_name: str,
+    desired: int,
+    set_replicas: int,
+    pods: Sequence[PodState],
+    now: float,
+    drain_timeout: float,
+    maintenance: bool,
+    keep_queued: bool = False,
+    claimed: Collection[int] | None = None,
+) -> Plan:
+    """The next drain step for relays run by StatefulSet `set_name` with `.spec.replicas` `set_replicas`.
+
+    The ordinals below `desired` serve: a draining one among them is resumed (demand rose). Every
+    running ordinal from `desired` up is drained, highest first. The replicas are then lowered past
+    the highest ordinals that are removable, and no further: an ordinal is removable when its relay's
+    drain is over (as `outcome` decides, with `keep_queued`, and the relay not ready, as in `plan`), or
+    when no relay runs there and its spool claim is known to hold nothing (`claimed`: the ordinals whose
+    claim exists and is bound; None: unknown, so none is). A held drain therefore keeps its ordinal and
+    its claim, and so does every ordinal below it that is still above `desired` (the StatefulSet cannot
+    remove a middle ordinal). A pod that is not running (a replacement after a lost node, still Pending)
+    or is being deleted may sit on a claim full of mail, so its ordinal waits too.
+    Pods at ordinals at or above `set_replicas` are already being removed by the controller: ignored.
+    With `maintenance`, every running relay drains and stays; the replicas do not change.
+    """
+    if desired < 0 or set_replicas < 0:
+        raise ValueError("replica counts must not be negative")
+    by_ordinal: dict[int, PodState] = {}
+    for pod in _replica_pods(pods):
+        n = ordinal(set_name, pod.name)
+        if n is not None and n < set_replicas:
+            by_ordinal[n] = pod
+    live = [by_ordinal[n] for n in sorted(by_ordinal)]
+    draining = [p for p in live if p.draining]
+    redrain = tuple(p.name for p in draining if p.relay_draining is False)
+    running = [p for p in live if not p.draining and p.phase == "Running"]
+
+    if maintenance:
+        return Plan(
+            start_drain=choose_victims(running, len(running)),
+            resume=(),
+            completed=(),
+            deployment_replicas=None,
+            delete_pods=(),
+            redrain=redrain,
+            operator_deletes=False,
+        )
+
+    ordinal_of = {p.name: n for n, p in by_ordinal.items()}
+    resume = tuple(p.name for p in draining if ordinal_of[p.name] < desired and p.phase == "Running")
+    start = tuple(p.name for p in reversed(running) if ordinal_of[p.name] >= desired)
+    still_draining = [p for p in draining if p.name not in resume]
+    held = tuple(sorted(p.name for p in still_draining if _held(p, now, drain_timeout, keep_queued)))
+
+    completed: list[tuple[str, str]] = []
+    new_replicas = set_replicas
+    if desired >= set_replicas:
+        new_replicas = desired
+    else:
+        for n in range(set_replicas - 1, desired - 1, -1):
+            relay = by_ordinal.get(n)
+            if relay is None or relay.phase != "Running":
+                if claimed is None or n in claimed:
+                    break  # a claim that may hold mail, with no relay delivering it yet
+                new_replicas = n
+                continue
+            result = outcome(relay, now, drain_timeout, keep_queued)
+            if result is None or relay.ready:
+                break
+            completed.append((relay.name, result))
+            new_replicas = n
+    done = {name for name, _ in completed}
+    return Plan(
+        start_drain=start,
+        resume=resume,
+        completed=tuple(completed),
+        deployment_replicas=None if new_replicas == set_replicas else new_replicas,
+        delete_pods=(),
+        redrain=tuple(name for name in redrain if name not in resume and name not in done),
+        held=held,
+        operator_deletes=False,
     )

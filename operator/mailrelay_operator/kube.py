@@ -74,12 +74,16 @@ SECRETS = Resource("", "v1", "secrets", "Secret")
 SERVICES = Resource("", "v1", "services", "Service")
 EVENTS = Resource("", "v1", "events", "Event")
 DEPLOYMENTS = Resource("apps", "v1", "deployments", "Deployment")
+STATEFULSETS = Resource("apps", "v1", "statefulsets", "StatefulSet")
+PVCS = Resource("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim")
 PDBS = Resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget")
 NETWORKPOLICIES = Resource("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy")
 MAILRELAYS = Resource("mailrelay.dev", "v1alpha1", "mailrelays", "MailRelay")
 
 BY_KIND: dict[str, Resource] = {
-    res.kind: res for res in (PODS, SECRETS, SERVICES, EVENTS, DEPLOYMENTS, PDBS, NETWORKPOLICIES, MAILRELAYS)
+    res.kind: res
+    for res in (PODS, SECRETS, SERVICES, EVENTS, DEPLOYMENTS, STATEFULSETS, PVCS, PDBS, NETWORKPOLICIES,
+                MAILRELAYS)
 }
 
 # What the operator calls, per resource (this module's own calls plus Kopf's watching and patching).
@@ -94,6 +98,8 @@ RBAC_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("", "services", ("get", "create", "patch")),
     ("", "events", ("create",)),
     ("apps", "deployments", ("get", "list", "watch", "create", "patch")),
+    ("apps", "statefulsets", ("get", "list", "watch", "create", "patch")),
+    ("", "persistentvolumeclaims", ("list", "watch")),
     ("policy", "poddisruptionbudgets", ("get", "create", "patch")),
     ("networking.k8s.io", "networkpolicies", ("get", "create", "patch")),
     ("", "namespaces", ("list", "watch")),

@@ -98,8 +98,14 @@ class DrainSpec(TypedDict, total=False):
     onTimeout: str  # KeepWhileQueued | Remove
 
 
+class PersistentSpoolSpec(TypedDict, total=False):
+    size: str
+    storageClassName: str
+
+
 class SpoolSpec(TypedDict, total=False):
     sizeLimit: str
+    persistent: PersistentSpoolSpec
 
 
 class ResourceRequirements(TypedDict, total=False):
@@ -340,6 +346,73 @@ class Deployment(TypedDict, total=False):
     metadata: ObjectMeta
     spec: DeploymentSpec
     status: DeploymentStatus
+
+
+class VolumeResourceRequirements(TypedDict, total=False):
+    requests: dict[str, str]
+
+
+class PersistentVolumeClaimSpec(TypedDict, total=False):
+    accessModes: list[str]
+    storageClassName: str
+    resources: VolumeResourceRequirements
+    volumeName: str
+
+
+class PersistentVolumeClaimStatus(TypedDict, total=False):
+    phase: str
+
+
+class PersistentVolumeClaim(TypedDict, total=False):
+    apiVersion: str
+    kind: str
+    metadata: ObjectMeta
+    spec: PersistentVolumeClaimSpec
+    status: PersistentVolumeClaimStatus
+
+
+class StatefulSetPersistentVolumeClaimRetentionPolicy(TypedDict, total=False):
+    whenDeleted: str  # Retain | Delete
+    whenScaled: str
+
+
+class RollingUpdateStatefulSetStrategy(TypedDict, total=False):
+    partition: int
+    maxUnavailable: int | str
+
+
+class StatefulSetUpdateStrategy(TypedDict, total=False):
+    type: str
+    rollingUpdate: RollingUpdateStatefulSetStrategy
+
+
+class StatefulSetSpec(TypedDict, total=False):
+    replicas: int
+    selector: LabelSelector
+    template: PodTemplateSpec
+    serviceName: str
+    podManagementPolicy: str  # OrderedReady | Parallel
+    updateStrategy: StatefulSetUpdateStrategy
+    revisionHistoryLimit: int
+    volumeClaimTemplates: list[PersistentVolumeClaim]
+    persistentVolumeClaimRetentionPolicy: StatefulSetPersistentVolumeClaimRetentionPolicy
+
+
+class StatefulSetStatus(TypedDict, total=False):
+    replicas: int
+    readyReplicas: int
+    currentReplicas: int
+    updatedReplicas: int
+    availableReplicas: int
+    observedGeneration: int
+
+
+class StatefulSet(TypedDict, total=False):
+    apiVersion: str
+    kind: str
+    metadata: ObjectMeta
+    spec: StatefulSetSpec
+    status: StatefulSetStatus
 
 
 class ServicePort(TypedDict, total=False):

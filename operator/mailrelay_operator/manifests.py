@@ -1,5 +1,6 @@
-"""Builders for the objects a MailRelay owns: Deployment, Service, admin Secret, PodDisruptionBudget and
-NetworkPolicy, each as a complete object dict (labels per docs/contracts.md).
+"""Builders for the objects a MailRelay owns: the relays' workload (a Deployment with an emptyDir spool,
+or a StatefulSet with a claim per relay when spec.spool.persistent is set), Service, admin Secret,
+PodDisruptionBudget and NetworkPolicy, each as a complete object dict (labels per docs/contracts.md).
 
 The relay container is configured only through `MAILRELAY_*` environment variables (docs/contracts.md,
 "Relay CLI"). The pod template carries a hash of the relay's configuration, so a spec change that
@@ -32,6 +33,7 @@ SMTP_PORT = 2525
 ADMIN_PORT = 8025
 SERVICE_SMTP_PORT = 25
 SPOOL_PATH = "/var/spool/mailrelay"
+SPOOL_VOLUME = "spool"  # the volume (and, with a persistent spool, volumeClaimTemplate) name
 ADMIN_TOKEN_DIR = "/etc/mailrelay/admin"
 ADMIN_TOKEN_KEY = "token"
 UPSTREAM_CREDENTIALS_DIR = "/etc/mailrelay/upstream"
@@ -87,8 +89,8 @@ def relay_env(spec: specmod.MailRelaySpec) -> list[kubetypes.EnvVar]:
         {"name": "MAILRELAY_DRAIN_TIMEOUT", "value": str(spec.drain_timeout_seconds)},
         {"name": "MAILRELAY_HOSTNAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
     ]
-    if spec.spool_size_limit is not None:
-        size_limit = specmod.parse_quantity(spec.spool_size_limit, "spec.spool.sizeLimit")
+    size_limit = specmod.spool_limit_bytes(spec)
+    if size_limit is not None:
         env.append({"name": "MAILRELAY_SPOOL_MAX_BYTES", "value": str(spool_max_bytes(size_limit))})
     if spec.upstream.credentials_secret is not None:
         env.append(
@@ -106,7 +108,7 @@ def relay_env(spec: specmod.MailRelaySpec) -> list[kubetypes.EnvVar]:
 
 
 def spool_max_bytes(size_limit: int) -> int:
-    """The relay's --spool-max-bytes for an emptyDir of `size_limit` bytes (at least 1)."""
+    """The relay's --spool-max-bytes for a spool volume of `size_limit` bytes (at least 1)."""
     return max(1, size_limit * SPOOL_MAX_BYTES_PERCENT // 100)
 
 
@@ -136,23 +138,24 @@ def _resources(spec: specmod.MailRelaySpec) -> kubetypes.ResourceRequirements:
     return out
 
 
-def deployment(
+def _pod_template(
     name: str,
-    namespace: str,
     spec: specmod.MailRelaySpec,
     *,
     image: str,
-    replicas: int,
     token_secret: str,
-    config_extra: Mapping[str, str] | None = None,
-) -> kubetypes.Deployment:
-    """The relay Deployment. `image` is the operator's --relay-image unless spec.image overrides it;
-    `token_secret` names the Secret whose key `token` holds the admin token."""
-    if replicas < 0:
-        raise ValueError("replicas must not be negative")
+    config_extra: Mapping[str, str] | None,
+) -> kubetypes.PodTemplateSpec:
+    """The relay pod template, the same for both spool modes. With a persistent spool the `spool` volume
+    is not in it: the StatefulSet's volumeClaimTemplate of that name provides it."""
     relay_image = spec.image or image
-    volumes: list[kubetypes.Volume] = [
-        {"name": "spool", "emptyDir": {"sizeLimit": spec.spool_size_limit} if spec.spool_size_limit else {}},
+    volumes: list[kubetypes.Volume] = []
+    if spec.spool_persistent is None:
+        empty_dir: kubetypes.EmptyDirVolumeSource = {}
+        if spec.spool_size_limit:
+            empty_dir["sizeLimit"] = spec.spool_size_limit
+        volumes.append({"name": SPOOL_VOLUME, "emptyDir": empty_dir})
+    volumes += [
         {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
         {
             "name": "admin-token",
@@ -164,7 +167,7 @@ def deployment(
         },
     ]
     mounts: list[kubetypes.VolumeMount] = [
-        {"name": "spool", "mountPath": SPOOL_PATH},
+        {"name": SPOOL_VOLUME, "mountPath": SPOOL_PATH},
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "admin-token", "mountPath": ADMIN_TOKEN_DIR, "readOnly": True},
     ]
@@ -226,6 +229,53 @@ def deployment(
         container["resources"] = resources
 
     return {
+        "metadata": {
+            "labels": labels(name),
+            "annotations": {CONFIG_HASH_ANNOTATION: config_hash(spec, relay_image, config_extra)},
+        },
+        "spec": {
+            "containers": [container],
+            "volumes": volumes,
+            "terminationGracePeriodSeconds": spec.drain_timeout_seconds
+            + TERMINATION_GRACE_MARGIN_SECONDS,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": RUN_AS,
+                "runAsGroup": RUN_AS,
+                "fsGroup": RUN_AS,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            # Spread relays over nodes and zones where possible, so one node loss takes few.
+            "topologySpreadConstraints": [
+                {
+                    "maxSkew": 1,
+                    "topologyKey": key,
+                    "whenUnsatisfiable": "ScheduleAnyway",
+                    "labelSelector": {"matchLabels": selector_labels(name)},
+                }
+                for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")
+            ],
+            "automountServiceAccountToken": False,
+            "enableServiceLinks": False,
+        },
+    }
+
+
+def deployment(
+    name: str,
+    namespace: str,
+    spec: specmod.MailRelaySpec,
+    *,
+    image: str,
+    replicas: int,
+    token_secret: str,
+    config_extra: Mapping[str, str] | None = None,
+) -> kubetypes.Deployment:
+    """The relay Deployment (emptyDir spool). `image` is the operator's --relay-image unless spec.image
+    overrides it; `token_secret` names the Secret whose key `token` holds the admin token."""
+    if replicas < 0:
+        raise ValueError("replicas must not be negative")
+    return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _meta(name, namespace, name),
@@ -235,39 +285,79 @@ def deployment(
             "selector": {"matchLabels": selector_labels(name)},
             # One new relay at a time and never fewer ready relays; old relays drain on SIGTERM.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "template": {
-                "metadata": {
-                    "labels": labels(name),
-                    "annotations": {CONFIG_HASH_ANNOTATION: config_hash(spec, relay_image, config_extra)},
-                },
-                "spec": {
-                    "containers": [container],
-                    "volumes": volumes,
-                    "terminationGracePeriodSeconds": spec.drain_timeout_seconds
-                    + TERMINATION_GRACE_MARGIN_SECONDS,
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": RUN_AS,
-                        "runAsGroup": RUN_AS,
-                        "fsGroup": RUN_AS,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    # Spread relays over nodes and zones where possible, so one node loss takes few.
-                    "topologySpreadConstraints": [
-                        {
-                            "maxSkew": 1,
-                            "topologyKey": key,
-                            "whenUnsatisfiable": "ScheduleAnyway",
-                            "labelSelector": {"matchLabels": selector_labels(name)},
-                        }
-                        for key in ("kubernetes.io/hostname", "topology.kubernetes.io/zone")
-                    ],
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                },
-            },
+            "template": _pod_template(
+                name, spec, image=image, token_secret=token_secret, config_extra=config_extra
+            ),
         },
     }
+
+
+def stateful_set(
+    name: str,
+    namespace: str,
+    spec: specmod.MailRelaySpec,
+    *,
+    image: str,
+    replicas: int,
+    token_secret: str,
+    config_extra: Mapping[str, str] | None = None,
+) -> kubetypes.StatefulSet:
+    """The relay StatefulSet (spec.spool.persistent): the same pod as the Deployment's, with the spool
+    from a claim `spool-<name>-<ordinal>` per relay. A claim comes back with its ordinal, so a relay
+    deleted without a drain (lost node, forced delete) restarts on the mail it had accepted.
+
+    Retention (docs/operator.md, "Spool modes"): whenScaled Delete removes a scaled-away ordinal's claim,
+    which the StatefulSet controller does only after the pod is gone, and the operator lowers replicas
+    only past a finished drain (or a Remove onTimeout decision). whenDeleted Retain keeps the claims when
+    the MailRelay (and so the StatefulSet) is deleted: its deletion drains only until the drain timeout,
+    and whatever is left stays recoverable by creating a MailRelay of the same name again."""
+    if replicas < 0:
+        raise ValueError("replicas must not be negative")
+    persistent = spec.spool_persistent
+    if persistent is None:
+        raise ValueError("a StatefulSet needs spec.spool.persistent")
+    claim_spec: kubetypes.PersistentVolumeClaimSpec = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": persistent.size}},
+    }
+    if persistent.storage_class_name is not None:
+        claim_spec["storageClassName"] = persistent.storage_class_name
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _meta(name, namespace, name),
+        "spec": {
+            "replicas": replicas,
+            "revisionHistoryLimit": 3,
+            "serviceName": name,
+            # Start and stop relays in parallel: the operator orders scale-in itself (drain first).
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "RollingUpdate"},
+            "selector": {"matchLabels": selector_labels(name)},
+            "template": _pod_template(
+                name, spec, image=image, token_secret=token_secret, config_extra=config_extra
+            ),
+            "volumeClaimTemplates": [
+                {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "metadata": {"name": SPOOL_VOLUME, "labels": labels(name)},
+                    "spec": claim_spec,
+                }
+            ],
+            "persistentVolumeClaimRetentionPolicy": {"whenScaled": "Delete", "whenDeleted": "Retain"},
+        },
+    }
+
+
+def spool_claim_prefix(name: str) -> str:
+    """The claims of MailRelay `name`'s StatefulSet are `<prefix>-<ordinal>`."""
+    return f"{SPOOL_VOLUME}-{name}"
+
+
+def spool_claim_name(name: str, ordinal: int) -> str:
+    """The claim the StatefulSet of MailRelay `name` makes for the relay with `ordinal`."""
+    return f"{spool_claim_prefix(name)}-{ordinal}"
 
 
 def service(name: str, namespace: str) -> kubetypes.Service:

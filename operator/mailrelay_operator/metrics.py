@@ -52,7 +52,7 @@ HANDLERS = (HANDLER_OWNED, HANDLER_SCALING, HANDLER_DELETE)
 OUTCOME_CANCELLED = "cancelled"  # demand rose mid-drain: the relay resumed service
 DRAIN_OUTCOMES = (drain.OUTCOME_DRAINED, drain.OUTCOME_TIMEOUT, OUTCOME_CANCELLED)
 DIRECTIONS = ("up", "down")
-CACHED_RESOURCES = ("deployments", "pods")  # the read cache's informers (cache.py)
+CACHED_RESOURCES = ("deployments", "statefulsets", "pods", "persistentvolumeclaims")  # cache.py
 
 
 def _initialise_operator_series() -> None:

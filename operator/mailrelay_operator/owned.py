@@ -1,5 +1,6 @@
-"""The objects a MailRelay owns: its admin Secret, Deployment, Service, PodDisruptionBudget and
-NetworkPolicy, created or repaired by server-side apply (`kube.ensure`), with owner references.
+"""The objects a MailRelay owns: its admin Secret, relay workload (a Deployment, or a StatefulSet with a
+persistent spool: `workload`), Service, PodDisruptionBudget and NetworkPolicy, created or repaired by
+server-side apply (`kube.ensure`), with owner references.
 
 The scaling loop (`scaling.tick`) is the one caller: at its first tick, after a spec change (a new
 generation) and every `--resync-seconds`, so two writers never race over the same objects.
@@ -30,9 +31,11 @@ async def ensure(
     owner = cast(Any, body)  # kopf.adopt only reads metadata (a Body or a dict)
     secret_name = manifests.admin_secret_name(name)
     secret = manifests.admin_secret(name, namespace, secrets.token_urlsafe(32))
-    live_deployment = await rt.kube.get(kube.DEPLOYMENTS, namespace, name)
+    workload_res = workload(parsed)
+    live_deployment = await rt.kube.get(workload_res, namespace, name)
     replicas = initial_replicas(body, parsed)
-    deployment: Any = manifests.deployment(
+    build = manifests.deployment if parsed.spool_persistent is None else manifests.stateful_set
+    deployment: Any = build(
         name,
         namespace,
         parsed,
@@ -66,14 +69,19 @@ async def ensure(
     kopf.adopt(objects, owner=owner)
     actions: dict[str, str] = {}
     for obj in objects:
-        known: Any = live_deployment if obj["kind"] == "Deployment" else "unknown"
+        known: Any = live_deployment if obj["kind"] == workload_res.kind else "unknown"
         live, action = await rt.kube.ensure(obj, create_only=obj["kind"] == "Secret", live=known)
         actions[obj["kind"]] = action
         if obj["kind"] == "Secret":
             memory.token = manifests.secret_token(cast(kubetypes.Secret, live))
     if live_deployment is None:
-        logger.info("%s/%s: created the Deployment with %d replicas", namespace, name, replicas)
+        logger.info("%s/%s: created the %s with %d replicas", namespace, name, workload_res.kind, replicas)
     return actions
+
+
+def workload(parsed: spec.MailRelaySpec) -> kube.Resource:
+    """The relays' workload: a StatefulSet with a persistent spool, else a Deployment."""
+    return kube.DEPLOYMENTS if parsed.spool_persistent is None else kube.STATEFULSETS
 
 
 def initial_replicas(body: Mapping[str, Any], parsed: spec.MailRelaySpec) -> int:

@@ -17,13 +17,14 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from mailrelay_operator import (
     conditions,
     drain,
     kube,
     kubetypes,
+    manifests,
     metrics,
     observation,
     owned,
@@ -65,7 +66,8 @@ async def tick(rt: runtime.Runtime, body: Mapping[str, Any], memory: runtime.Mem
         return TickReport(None, None, None)
     await _ensure_owned_when_due(rt, body, parsed, memory, generation, now)
 
-    deployment = await rt.read.get(kube.DEPLOYMENTS, namespace, name)
+    workload = owned.workload(parsed)
+    deployment = await rt.read.get(workload, namespace, name)
     if deployment is None:
         return TickReport(None, None, None)
     dep_replicas = int((deployment.get("spec") or {}).get("replicas") or 0)
@@ -73,14 +75,27 @@ async def tick(rt: runtime.Runtime, body: Mapping[str, Any], memory: runtime.Mem
     states = seen.states
     # Serving relays; in and right after maintenance, the Deployment's count (not scale-in: the pool comes
     # back at its size instead of dropping to the minimum).
-    current = drain.serving_replicas(dep_replicas, states, parsed.maintenance)
+    # A StatefulSet's pods above its replicas are already leaving (the controller removes them): not
+    # counted, as a Deployment's pods being deleted are not.
+    members = drain.set_members(name, dep_replicas, states) if workload is kube.STATEFULSETS else states
+    current = drain.serving_replicas(dep_replicas, members, parsed.maintenance)
     if memory.history is None:
         memory.history = status.load_history(body, now)
     decision = policy.decide(current, policy.loads(states), parsed, now, memory.history)
     memory.history = decision.history
-    plan = drain.plan(decision.desired, dep_replicas, states, now, float(parsed.drain_timeout_seconds),
-                      parsed.maintenance, parsed.drain_on_timeout == "KeepWhileQueued")
-    new_replicas = await apply_plan(rt, body, plan, seen, dep_replicas, now, token=memory.token)
+    keep_queued = parsed.drain_on_timeout == "KeepWhileQueued"
+    if workload is kube.STATEFULSETS:
+        claims = cast(list[kubetypes.PersistentVolumeClaim],
+                      await rt.read.list_(kube.PVCS, namespace, manifests.selector_labels(name)))
+        claimed = drain.claimed_ordinals(manifests.spool_claim_prefix(name), claims)
+        plan = drain.plan_ordinals(name, decision.desired, dep_replicas, states, now,
+                                   float(parsed.drain_timeout_seconds), parsed.maintenance, keep_queued,
+                                   claimed=claimed)
+    else:
+        plan = drain.plan(decision.desired, dep_replicas, states, now, float(parsed.drain_timeout_seconds),
+                          parsed.maintenance, keep_queued)
+    new_replicas = await apply_plan(rt, body, plan, seen, dep_replicas, now, token=memory.token,
+                                    workload=workload)
     await _announce_held(rt, body, memory, plan.held, {s.name: s for s in states},
                          parsed.drain_timeout_seconds)
 
@@ -159,12 +174,12 @@ async def _patch_status(rt: runtime.Runtime, body: Mapping[str, Any], memory: ru
 
 async def apply_plan(rt: runtime.Runtime, body: Mapping[str, Any], plan: drain.Plan,
                      seen: observation.Observation, dep_replicas: int, now: float, *,
-                     token: str | None) -> int | None:
-    """Apply a drain Plan in the order `drain` documents. Returns the new Deployment replicas, if set."""
+                     token: str | None, workload: kube.Resource = kube.DEPLOYMENTS) -> int | None:
+    """Apply a drain Plan in the order `drain` documents. Returns the workload's new replicas, if set."""
     by_state = {s.name: s for s in seen.states}
     await _start_drains(rt, body, plan, seen, now, token)
     await _resume(rt, body, plan, seen, by_state, now, token)
-    return await _finish(rt, body, plan, by_state, dep_replicas, now)
+    return await _finish(rt, body, plan, by_state, dep_replicas, now, workload)
 
 
 async def _start_drains(rt: runtime.Runtime, body: Mapping[str, Any], plan: drain.Plan,
@@ -214,14 +229,17 @@ async def _resume(rt: runtime.Runtime, body: Mapping[str, Any], plan: drain.Plan
 
 
 async def _finish(rt: runtime.Runtime, body: Mapping[str, Any], plan: drain.Plan,
-                  by_state: Mapping[str, drain.PodState], dep_replicas: int, now: float) -> int | None:
+                  by_state: Mapping[str, drain.PodState], dep_replicas: int, now: float,
+                  workload: kube.Resource) -> int | None:
     """3. Relays whose drain is over become the cheapest pods (below those still draining); 4. lower the
     Deployment's count, so the ReplicaSet removes them (NotReady and cheapest) and never starts a
     replacement that could take sessions; 5. delete them ourselves too: a no-op when the ReplicaSet was
-    first, and when it removed a pod that never served instead, the count stays right."""
+    first, and when it removed a pod that never served instead, the count stays right.
+    A StatefulSet's plan (`operator_deletes` False) skips 3 and 5: lowering its count removes exactly
+    the completed ordinals, and their claims after them."""
     namespace, name = runtime.meta(body)
     can_lower = True
-    for pod_name, _ in plan.completed:
+    for pod_name, _ in plan.completed if plan.operator_deletes else ():
         try:
             await rt.kube.patch(
                 kube.PODS, namespace, pod_name, {"metadata": {"annotations": drain.finished_annotations()}}
@@ -237,16 +255,17 @@ async def _finish(rt: runtime.Runtime, body: Mapping[str, Any], plan: drain.Plan
         if not can_lower:
             return None  # nothing removed this tick; the next tick retries the whole step
         new = plan.deployment_replicas
-        await rt.kube.patch(kube.DEPLOYMENTS, namespace, name, {"spec": {"replicas": new}})
+        await rt.kube.patch(workload, namespace, name, {"spec": {"replicas": new}})
         metrics.SCALE_EVENTS.labels(namespace, name, "up" if new > dep_replicas else "down").inc()
 
     events: list[tuple[str, str, str]] = []
     for pod_name, result in plan.completed:
-        try:
-            await rt.kube.delete(kube.PODS, namespace, pod_name)
-        except kube.ApiError as exc:
-            logger.warning("%s/%s: cannot delete drained pod %s: %s", namespace, name, pod_name, exc)
-            continue
+        if plan.operator_deletes:
+            try:
+                await rt.kube.delete(kube.PODS, namespace, pod_name)
+            except kube.ApiError as exc:
+                logger.warning("%s/%s: cannot delete drained pod %s: %s", namespace, name, pod_name, exc)
+                continue
         _observe_drain(by_state, pod_name, result, now)
         reason, message, type_ = COMPLETED_EVENTS[result]
         events.append((reason, message.format(pod=pod_name), type_))
@@ -258,7 +277,7 @@ async def _finish(rt: runtime.Runtime, body: Mapping[str, Any], plan: drain.Plan
 
     if new is not None:  # posted after the drain Events, in the order they happen
         events.append(("ScaledUp" if new > dep_replicas else "ScaledDown",
-                       f"Deployment {name} replicas {dep_replicas} -> {new}", "Normal"))
+                       f"{workload.kind} {name} replicas {dep_replicas} -> {new}", "Normal"))
     for reason, message, type_ in events:
         await rt.kube.post_event(body, reason=reason, message=message, type_=type_)
     return new

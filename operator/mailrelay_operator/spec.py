@@ -114,6 +114,14 @@ class Scaling:
 
 
 @dataclass(frozen=True)
+class PersistentSpool:
+    """spec.spool.persistent: a PersistentVolumeClaim per relay (the relays run as a StatefulSet)."""
+
+    size: str  # the claim's requested storage, a quantity such as 1Gi
+    storage_class_name: str | None = None  # None: the cluster's default StorageClass
+
+
+@dataclass(frozen=True)
 class MailRelaySpec:
     upstream: UpstreamSpec
     accept_from: tuple[str, ...]
@@ -129,6 +137,8 @@ class MailRelaySpec:
     # container resources as given (Kubernetes quantities), sorted for a stable config hash
     resources: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
     spool_size_limit: str | None = None  # emptyDir sizeLimit of the spool volume
+    # None: the spool is an emptyDir (a Deployment); set: a claim per relay (a StatefulSet)
+    spool_persistent: PersistentSpool | None = None
 
     @property
     def autoscaling(self) -> bool:
@@ -340,10 +350,16 @@ def parse(raw_spec: kubetypes.MailRelaySpec | Mapping[str, Any]) -> MailRelaySpe
     if not isinstance(maintenance, bool):
         raise SpecError(f"spec.maintenance: expected true or false, got {maintenance!r}")
 
-    spool = _obj(raw, "spool", "spec", {"sizeLimit"})
+    spool = _obj(raw, "spool", "spec", {"sizeLimit", "persistent"})
     size_limit = _str(spool, "sizeLimit", "spec.spool")
     if size_limit is not None:
         parse_quantity(size_limit, "spec.spool.sizeLimit")
+    persistent = _persistent(spool)
+    if size_limit is not None and persistent is not None:
+        raise SpecError(
+            "spec.spool: sizeLimit is the emptyDir's limit; a persistent spool's size is "
+            "spool.persistent.size"
+        )
 
     image = _str(raw, "image", "spec")
     if image is not None and len(image) > 512:
@@ -361,4 +377,33 @@ def parse(raw_spec: kubetypes.MailRelaySpec | Mapping[str, Any]) -> MailRelaySpe
         image=image,
         resources=_resources(raw),
         spool_size_limit=size_limit,
+        spool_persistent=persistent,
     )
+
+
+def _persistent(spool: Mapping[str, Any]) -> PersistentSpool | None:
+    if spool.get("persistent") is None:
+        return None
+    obj = _obj(spool, "persistent", "spec.spool", {"size", "storageClassName"})
+    size = _str(obj, "size", "spec.spool.persistent")
+    if size is None:
+        raise SpecError("spec.spool.persistent.size: required")
+    if not _QUANTITY.match(size) or size.startswith("0"):
+        raise SpecError(f"spec.spool.persistent.size: {size!r} is not a size such as 1Gi")
+    parse_quantity(size, "spec.spool.persistent.size")
+    storage_class = _str(obj, "storageClassName", "spec.spool.persistent")
+    if storage_class is not None and (len(storage_class) > 253 or not _DNS_SUBDOMAIN.match(storage_class)):
+        raise SpecError(
+            f"spec.spool.persistent.storageClassName: {storage_class!r} is not a valid StorageClass name"
+        )
+    return PersistentSpool(size=size, storage_class_name=storage_class)
+
+
+def spool_limit_bytes(spec: MailRelaySpec) -> int | None:
+    """The spool volume's size in bytes: the persistent claim's size, else the emptyDir's sizeLimit
+    (None: no limit)."""
+    if spec.spool_persistent is not None:
+        return parse_quantity(spec.spool_persistent.size, "spec.spool.persistent.size")
+    if spec.spool_size_limit is not None:
+        return parse_quantity(spec.spool_size_limit, "spec.spool.sizeLimit")
+    return None

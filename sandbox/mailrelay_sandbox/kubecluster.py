@@ -7,7 +7,8 @@ the Kubernetes Go modules by `scripts/install-kube.sh` (cached under `.tools/kub
   namespace can pin its pods to one node (each sandbox kubelet is one node: see `kubelet`).
 - kube-controller-manager runs the controllers the project relies on (`CONTROLLERS`): Deployments,
   ReplicaSets (which choose their victims, by pod-deletion-cost among others), StatefulSets, the garbage
-  collector, PodDisruptionBudgets, EndpointSlices, namespaces, service accounts and their tokens.
+  collector, PodDisruptionBudgets, EndpointSlices, namespaces, service accounts and their tokens, and
+  the binding and protection of PersistentVolumes and their claims.
 - kube-scheduler binds pods to nodes.
 
 Only the kubelet is simulated (`mailrelay_sandbox.kubelet`). etcd runs with `--unsafe-no-fsync`: its
@@ -59,6 +60,9 @@ CONTROLLERS = (
     "namespace-controller", "serviceaccount-controller", "serviceaccount-token-controller",
     "root-ca-certificate-publisher-controller", "persistentvolume-binder-controller",
     "pod-garbage-collector-controller", "node-lifecycle-controller",
+    # a claim or volume in use keeps its protection finalizer until no pod uses it: without these two,
+    # a deleted claim (a StatefulSet's whenScaled: Delete) would never go
+    "persistentvolumeclaim-protection-controller", "persistentvolume-protection-controller",
 )
 SERVICE_CIDR = "10.96.0.0/16"
 NODE_SELECTOR_ANNOTATION = "scheduler.alpha.kubernetes.io/node-selector"

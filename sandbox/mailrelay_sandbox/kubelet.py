@@ -7,7 +7,9 @@ runs each pod the real scheduler binds to it as real processes:
   the pod template's env/args (MAILRELAY_*); the upstream is pointed at the sandbox's sink;
 - volumes as folders under the pod's work folder: emptyDir (gone with the pod, as in a cluster), Secret
   and ConfigMap (their keys as files), projected service-account tokens (TokenRequest), and
-  persistentVolumeClaim (one folder per claim that outlives its pods);
+  persistentVolumeClaim (one folder per claim that outlives its pods; the node's `provisioner` binds
+  each claim of its pinned namespaces to a PersistentVolume at that folder, so that the real scheduler
+  places the pod, and removes the folder when the volume is reclaimed);
 - probes from the pod spec (startup, readiness, liveness; httpGet and tcpSocket): Ready comes from the
   readiness probe, a failed liveness or startup probe restarts the container;
 - container states, restarts (restartPolicy Always, with a short back-off) and the pod IP in the pod's
@@ -54,7 +56,7 @@ from typing import Any
 
 import aiohttp
 
-from mailrelay_sandbox import apiclient, containers, kubecluster, loadgen
+from mailrelay_sandbox import apiclient, containers, kubecluster, loadgen, provisioner
 
 log = logging.getLogger("mailrelay_sandbox.kubelet")
 
@@ -244,8 +246,11 @@ class ProcessKubelet:
         max_grace_seconds: float | None = None,
         observe_status: bool = True,
         images: bool = False,
+        provision_period: float = 1.0,
     ) -> None:
         self.api = apiclient.Api(api_url, token, ca_file)
+        self.provisioner = provisioner.Provisioner(self.api, node, workdir)
+        self.provision_period = provision_period
         self.node = node
         self.workdir = workdir
         self.upstream = upstream
@@ -366,8 +371,12 @@ class ProcessKubelet:
     # -- the loop ----------------------------------------------------------------------------------
     async def _loop(self) -> None:
         beat = 0.0
+        provisioned = 0.0
         while True:
             try:
+                if time.monotonic() - provisioned > self.provision_period:
+                    provisioned = time.monotonic()
+                    await self.provisioner.sync()
                 await self.sync()
                 if time.monotonic() - beat > 10:
                     await self.heartbeat()
@@ -388,6 +397,11 @@ class ProcessKubelet:
             seen.add(name)
             runtime = self.runtimes.get(name)
             if runtime is not None and runtime.uid != meta.get("uid"):
+                if not runtime.terminating:
+                    # The older pod of this name is gone from the API without grace (force-deleted) and
+                    # its name already belongs to a new pod (a StatefulSet's ordinal): stop it first.
+                    runtime.terminating = True
+                    self._spawn(self.stop_pod(runtime, runtime.grace, finalize=False))
                 continue  # an older pod of the same name is still being torn down
             if meta.get("deletionTimestamp"):
                 if runtime is None:
@@ -442,7 +456,9 @@ class ProcessKubelet:
             env.pop(key, None)
         smtp_port = ports.get("smtp", 2525)
         admin_port = ports.get("admin", 8025)
-        spool = Path(rewrite_path(env.get("MAILRELAY_SPOOL", "/var/spool/mailrelay"), mounts))
+        # env is rewritten already: rewriting it again would move a spool whose host folder happens to
+        # lie under a mounted path (such as /tmp) into that volume
+        spool = Path(env.get("MAILRELAY_SPOOL") or rewrite_path("/var/spool/mailrelay", mounts))
         if not str(spool).startswith(str(workdir)) and not str(spool).startswith(str(self.workdir)):
             spool = workdir / "spool"
         tmp = mounts.get("/tmp")

@@ -152,8 +152,11 @@ def mailrelay(
     drain_timeout: int = 60,
     drain_on_timeout: str | None = None,
     maintenance: bool = False,
+    spool_persistent: str | None = None,
 ) -> dict[str, Any]:
-    return {
+    """A MailRelay for the sandbox's tests and demo; `spool_persistent` (a size such as 64Mi) gives each
+    relay a claim (a StatefulSet) instead of an emptyDir."""
+    relay: dict[str, Any] = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "MailRelay",
         "metadata": {"name": name, "namespace": namespace},
@@ -175,6 +178,9 @@ def mailrelay(
             "maintenance": maintenance,
         },
     }
+    if spool_persistent is not None:
+        relay["spec"]["spool"] = {"persistent": {"size": spool_persistent}}
+    return relay
 
 
 def mailrelay_path(namespace: str, name: str | None = None) -> str:

@@ -31,6 +31,7 @@ from tests.operator.conftest import OperatorHarness, eventually
 
 Triple = tuple[str, str, str]
 NAME = "rbac"
+PERSISTENT = "rbac-persistent"
 
 
 def rule_triples(rules: list[dict[str, Any]]) -> set[Triple]:
@@ -215,8 +216,9 @@ async def create_and_scale_out(kube: kubeenv.KubeEnv, http: apiclient.Api, minim
 async def test_the_operator_with_the_charts_role_is_never_refused_and_uses_every_grant(
     kube: kubeenv.KubeEnv, node: kubelet.ProcessKubelet, proxy: faultproxy.FaultProxy, tmp_path: Path,
 ) -> None:
-    """Create, repair hand edits, scale out, drain and scale in, delete: with the chart's ServiceAccount
-    token (the session's control plane has the chart installed by helm, tests/kubeenv.py)."""
+    """Create, repair hand edits, scale out, drain and scale in, delete, then a MailRelay with a
+    persistent spool (a StatefulSet): with the chart's ServiceAccount token (the session's control plane
+    has the chart installed by helm, tests/kubeenv.py)."""
     assert rule_triples(installed_role(kube)["rules"]) == rendered_triples(), "not the chart's role"
     kubeconfig = kubeenv.plain_kubeconfig(tmp_path / "operator.kubeconfig", proxy.url,
                                           kube.session.operator_token)
@@ -244,6 +246,12 @@ async def test_the_operator_with_the_charts_role_is_never_refused_and_uses_every
             await http.request("DELETE", kube.path(k.MAILRELAYS, NAME))
             await eventually(lambda: kube.get(k.MAILRELAYS, NAME) is None, within=120,
                              what="the MailRelay released by the finalizer")
+            # A persistent spool: the relays are a StatefulSet, scaled with its claims in view.
+            await http.request("POST", kube.path(k.MAILRELAYS), scenario.mailrelay(
+                PERSISTENT, kube.namespace, min_replicas=1, max_replicas=2, interval=1,
+                spool_persistent="64Mi"))
+            await eventually(lambda: ((kube.get(k.MAILRELAYS, PERSISTENT) or {}).get("status") or {})
+                             .get("readyReplicas") == 1, within=120, what="a ready relay of the StatefulSet")
     finally:
         await operator.stop()
     assert refusals(proxy, operator) == []

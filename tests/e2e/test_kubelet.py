@@ -13,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 from mailrelay_operator import kube as k
-from mailrelay_sandbox import kubelet, loadgen, scenario
+from mailrelay_sandbox import kubecluster, kubelet, loadgen, provisioner, scenario
 
 from tests import kubeenv
 from tests.e2e.conftest import eventually, secret
@@ -33,6 +33,36 @@ def test_rewrite_path() -> None:
     assert kubelet.rewrite_path("/etc/mailrelay/x", mounts) == "/tmp/a/x"
     assert kubelet.rewrite_path("/etc/mailrelayx", mounts) == "/etc/mailrelayx"
     assert kubelet.rewrite_path("10", mounts) == "10"
+
+
+def test_the_provisioner_serves_namespaces_pinned_to_its_node() -> None:
+    def namespace(selector: str | None) -> dict[str, object]:
+        annotations = {} if selector is None else {kubecluster.NODE_SELECTOR_ANNOTATION: selector}
+        return {"metadata": {"name": "ns", "annotations": annotations}}
+
+    assert provisioner.pinned_node(namespace("kubernetes.io/hostname=node-a")) == "node-a"
+    assert provisioner.pinned_node(namespace("zone=z1, kubernetes.io/hostname=node-b")) == "node-b"
+    assert provisioner.pinned_node(namespace("zone=z1")) is None
+    assert provisioner.pinned_node(namespace(None)) is None
+
+
+def test_the_provisioners_volume_is_pre_bound_to_the_claim_on_its_node(tmp_path: Path) -> None:
+    claim = {"metadata": {"name": "spool-outbound-0", "namespace": "mail", "uid": "1234-abcd"},
+             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "64Mi"}}}}
+    folder = provisioner.claim_folder(tmp_path, "mail", "spool-outbound-0")
+    assert folder == tmp_path / "claims" / "mail" / "spool-outbound-0"
+    volume = provisioner.volume_for(claim, "node-a", folder)
+    assert volume["metadata"]["name"] == "sandbox-1234-abcd"
+    assert volume["metadata"]["annotations"] == {"pv.kubernetes.io/provisioned-by": provisioner.PROVISIONER}
+    spec = volume["spec"]
+    assert spec["claimRef"] == {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "namespace": "mail",
+                                "name": "spool-outbound-0", "uid": "1234-abcd"}
+    assert spec["capacity"] == {"storage": "64Mi"} and spec["storageClassName"] == ""
+    assert spec["persistentVolumeReclaimPolicy"] == "Delete"
+    assert spec["hostPath"]["path"] == str(folder)
+    (term,) = spec["nodeAffinity"]["required"]["nodeSelectorTerms"]
+    assert term["matchExpressions"] == [{"key": "kubernetes.io/hostname", "operator": "In",
+                                         "values": ["node-a"]}]
 
 
 def service(name: str, labels: dict[str, str]) -> dict[str, object]:

@@ -726,3 +726,284 @@ def test_simulated_cluster_never_loses_mail_and_settles(schedule: list[tuple[int
     run(cluster, [(final, SETTLE_TICKS)], now, new_stats(), evictions=False)
     assert_settled(cluster, final)
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# A StatefulSet (persistent spools): the highest ordinals drain, then the replicas drop past them
+# ---------------------------------------------------------------------------------------------------
+
+
+def sts(desired: int, replicas: int, pods: list[drain.PodState], *, keep_queued: bool = False,
+        claimed: Any = None, maintenance: bool = False) -> drain.Plan:
+    return drain.plan_ordinals("relay", desired, replicas, pods, NOW, TIMEOUT, maintenance,
+                               keep_queued=keep_queued, claimed=claimed)
+
+
+def done(name: str, **kw: Any) -> drain.PodState:
+    """A relay whose drain is over: drained, not ready."""
+    return draining(name, drained=True, sessions=0, **kw)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("relay-0", 0), ("relay-12", 12), ("relay-x", None), ("relay-01", None), ("other-1", None),
+     ("relay-", None), ("relay-1-2", None), ("relay-\u0663", None)],
+)
+def test_ordinal(name: str, expected: int | None) -> None:
+    assert drain.ordinal("relay", name) == expected
+
+
+@pytest.mark.parametrize(
+    ("desired", "replicas", "pods", "kw", "expected"),
+    [
+        # scale-in 4 -> 2: the two highest ordinals drain, highest first, whatever their load
+        (2, 4, [pod("relay-0"), pod("relay-1"), pod("relay-2", sessions=99), pod("relay-3", sessions=0)],
+         {}, {"start_drain": ("relay-3", "relay-2")}),
+        # draining: the replicas stay
+        (2, 4, [pod("relay-0"), pod("relay-1"), draining("relay-2"), draining("relay-3")], {}, {}),
+        # both over: the replicas drop past both, the StatefulSet removes them (nothing deleted here)
+        (2, 4, [pod("relay-0"), pod("relay-1"), done("relay-2"), done("relay-3")], {},
+         {"completed": (("relay-3", "drained"), ("relay-2", "drained")), "deployment_replicas": 2}),
+        # only the highest is over: it goes alone
+        (2, 4, [pod("relay-0"), pod("relay-1"), draining("relay-2"), done("relay-3")], {},
+         {"completed": (("relay-3", "drained"),), "deployment_replicas": 3}),
+        # the lower one is over first: it waits for the one above (a StatefulSet cannot skip an ordinal)
+        (2, 4, [pod("relay-0"), pod("relay-1"), done("relay-2"), draining("relay-3")], {}, {}),
+        # timed out with mail, Remove: completed as timeout (the claim goes: Remove's documented cost)
+        (1, 2, [pod("relay-0"), draining("relay-1", since=TIMEOUT, queue_messages=5)], {},
+         {"completed": (("relay-1", "timeout"),), "deployment_replicas": 1}),
+        # the same, KeepWhileQueued: held, its ordinal (and claim) kept
+        (1, 2, [pod("relay-0"), draining("relay-1", since=TIMEOUT, queue_messages=5)],
+         {"keep_queued": True}, {"held": ("relay-1",)}),
+        # held in the middle: the drained ordinal above it goes, the held one and below stay
+        (1, 4, [pod("relay-0"), done("relay-1"), draining("relay-2", since=TIMEOUT, queue_messages=5),
+                done("relay-3")], {"keep_queued": True},
+         {"completed": (("relay-3", "drained"),), "deployment_replicas": 3, "held": ("relay-2",)}),
+        # a finished drain whose relay restarted (ready again) is redrained before it may go
+        (1, 2, [pod("relay-0"), done("relay-1", ready=True, relay_draining=False)], {},
+         {"redrain": ("relay-1",)}),
+        # demand rose: the lowest draining ordinals serve again, the highest keep draining
+        (3, 4, [pod("relay-0"), draining("relay-1"), draining("relay-2"), draining("relay-3")], {},
+         {"resume": ("relay-1", "relay-2")}),
+        # scale-up past the replicas: resume everything and raise them
+        (5, 3, [pod("relay-0"), pod("relay-1"), draining("relay-2")], {},
+         {"resume": ("relay-2",), "deployment_replicas": 5}),
+        (3, 1, [pod("relay-0")], {}, {"deployment_replicas": 3}),
+        # an ordinal without a running relay: it may sit on a claim full of mail (a replacement after a
+        # lost node), so it waits, unless its claim is known to be absent or unbound
+        (1, 2, [pod("relay-0"), pod("relay-1", phase="Pending", ready=False)], {}, {}),
+        (1, 2, [pod("relay-0"), pod("relay-1", phase="Pending", ready=False)], {"claimed": {0, 1}}, {}),
+        (1, 2, [pod("relay-0"), pod("relay-1", phase="Pending", ready=False)], {"claimed": {0}},
+         {"deployment_replicas": 1}),
+        (1, 3, [pod("relay-0")], {"claimed": {0}}, {"deployment_replicas": 1}),  # not created yet
+        (1, 3, [pod("relay-0")], {"claimed": {0, 2}}, {}),
+        (1, 2, [pod("relay-0"), pod("relay-1", deleting=True)], {"claimed": {0, 1}}, {}),  # force-deleted
+        # pods above the replicas are the controller's to remove: ignored
+        (1, 1, [pod("relay-0"), done("relay-1"), pod("relay-2")], {}, {}),
+        # pods of another set are not ordinals of this one
+        (1, 1, [pod("relay-0"), pod("relayx-1"), pod("other-0")], {}, {}),
+        # maintenance: every running relay drains and stays
+        (1, 3, [pod("relay-0"), draining("relay-1"), pod("relay-2", phase="Pending")],
+         {"maintenance": True}, {"start_drain": ("relay-0",)}),
+    ],
+)
+def test_stateful_set_plan(desired: int, replicas: int, pods: list[drain.PodState], kw: dict[str, Any],
+                           expected: dict[str, Any]) -> None:
+    want = drain.Plan(start_drain=(), resume=(), completed=(), deployment_replicas=None, delete_pods=(),
+                      operator_deletes=False)
+    assert sts(desired, replicas, pods, **kw) == dataclasses.replace(want, **expected)
+
+
+def test_claimed_ordinals() -> None:
+    def claim(name: str, phase: str | None) -> kubetypes.PersistentVolumeClaim:
+        out: kubetypes.PersistentVolumeClaim = {"metadata": {"name": name}}
+        if phase is not None:
+            out["status"] = {"phase": phase}
+        return out
+
+    claims = [claim("spool-relay-0", "Bound"), claim("spool-relay-1", "Pending"),
+              claim("spool-relay-2", None), claim("spool-relay-3", "Lost"),
+              claim("spool-other-4", "Bound"), claim("spool-relay-x", "Bound")]
+    assert drain.claimed_ordinals("spool-relay", claims) == {0, 2, 3}
+
+
+def test_set_members_and_serving_replicas() -> None:
+    pods = [pod("relay-0"), draining("relay-1"), done("relay-2"), pod("other-0")]
+    assert [p.name for p in drain.set_members("relay", 2, pods)] == ["relay-0", "relay-1"]
+    assert drain.serving_replicas(2, drain.set_members("relay", 2, pods), False) == 1
+
+
+def test_the_deployment_plan_still_deletes_its_pods() -> None:
+    assert drain.plan(1, 2, [pod("a"), done("b")], NOW, TIMEOUT, False).operator_deletes is True
+
+
+@st.composite
+def stateful_clusters(draw: st.DrawFn) -> tuple[int, int, list[drain.PodState], bool, frozenset[int] | None]:
+    replicas = draw(st.integers(0, 8))
+    present = draw(st.lists(st.integers(0, 10), max_size=10, unique=True))
+    pods = [draw(pod_states(f"relay-{i}")) for i in sorted(present)]
+    claimed = draw(st.one_of(st.none(), st.frozensets(st.integers(0, 10))))
+    return draw(st.integers(0, 10)), replicas, pods, draw(st.integers(0, 5)) == 0, claimed
+
+
+@settings(max_examples=300, deadline=None)
+@given(stateful_clusters(), st.booleans())
+def test_stateful_set_plan_invariants(
+    cluster: tuple[int, int, list[drain.PodState], bool, frozenset[int] | None], keep_queued: bool
+) -> None:
+    desired, replicas, pods, maintenance, claimed = cluster
+    p = drain.plan_ordinals("relay", desired, replicas, pods, NOW, TIMEOUT, maintenance,
+                            keep_queued=keep_queued, claimed=claimed)
+    ords = {s.name: int(s.name.split("-")[1]) for s in pods}
+    live = {ords[s.name]: s for s in pods
+            if not s.deleting and s.phase not in drain.TERMINAL_PHASES and ords[s.name] < replicas}
+    assert p.delete_pods == () and p.operator_deletes is False  # the StatefulSet deletes, never the operator
+    new = replicas if p.deployment_replicas is None else p.deployment_replicas
+    assert set(p.start_drain) <= {s.name for s in live.values() if not s.draining and s.phase == "Running"}
+    assert set(p.resume) <= {s.name for s in live.values() if s.draining}
+    if maintenance:
+        assert p.deployment_replicas is None and p.completed == ()
+        return
+    # only the ordinals at or above the desired count drain; those below it serve
+    assert all(ords[n] >= desired for n in p.start_drain)
+    assert all(ords[n] < desired for n in p.resume)
+    assert new >= min(desired, replicas) and (desired <= replicas or new == desired)
+    # every ordinal the new count removes is one whose relay's drain is over, or one without a relay
+    # whose claim is known to hold nothing: never a claim that may hold mail
+    for n in range(new, replicas):
+        state = live.get(n)
+        if state is None or state.phase != "Running":
+            assert claimed is not None and n not in claimed, n
+        else:
+            result = drain.outcome(state, NOW, TIMEOUT, keep_queued)
+            assert result is not None and not state.ready, n
+            if keep_queued:
+                assert state.drained is True or state.queue_messages == 0
+            assert (state.name, result) in p.completed
+    assert {ords[n] for n, _ in p.completed} <= set(range(new, replicas))
+    assert all(ords[n] < new for n in p.held)  # a held drain keeps its ordinal
+
+
+@settings(max_examples=100, deadline=None)
+@given(stateful_clusters(), st.floats(0, 2 * TIMEOUT))
+def test_stateful_set_plan_is_rebuilt_from_the_pods(
+    cluster: tuple[int, int, list[drain.PodState], bool, frozenset[int] | None], later: float
+) -> None:
+    desired, replicas, pods, maintenance, claimed = cluster
+    rebuilt = [drain.pod_state(to_pod(s), to_status(s)) for s in pods]
+    now = NOW + later
+    assert drain.plan_ordinals("relay", desired, replicas, rebuilt, now, TIMEOUT, maintenance,
+                               claimed=claimed) == drain.plan_ordinals(
+        "relay", desired, replicas, pods, now, TIMEOUT, maintenance, claimed=claimed)
+
+
+@dataclasses.dataclass
+class Ordinal:
+    """One relay of the simulated StatefulSet; its queue lives in the claim (`StatefulCluster.claims`)."""
+
+    phase: str = "Pending"
+    ready: bool = False
+    drain_started: float | None = None
+    relay_draining: bool = False
+    sessions: int = 0
+
+
+@dataclasses.dataclass
+class StatefulCluster:
+    """A StatefulSet with Parallel pods and whenScaled: Delete, relays whose queues live in their claims
+    (so a lost pod's mail comes back with its ordinal), and an upstream that may hold mail back."""
+
+    replicas: int
+    pods: dict[int, Ordinal] = dataclasses.field(default_factory=dict)
+    claims: dict[int, int] = dataclasses.field(default_factory=dict)  # ordinal -> queued messages
+    lost: int = 0
+
+    def states(self) -> list[drain.PodState]:
+        out = []
+        for n, p in sorted(self.pods.items()):
+            running = p.phase == "Running"
+            queue = self.claims.get(n, 0)
+            out.append(drain.PodState(
+                name=f"relay-{n}", phase=p.phase, ready=p.ready, created_at=NOW, deleting=False,
+                drain_started=p.drain_started, sessions=p.sessions if running else None,
+                queue_messages=queue if running else None,
+                drained=(p.relay_draining and p.sessions == 0 and queue == 0) if running else None,
+                relay_draining=p.relay_draining if running else None))
+        return out
+
+    def apply(self, plan: drain.Plan, now: float) -> None:
+        for name in plan.start_drain:
+            p = self.pods[int(name.split("-")[1])]
+            p.drain_started, p.relay_draining, p.ready = now, True, False
+        for name in plan.redrain:
+            p = self.pods[int(name.split("-")[1])]
+            p.relay_draining, p.ready = True, False
+        for name in plan.resume:
+            p = self.pods[int(name.split("-")[1])]
+            p.drain_started, p.relay_draining, p.ready = None, False, True
+        if plan.deployment_replicas is not None:
+            self.replicas = plan.deployment_replicas
+
+    def controller(self) -> None:
+        for n in [n for n in self.pods if n >= self.replicas]:
+            del self.pods[n]
+        for n in [n for n in self.claims if n >= self.replicas and n not in self.pods]:
+            self.lost += self.claims.pop(n)  # whenScaled: Delete, after the pod is gone
+        for n in range(self.replicas):
+            if n not in self.pods:
+                self.pods[n] = Ordinal()
+                self.claims.setdefault(n, 0)
+
+    def relays(self, rng: random.Random, upstream_up: bool) -> None:
+        for n, p in self.pods.items():
+            if p.phase == "Pending":
+                p.phase, p.ready = "Running", True
+                continue
+            if p.relay_draining:
+                p.sessions = max(0, p.sessions - rng.randint(0, 3))
+            else:
+                p.sessions = rng.randint(0, 5)
+                self.claims[n] += p.sessions
+            if upstream_up:
+                self.claims[n] = max(0, self.claims[n] - rng.randint(0, 6))
+
+    def lose_a_node(self, rng: random.Random) -> None:
+        """A pod goes without a drain (annotations and all); its claim stays, with its queue."""
+        if self.pods:
+            del self.pods[rng.choice(sorted(self.pods))]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(1, 20)), min_size=1, max_size=5),
+       st.integers(0, 2**16))
+def test_simulated_stateful_set_loses_no_mail_and_settles(schedule: list[tuple[int, int]], seed: int) -> None:
+    """Demand moves, the upstream is down half the time, pods are lost at random: no claim is ever
+    deleted while it holds mail (KeepWhileQueued), and with demand steady, the upstream up and no more
+    losses, the set settles on the desired count with no drain left."""
+    rng = random.Random(seed)
+    cluster = StatefulCluster(replicas=2)
+    cluster.controller()
+    now = NOW
+    for desired, ticks in schedule:
+        for _ in range(ticks):
+            now += 5
+            plan = drain.plan_ordinals("relay", desired, cluster.replicas, cluster.states(), now, TIMEOUT,
+                                       False, keep_queued=True, claimed=frozenset(cluster.claims))
+            cluster.apply(plan, now)
+            cluster.controller()
+            cluster.relays(rng, upstream_up=rng.random() < 0.5)
+            if rng.random() < 0.1:
+                cluster.lose_a_node(rng)
+                cluster.controller()
+            assert cluster.lost == 0
+    desired = schedule[-1][0]
+    for _ in range(400):
+        now += 5
+        plan = drain.plan_ordinals("relay", desired, cluster.replicas, cluster.states(), now, TIMEOUT,
+                                   False, keep_queued=True, claimed=frozenset(cluster.claims))
+        cluster.apply(plan, now)
+        cluster.controller()
+        cluster.relays(rng, upstream_up=True)
+    assert cluster.lost == 0
+    assert cluster.replicas == desired
+    assert all(p.drain_started is None for p in cluster.pods.values())

@@ -46,15 +46,27 @@ PLAINTEXT_AUTH = specmod.parse(
         "acceptFrom": ["10.0.0.0/8"],
     }
 )
-SPECS = {"minimal": MINIMAL, "full": FULL, "ipv6-upstream": IPV6, "plaintext-auth": PLAINTEXT_AUTH}
+PERSISTENT = specmod.parse(
+    {
+        "upstream": {"host": "smtp.example.net"},
+        "acceptFrom": ["10.0.0.0/8"],
+        "spool": {"persistent": {"size": "2Gi", "storageClassName": "fast-ssd"}},
+    }
+)
+SPECS = {
+    "minimal": MINIMAL,
+    "full": FULL,
+    "ipv6-upstream": IPV6,
+    "plaintext-auth": PLAINTEXT_AUTH,
+    "persistent": PERSISTENT,
+}
 OPERATOR_LABELS = {"app.kubernetes.io/name": "mailrelay-operator"}
 
 
 def build_all(spec: specmod.MailRelaySpec) -> list[dict[str, Any]]:
+    build = manifests.deployment if spec.spool_persistent is None else manifests.stateful_set
     objects: list[Any] = [
-        manifests.deployment(
-            "outbound", "mail", spec, image="mailrelay-relay:0.1.0", replicas=3, token_secret="x"
-        ),
+        build("outbound", "mail", spec, image="mailrelay-relay:0.1.0", replicas=3, token_secret="x"),
         manifests.service("outbound", "mail"),
         manifests.admin_secret("outbound", "mail", "s3cr3t-token"),
         manifests.pod_disruption_budget("outbound", "mail"),
@@ -64,11 +76,13 @@ def build_all(spec: specmod.MailRelaySpec) -> list[dict[str, Any]]:
     return objects
 
 
-def container(dep: kubetypes.Deployment) -> kubetypes.Container:
+def container(dep: kubetypes.Deployment | kubetypes.StatefulSet) -> kubetypes.Container:
     return dep["spec"]["template"]["spec"]["containers"][0]
 
 
-def env_of(dep: kubetypes.Deployment, pod_name: str = "outbound-7d9f-abcde") -> dict[str, str]:
+def env_of(
+    dep: kubetypes.Deployment | kubetypes.StatefulSet, pod_name: str = "outbound-7d9f-abcde"
+) -> dict[str, str]:
     """The container's environment as the kubelet would resolve it."""
     out: dict[str, str] = {}
     for var in container(dep)["env"]:
@@ -189,6 +203,61 @@ def test_spool_size_limit_becomes_the_relays_spool_max_bytes(size_limit: str | N
         assert "MAILRELAY_SPOOL_MAX_BYTES" not in environ and cfg.spool_max_bytes == 0
     else:
         assert environ["MAILRELAY_SPOOL_MAX_BYTES"] == str(expected) and cfg.spool_max_bytes == expected
+
+
+def test_a_persistent_spool_is_a_stateful_set_with_a_claim_per_relay() -> None:
+    sts = manifests.stateful_set("outbound", "mail", PERSISTENT, image="img", replicas=3, token_secret="x")
+    dep = manifests.deployment("outbound", "mail", MINIMAL, image="img", replicas=3, token_secret="x")
+    assert sts["kind"] == "StatefulSet" and sts["spec"]["replicas"] == 3
+    assert sts["spec"]["serviceName"] == manifests.service("outbound", "mail")["metadata"]["name"]
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    assert sts["spec"]["selector"] == dep["spec"]["selector"]
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"] == {
+        "whenScaled": "Delete",
+        "whenDeleted": "Retain",
+    }
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "spool"
+    assert claim["spec"] == {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": "2Gi"}},
+        "storageClassName": "fast-ssd",
+    }
+    pod = sts["spec"]["template"]["spec"]
+    assert "spool" not in {v["name"] for v in pod["volumes"]}  # the claim template provides it
+    assert {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}["spool"] == (
+        manifests.SPOOL_PATH
+    )
+    assert env_of(sts)["MAILRELAY_SPOOL_MAX_BYTES"] == str(2 * 2**30 * 9 // 10)
+    assert manifests.spool_claim_name("outbound", 2) == "spool-outbound-2"
+    no_class = specmod.parse(
+        {"upstream": {"host": "h"}, "acceptFrom": ["10.0.0.0/8"], "spool": {"persistent": {"size": "1Gi"}}}
+    )
+    sts = manifests.stateful_set("outbound", "mail", no_class, image="img", replicas=1, token_secret="x")
+    assert "storageClassName" not in sts["spec"]["volumeClaimTemplates"][0]["spec"]  # the default class
+    with pytest.raises(ValueError):
+        manifests.stateful_set("outbound", "mail", MINIMAL, image="img", replicas=1, token_secret="x")
+
+
+def test_both_spool_modes_share_the_relay_pod_and_the_emptydir_pod_is_unchanged() -> None:
+    """Apart from the spool volume, a relay pod is the same in both modes; the Deployment's pod template
+    (and so its config hash) is what it was before persistent spools, so no relay rolls on upgrade."""
+    dep = manifests.deployment("outbound", "mail", MINIMAL, image="img", replicas=1, token_secret="x")
+    persistent = dataclasses.replace(MINIMAL, spool_persistent=specmod.PersistentSpool(size="1Gi"))
+    sts = manifests.stateful_set("outbound", "mail", persistent, image="img", replicas=1, token_secret="x")
+    dep_pod: Any = copy.deepcopy(dep["spec"]["template"])
+    sts_pod: Any = copy.deepcopy(sts["spec"]["template"])
+    dep_pod["spec"]["volumes"] = [v for v in dep_pod["spec"]["volumes"] if v["name"] != "spool"]
+    for pod in (dep_pod, sts_pod):
+        pod["spec"]["containers"][0]["env"] = [
+            e for e in pod["spec"]["containers"][0]["env"] if e["name"] != "MAILRELAY_SPOOL_MAX_BYTES"
+        ]
+        del pod["metadata"]["annotations"]
+    assert dep_pod == sts_pod
+    # the hash main computed for this spec before the StatefulSet existed (a literal, on purpose)
+    assert dep["spec"]["template"]["metadata"]["annotations"][manifests.CONFIG_HASH_ANNOTATION] == (
+        "0c67e7f09f33cd07"
+    )
 
 
 def test_default_spool_is_an_unbounded_empty_dir() -> None:

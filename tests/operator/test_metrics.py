@@ -31,7 +31,7 @@ def test_drain_duration_exists_per_outcome(outcome: str) -> None:
     )
 
 
-@pytest.mark.parametrize("resource", ["deployments", "pods"])
+@pytest.mark.parametrize("resource", ["deployments", "statefulsets", "pods", "persistentvolumeclaims"])
 def test_cache_relists_exist_per_resource(resource: str) -> None:
     prefix = f'mailrelay_operator_cache_relists_total{{resource="{resource}"}} '
     assert any(line.startswith(prefix) for line in lines())

@@ -155,6 +155,12 @@ def test_bad_quantities(value: Any) -> None:
         (with_field("drain.timeoutSeconds", 0), "spec.drain.timeoutSeconds"),
         (with_field("maintenance", "yes"), "spec.maintenance"),
         (with_field("spool.sizeLimit", "huge"), "spec.spool.sizeLimit"),
+        (with_field("spool.persistent", {}), "spec.spool.persistent.size"),
+        (with_field("spool.persistent", {"size": "0"}), "spec.spool.persistent.size"),
+        (with_field("spool.persistent", {"size": "1Gi", "storageClass": "x"}), "spec.spool.persistent"),
+        (with_field("spool.persistent", {"size": "1Gi", "storageClassName": "Fast_SSD"}),
+         "spec.spool.persistent.storageClassName"),
+        (with_field("spool", {"sizeLimit": "1Gi", "persistent": {"size": "1Gi"}}), "spec.spool"),
         (with_field("resources.requests", {"cpu": ""}), "spec.resources.requests.cpu"),
         (with_field("scaling", [1]), "spec.scaling"),
         (with_field("replica", {"min": 1}), "spec"),
@@ -163,6 +169,19 @@ def test_bad_quantities(value: Any) -> None:
 def test_errors_name_the_field(raw: dict[str, Any], field: str) -> None:
     with pytest.raises(specmod.SpecError, match=f"^{field}"):
         specmod.parse(raw)
+
+
+def test_spool_modes() -> None:
+    """emptyDir by default; persistent carries the claim's size and StorageClass (None: the default
+    class); spool_limit_bytes reads whichever size the mode has."""
+    assert specmod.parse(MINIMAL).spool_persistent is None
+    assert specmod.spool_limit_bytes(specmod.parse(MINIMAL)) is None
+    assert specmod.spool_limit_bytes(specmod.parse(with_field("spool.sizeLimit", "1Ki"))) == 1024
+    plain = specmod.parse(with_field("spool.persistent", {"size": "2Gi"}))
+    assert plain.spool_persistent == specmod.PersistentSpool(size="2Gi", storage_class_name=None)
+    assert specmod.spool_limit_bytes(plain) == 2 * 2**30
+    fast = specmod.parse(with_field("spool.persistent", {"size": "10M", "storageClassName": "fast.ssd"}))
+    assert fast.spool_persistent == specmod.PersistentSpool(size="10M", storage_class_name="fast.ssd")
 
 
 def test_spec_error_is_a_value_error() -> None:
@@ -195,6 +214,8 @@ fields = st.sampled_from(
         "maintenance",
         "resources",
         "spool",
+        "spool.persistent",
+        "spool.persistent.size",
         "image",
     ]
 )
