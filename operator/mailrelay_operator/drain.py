@@ -290,6 +290,12 @@ def all_finished(pods: Sequence[PodState], now: float, drain_timeout: float) -> 
     return True
 
 
+def _maintenance(running: Sequence[PodState], redrain: tuple[str, ...], operator_deletes: bool) -> Plan:
+    """Maintenance: every running relay drains and stays, drained; nothing completes or is removed."""
+    return Plan(start_drain=choose_victims(running, len(running)), resume=(), completed=(),
+                deployment_replicas=None, delete_pods=(), redrain=redrain, operator_deletes=operator_deletes)
+
+
 def plan(
     desired: int,
     deployment_replicas: int,
@@ -320,15 +326,7 @@ def plan(
     redrain = tuple(p.name for p in draining if p.relay_draining is False)
 
     if maintenance:
-        running = [p for p in live if not p.draining and p.phase == "Running"]
-        return Plan(
-            start_drain=choose_victims(running, len(running)),
-            resume=(),
-            completed=(),
-            deployment_replicas=None,
-            delete_pods=(),
-            redrain=redrain,
-        )
+        return _maintenance([p for p in live if not p.draining and p.phase == "Running"], redrain, True)
 
     replicas = deployment_replicas
     serving = replicas - len(draining)
@@ -448,15 +446,7 @@ def plan_ordinals(
     running = [p for p in live if not p.draining and p.phase == "Running"]
 
     if maintenance:
-        return Plan(
-            start_drain=choose_victims(running, len(running)),
-            resume=(),
-            completed=(),
-            deployment_replicas=None,
-            delete_pods=(),
-            redrain=redrain,
-            operator_deletes=False,
-        )
+        return _maintenance(running, redrain, False)
 
     ordinal_of = {p.name: n for n, p in by_ordinal.items()}
     resume = tuple(p.name for p in draining if ordinal_of[p.name] < desired and p.phase == "Running")

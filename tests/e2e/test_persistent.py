@@ -24,7 +24,6 @@ import signal
 import smtplib
 import time
 import uuid
-from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from mailrelay_sandbox import apiclient, kubelet, provisioner, scenario
 
 from tests import kubeenv
 from tests.e2e.conftest import eventually, secret
-from tests.e2e.test_scenarios import DRAIN_STARTED, Operator
+from tests.e2e.operator_harness import DRAIN_STARTED, Operator
 
 pytestmark = pytest.mark.slow
 
@@ -48,25 +47,6 @@ def node_options() -> dict[str, Any]:
     # No pod gets a grace period: a deleted pod's relay is killed at once, as on a lost node (a drained
     # relay has nothing left to lose).
     return {"extra_env": {"MAILRELAY_LOG_LEVEL": "warning"}, "max_grace_seconds": 0}
-
-
-@pytest.fixture
-async def operator(kube: kubeenv.KubeEnv, tmp_path: Path) -> AsyncIterator[Operator]:
-    running = Operator(kube, tmp_path / "operator.log")
-    await running.process.start()
-    running.ticks.start()
-    try:
-        yield running
-    finally:
-        await running.ticks.stop()
-        await running.process.stop()
-    running.assert_never_forbidden()
-
-
-@pytest.fixture
-async def api(kube: kubeenv.KubeEnv) -> AsyncIterator[apiclient.Api]:
-    async with kube.api() as client:
-        yield client
 
 
 def _send_one(ip: str, port: int, msgid: str) -> None:
