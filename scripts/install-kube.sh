@@ -124,6 +124,8 @@ say "built etcd in $((SECONDS - start)) s"
 rm -rf "$dest/bin"
 mv "$dest/bin.partial" "$dest/bin"
 link "$dest/bin"
-"$dest/bin/kubectl" version --client 2>/dev/null | head -1 >&2
-"$dest/bin/etcd" --version 2>/dev/null | head -1 >&2
+# First lines only, read whole: under pipefail, `| head -1` would kill the writer with SIGPIPE (exit 141).
+for v in "$("$dest/bin/kubectl" version --client 2>/dev/null)" "$("$dest/bin/etcd" --version 2>/dev/null)"; do
+  say "${v%%$'\n'*}"
+done
 say "done: $dest/bin"
