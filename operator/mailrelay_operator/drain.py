@@ -408,6 +408,48 @@ def claimed_ordinals(claim_prefix: str, claims: Sequence[kubetypes.PersistentVol
     return frozenset(found)
 
 
+def orphaned_claims(
+    set_name: str,
+    claim_prefix: str,
+    set_replicas: int,
+    claims: Sequence[kubetypes.PersistentVolumeClaim],
+    pod_names: Collection[str],
+) -> tuple[tuple[int, str], ...]:
+    """The spool claims left outside the StatefulSet that may still hold mail, as (ordinal, claim name),
+    lowest ordinal first: a bound claim `<claim_prefix>-<n>` with n at or above `set_replicas`, no pod
+    `<set_name>-<n>` (in any state), not being deleted, and not owned by a Pod.
+
+    The StatefulSet controller never leaves such a claim behind on its own: when it removes an ordinal
+    (whenScaled: Delete) it first makes the claim owned by the ordinal's pod, so the garbage collector
+    deletes the claim after the pod. What is left are the claims of a deleted MailRelay (whenDeleted:
+    Retain) found by its successor, claims left by a StatefulSet scaled by hand on a cluster that
+    ignores the retention policy, or claims made by hand. The operator cannot read a volume, so a claim
+    that is bound counts as holding mail.
+    """
+    found: list[tuple[int, str]] = []
+    for claim in claims:
+        meta = claim.get("metadata") or {}
+        name = meta.get("name", "")
+        n = ordinal(claim_prefix, name)
+        if n is None or n < set_replicas or f"{set_name}-{n}" in pod_names:
+            continue
+        if (claim.get("status") or {}).get("phase") != "Bound" or meta.get("deletionTimestamp"):
+            continue
+        if any(ref.get("kind") == "Pod" for ref in meta.get("ownerReferences") or ()):
+            continue  # condemned by the controller: the garbage collector removes it after its pod
+        found.append((n, name))
+    return tuple(sorted(found))
+
+
+def recovers_orphans(stateful_set: kubetypes.StatefulSet) -> bool:
+    """Whether bringing an orphaned claim's ordinal back ends by itself: only where the stored
+    StatefulSet keeps `whenScaled: Delete` (a cluster that ignores the retention policy drops the field),
+    so that the ordinal's claim goes once its drain is over. Elsewhere the claim would be left again
+    after each drain and brought back again, forever."""
+    policy = (stateful_set.get("spec") or {}).get("persistentVolumeClaimRetentionPolicy") or {}
+    return policy.get("whenScaled") == "Delete"
+
+
 def plan_ordinals(
     set_name: str,
     desired: int,
@@ -418,6 +460,7 @@ def plan_ordinals(
     maintenance: bool,
     keep_queued: bool = False,
     claimed: Collection[int] | None = None,
+    orphans: Collection[int] = (),
 ) -> Plan:
     """The next drain step for relays run by StatefulSet `set_name` with `.spec.replicas` `set_replicas`.
 
@@ -431,6 +474,9 @@ def plan_ordinals(
     remove a middle ordinal). A pod that is not running (a replacement after a lost node, still Pending)
     or is being deleted may sit on a claim full of mail, so its ordinal waits too.
     Pods at ordinals at or above `set_replicas` are already being removed by the controller: ignored.
+    `orphans`: ordinals beyond the set whose claim may hold mail (`orphaned_claims`). The replicas rise
+    to cover the highest, so that a relay starts on each claim and delivers what it holds; being at or
+    above `desired`, those ordinals are then drained and removed as any other (their claims with them).
     With `maintenance`, every running relay drains and stays; the replicas do not change.
     """
     if desired < 0 or set_replicas < 0:
@@ -471,6 +517,9 @@ def plan_ordinals(
                 break
             completed.append((relay.name, result))
             new_replicas = n
+    if orphans and max(orphans) + 1 > new_replicas:
+        new_replicas = max(orphans) + 1  # bring them back; no ordinal goes while the set grows
+        completed = []
     done = {name for name, _ in completed}
     return Plan(
         start_drain=start,

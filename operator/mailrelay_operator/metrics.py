@@ -38,11 +38,15 @@ RECONCILE_ERRORS = Counter("mailrelay_operator_reconcile_errors", "Handler runs 
 CACHE_RELISTS = Counter("mailrelay_operator_cache_relists",
                         "Lists of the read cache after its watch broke, expired or was refused, by resource.",
                         ("resource",), registry=REGISTRY)
+ORPHANED_SPOOLS = Gauge("mailrelay_operator_orphaned_spools",
+                        "Spool claims outside the StatefulSet that may hold mail (status.orphanedSpools).",
+                        _PER_RELAY, registry=REGISTRY)
 LAST_RECONCILE = Gauge("mailrelay_operator_last_reconcile_timestamp_seconds",
                        "Unix time of the last finished scaling tick.", _PER_RELAY, registry=REGISTRY)
 
 _PER_RELAY_METRICS: tuple[Gauge | Counter, ...] = (
-    DESIRED_REPLICAS, READY_REPLICAS, DRAINING_PODS, OVERLOADED, SCRAPE_ERRORS, LAST_RECONCILE)
+    DESIRED_REPLICAS, READY_REPLICAS, DRAINING_PODS, OVERLOADED, ORPHANED_SPOOLS, SCRAPE_ERRORS,
+    LAST_RECONCILE)
 
 # Label values known in advance. Their series are created at import (operator-wide ones) or at a
 # MailRelay's first tick (per-MailRelay ones), so a healthy operator exposes 0 rather than nothing, and

@@ -84,13 +84,19 @@ async def tick(rt: runtime.Runtime, body: Mapping[str, Any], memory: runtime.Mem
     decision = policy.decide(current, policy.loads(states), parsed, now, memory.history)
     memory.history = decision.history
     keep_queued = parsed.drain_on_timeout == "KeepWhileQueued"
+    orphans: tuple[tuple[int, str], ...] = ()
     if workload is kube.STATEFULSETS:
         claims = cast(list[kubetypes.PersistentVolumeClaim],
                       await rt.read.list_(kube.PVCS, namespace, manifests.selector_labels(name)))
-        claimed = drain.claimed_ordinals(manifests.spool_claim_prefix(name), claims)
+        prefix = manifests.spool_claim_prefix(name)
+        claimed = drain.claimed_ordinals(prefix, claims)
+        orphans = drain.orphaned_claims(name, prefix, dep_replicas, claims, seen.pods.keys())
+        recover = drain.recovers_orphans(cast(kubetypes.StatefulSet, deployment))
         plan = drain.plan_ordinals(name, decision.desired, dep_replicas, states, now,
                                    float(parsed.drain_timeout_seconds), parsed.maintenance, keep_queued,
-                                   claimed=claimed)
+                                   claimed=claimed, orphans=[n for n, _ in orphans] if recover else ())
+        await _announce_orphans(rt, body, memory, orphans, recover and not parsed.maintenance,
+                                parsed.maintenance)
     else:
         plan = drain.plan(decision.desired, dep_replicas, states, now, float(parsed.drain_timeout_seconds),
                           parsed.maintenance, keep_queued)
@@ -102,13 +108,14 @@ async def tick(rt: runtime.Runtime, body: Mapping[str, Any], memory: runtime.Mem
     report = status.after_tick(
         name=name, generation=generation, parsed=parsed, decision=decision, plan=plan, states=states,
         replicas=new_replicas if new_replicas is not None else dep_replicas,
-        scaled=new_replicas is not None, now=now,
+        scaled=new_replicas is not None, now=now, orphaned_spools=[claim for _, claim in orphans],
     )
     await _patch_status(rt, body, memory, report, now)
     metrics.DESIRED_REPLICAS.labels(namespace, name).set(decision.desired)
     metrics.READY_REPLICAS.labels(namespace, name).set(report.ready)
     metrics.DRAINING_PODS.labels(namespace, name).set(report.draining)
     metrics.OVERLOADED.labels(namespace, name).set(1 if decision.overloaded else 0)
+    metrics.ORPHANED_SPOOLS.labels(namespace, name).set(len(orphans))
     metrics.LAST_RECONCILE.labels(namespace, name).set(now)
     return TickReport(decision, plan, new_replicas)
 
@@ -151,6 +158,33 @@ async def _announce_held(rt: runtime.Runtime, body: Mapping[str, Any], memory: r
                     "(spec.drain.onTimeout: KeepWhileQueued). Check its upstream.",
         )
     memory.held = set(held)
+
+
+async def _announce_orphans(rt: runtime.Runtime, body: Mapping[str, Any], memory: runtime.Memory,
+                            orphans: Sequence[tuple[int, str]], recovering: bool, maintenance: bool) -> None:
+    """An Event the first time this process sees each orphaned spool claim: Normal when its ordinal is
+    brought back to deliver what it holds, Warning when it is not (and why)."""
+    _, name = runtime.meta(body)
+    for n, claim in orphans:
+        if claim in memory.orphans:
+            continue
+        if recovering:
+            await rt.kube.post_event(
+                body, reason="OrphanedSpoolRecovering",
+                message=f"claim {claim} of ordinal {n}, beyond the StatefulSet, may hold mail: the "
+                        f"StatefulSet grows to bring {name}-{n} back, which delivers what the claim holds "
+                        "and is then drained; its claim goes with it",
+            )
+        else:
+            why = ("spec.maintenance is true" if maintenance else
+                   "the StatefulSet has no persistentVolumeClaimRetentionPolicy whenScaled: Delete "
+                   "(the cluster ignores it), so the claim would be left again after the drain")
+            await rt.kube.post_event(
+                body, reason="OrphanedSpool", type_="Warning",
+                message=f"claim {claim} of ordinal {n}, beyond the StatefulSet, may hold mail and is not "
+                        f"brought back: {why}. docs/operator.md, \"Orphaned claims\", says how to flush it",
+            )
+    memory.orphans = {claim for _, claim in orphans}
 
 
 async def _patch_status(rt: runtime.Runtime, body: Mapping[str, Any], memory: runtime.Memory,

@@ -47,9 +47,11 @@ def after_tick(
     replicas: int,
     scaled: bool,
     now: float,
+    orphaned_spools: Sequence[str] = (),
 ) -> Report:
     """The status after a tick applied `plan`: `replicas` is the Deployment's count now, `scaled` whether
-    this tick changed it."""
+    this tick changed it, `orphaned_spools` the claims this tick found outside the StatefulSet
+    (`drain.orphaned_claims`)."""
     # Pods the ReplicaSet counts: not being deleted, not terminated (an evicted pod is already replaced).
     live = [s for s in states if not s.deleting and s.phase not in drain.TERMINAL_PHASES]
     ended = {pod for pod, _ in plan.completed}
@@ -72,6 +74,7 @@ def after_tick(
         "observedGeneration": generation,
         "mode": "Autoscale" if parsed.autoscaling else "Fixed",
         "recommendations": persisted_history(decision.history),
+        "orphanedSpools": sorted(orphaned_spools),
     }
     if scaled:
         fields["lastScaleTime"] = drain.format_time(now)

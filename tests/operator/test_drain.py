@@ -734,9 +734,9 @@ def test_simulated_cluster_never_loses_mail_and_settles(schedule: list[tuple[int
 
 
 def sts(desired: int, replicas: int, pods: list[drain.PodState], *, keep_queued: bool = False,
-        claimed: Any = None, maintenance: bool = False) -> drain.Plan:
+        claimed: Any = None, maintenance: bool = False, orphans: Any = ()) -> drain.Plan:
     return drain.plan_ordinals("relay", desired, replicas, pods, NOW, TIMEOUT, maintenance,
-                               keep_queued=keep_queued, claimed=claimed)
+                               keep_queued=keep_queued, claimed=claimed, orphans=orphans)
 
 
 def done(name: str, **kw: Any) -> drain.PodState:
@@ -805,6 +805,16 @@ def test_ordinal(name: str, expected: int | None) -> None:
         # maintenance: every running relay drains and stays
         (1, 3, [pod("relay-0"), draining("relay-1"), pod("relay-2", phase="Pending")],
          {"maintenance": True}, {"start_drain": ("relay-0",)}),
+        # orphaned claims: the set grows to cover the highest, whatever the desired count
+        (1, 1, [pod("relay-0")], {"orphans": {3}}, {"deployment_replicas": 4}),
+        (1, 2, [pod("relay-0"), pod("relay-1")], {"orphans": {2, 5}},
+         {"start_drain": ("relay-1",), "deployment_replicas": 6}),
+        (6, 2, [pod("relay-0"), pod("relay-1")], {"orphans": {3}}, {"deployment_replicas": 6}),
+        # ... and no finished drain goes while it grows (the next tick lowers it again, past them)
+        (1, 3, [pod("relay-0"), done("relay-1"), done("relay-2")], {"orphans": {4}},
+         {"deployment_replicas": 5}),
+        # ... but never in maintenance
+        (1, 1, [pod("relay-0")], {"orphans": {3}, "maintenance": True}, {"start_drain": ("relay-0",)}),
     ],
 )
 def test_stateful_set_plan(desired: int, replicas: int, pods: list[drain.PodState], kw: dict[str, Any],
@@ -827,6 +837,63 @@ def test_claimed_ordinals() -> None:
     assert drain.claimed_ordinals("spool-relay", claims) == {0, 2, 3}
 
 
+def pvc(name: str, phase: str | None = "Bound", *, deleting: bool = False,
+        owner: str | None = None) -> kubetypes.PersistentVolumeClaim:
+    meta: kubetypes.ObjectMeta = {"name": name}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    if owner is not None:
+        meta["ownerReferences"] = [{"apiVersion": "v1", "kind": owner, "name": "x", "uid": "u"}]
+    out: kubetypes.PersistentVolumeClaim = {"metadata": meta}
+    if phase is not None:
+        out["status"] = {"phase": phase}
+    return out
+
+
+@pytest.mark.parametrize(
+    ("claim", "pods", "orphaned"),
+    [
+        (pvc("spool-relay-3"), (), True),  # bound, beyond the set, no pod: may hold mail
+        (pvc("spool-relay-1"), (), False),  # inside the set (replicas 2): its ordinal is there
+        (pvc("spool-relay-2"), (), True),  # the first ordinal beyond
+        (pvc("spool-relay-3"), ("relay-3",), False),  # its pod still exists (the controller removes it)
+        (pvc("spool-relay-3", "Pending"), (), False),  # never bound: never written
+        (pvc("spool-relay-3", None), (), False),
+        (pvc("spool-relay-3", "Lost"), (), False),  # its volume is gone: nothing to bring back
+        (pvc("spool-relay-3", deleting=True), (), False),
+        (pvc("spool-relay-3", owner="Pod"), (), False),  # condemned by the controller (whenScaled)
+        (pvc("spool-relay-3", owner="StatefulSet"), (), True),  # whenDeleted: Delete's owner: still ours
+        (pvc("spool-other-3"), (), False),  # another MailRelay's
+        (pvc("spool-relay-03"), (), False),  # not a claim the StatefulSet names
+    ],
+)
+def test_orphaned_claims(claim: kubetypes.PersistentVolumeClaim, pods: tuple[str, ...],
+                         orphaned: bool) -> None:
+    found = drain.orphaned_claims("relay", "spool-relay", 2, [claim], pods)
+    name = claim["metadata"]["name"]
+    assert found == (((int(name.rsplit("-", 1)[1]), name),) if orphaned else ())
+
+
+def test_orphaned_claims_lowest_ordinal_first() -> None:
+    claims = [pvc("spool-relay-10"), pvc("spool-relay-4"), pvc("spool-relay-0"), pvc("spool-relay-7")]
+    assert drain.orphaned_claims("relay", "spool-relay", 1, claims, ()) == (
+        (4, "spool-relay-4"), (7, "spool-relay-7"), (10, "spool-relay-10"))
+
+
+@pytest.mark.parametrize(
+    ("retention", "recovers"),
+    [({"whenScaled": "Delete", "whenDeleted": "Retain"}, True), ({"whenScaled": "Delete"}, True),
+     ({"whenScaled": "Retain"}, False), ({}, False), (None, False)],
+)
+def test_recovers_orphans_only_where_scaled_claims_are_deleted(
+    retention: dict[str, str] | None, recovers: bool
+) -> None:
+    stateful_set: kubetypes.StatefulSet = {"spec": {"replicas": 1}}
+    if retention is not None:
+        stateful_set["spec"]["persistentVolumeClaimRetentionPolicy"] = retention  # type: ignore[typeddict-item]
+    assert drain.recovers_orphans(stateful_set) is recovers
+
+
 def test_set_members_and_serving_replicas() -> None:
     pods = [pod("relay-0"), draining("relay-1"), done("relay-2"), pod("other-0")]
     assert [p.name for p in drain.set_members("relay", 2, pods)] == ["relay-0", "relay-1"]
@@ -847,13 +914,19 @@ def stateful_clusters(draw: st.DrawFn) -> tuple[int, int, list[drain.PodState], 
 
 
 @settings(max_examples=300, deadline=None)
-@given(stateful_clusters(), st.booleans())
+@given(stateful_clusters(), st.booleans(), st.frozensets(st.integers(0, 12), max_size=3))
 def test_stateful_set_plan_invariants(
-    cluster: tuple[int, int, list[drain.PodState], bool, frozenset[int] | None], keep_queued: bool
+    cluster: tuple[int, int, list[drain.PodState], bool, frozenset[int] | None], keep_queued: bool,
+    beyond: frozenset[int],
 ) -> None:
     desired, replicas, pods, maintenance, claimed = cluster
+    orphans = {n for n in beyond if n >= replicas}  # as orphaned_claims finds them: beyond the set
     p = drain.plan_ordinals("relay", desired, replicas, pods, NOW, TIMEOUT, maintenance,
-                            keep_queued=keep_queued, claimed=claimed)
+                            keep_queued=keep_queued, claimed=claimed, orphans=orphans)
+    if orphans and not maintenance:
+        # the set grows to cover every orphaned claim, and nothing leaves while it does
+        assert p.deployment_replicas == max(desired, max(orphans) + 1) and p.completed == ()
+        return
     ords = {s.name: int(s.name.split("-")[1]) for s in pods}
     live = {ords[s.name]: s for s in pods
             if not s.deleting and s.phase not in drain.TERMINAL_PHASES and ords[s.name] < replicas}
@@ -917,6 +990,12 @@ class StatefulCluster:
     pods: dict[int, Ordinal] = dataclasses.field(default_factory=dict)
     claims: dict[int, int] = dataclasses.field(default_factory=dict)  # ordinal -> queued messages
     lost: int = 0
+    condemned: set[int] = dataclasses.field(default_factory=set)  # claims owned by their leaving pod
+
+    def orphans(self) -> set[int]:
+        """Claims beyond the set that no pod of it condemned (as `drain.orphaned_claims` finds them)."""
+        return {n for n in self.claims
+                if n >= self.replicas and n not in self.pods and n not in self.condemned}
 
     def states(self) -> list[drain.PodState]:
         out = []
@@ -946,9 +1025,12 @@ class StatefulCluster:
 
     def controller(self) -> None:
         for n in [n for n in self.pods if n >= self.replicas]:
+            if n in self.claims:
+                self.condemned.add(n)  # whenScaled: Delete makes the pod own its claim, then deletes it
             del self.pods[n]
-        for n in [n for n in self.claims if n >= self.replicas and n not in self.pods]:
-            self.lost += self.claims.pop(n)  # whenScaled: Delete, after the pod is gone
+        for n in [n for n in self.claims if n in self.condemned and n not in self.pods]:
+            self.lost += self.claims.pop(n)  # the garbage collector, after the pod is gone
+            self.condemned.discard(n)
         for n in range(self.replicas):
             if n not in self.pods:
                 self.pods[n] = Ordinal()
@@ -975,20 +1057,24 @@ class StatefulCluster:
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 6), st.integers(1, 20)), min_size=1, max_size=5),
-       st.integers(0, 2**16))
-def test_simulated_stateful_set_loses_no_mail_and_settles(schedule: list[tuple[int, int]], seed: int) -> None:
-    """Demand moves, the upstream is down half the time, pods are lost at random: no claim is ever
-    deleted while it holds mail (KeepWhileQueued), and with demand steady, the upstream up and no more
-    losses, the set settles on the desired count with no drain left."""
+       st.dictionaries(st.integers(2, 9), st.integers(0, 30), max_size=3), st.integers(0, 2**16))
+def test_simulated_stateful_set_loses_no_mail_and_settles(
+    schedule: list[tuple[int, int]], left_behind: dict[int, int], seed: int
+) -> None:
+    """Demand moves, the upstream is down half the time, pods are lost at random, and claims beyond the
+    set were left behind holding mail (a MailRelay deleted and created again): no claim is ever deleted
+    while it holds mail (KeepWhileQueued), and with demand steady, the upstream up and no more losses,
+    the set settles on the desired count with no drain and no claim beyond it left."""
     rng = random.Random(seed)
-    cluster = StatefulCluster(replicas=2)
+    cluster = StatefulCluster(replicas=2, claims=dict(left_behind))
     cluster.controller()
     now = NOW
     for desired, ticks in schedule:
         for _ in range(ticks):
             now += 5
             plan = drain.plan_ordinals("relay", desired, cluster.replicas, cluster.states(), now, TIMEOUT,
-                                       False, keep_queued=True, claimed=frozenset(cluster.claims))
+                                       False, keep_queued=True, claimed=frozenset(cluster.claims),
+                                       orphans=cluster.orphans())
             cluster.apply(plan, now)
             cluster.controller()
             cluster.relays(rng, upstream_up=rng.random() < 0.5)
@@ -1000,10 +1086,12 @@ def test_simulated_stateful_set_loses_no_mail_and_settles(schedule: list[tuple[i
     for _ in range(400):
         now += 5
         plan = drain.plan_ordinals("relay", desired, cluster.replicas, cluster.states(), now, TIMEOUT,
-                                   False, keep_queued=True, claimed=frozenset(cluster.claims))
+                                   False, keep_queued=True, claimed=frozenset(cluster.claims),
+                                   orphans=cluster.orphans())
         cluster.apply(plan, now)
         cluster.controller()
         cluster.relays(rng, upstream_up=True)
     assert cluster.lost == 0
     assert cluster.replicas == desired
+    assert set(cluster.claims) == set(range(desired))  # every claim left behind delivered and removed
     assert all(p.drain_started is None for p in cluster.pods.values())

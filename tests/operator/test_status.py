@@ -4,6 +4,7 @@ that hold for any of them."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -38,9 +39,11 @@ def plan(**kw: Any) -> drain.Plan:
 
 
 def report(states: list[drain.PodState], dec: policy.Decision, the_plan: drain.Plan = NO_PLAN, *,
-           replicas: int = 2, parsed: spec.MailRelaySpec = PARSED, scaled: bool = False) -> status.Report:
+           replicas: int = 2, parsed: spec.MailRelaySpec = PARSED, scaled: bool = False,
+           orphaned_spools: Sequence[str] = ()) -> status.Report:
     return status.after_tick(name="outbound", generation=3, parsed=parsed, decision=dec, plan=the_plan,
-                             states=states, replicas=replicas, scaled=scaled, now=NOW)
+                             states=states, replicas=replicas, scaled=scaled, now=NOW,
+                             orphaned_spools=orphaned_spools)
 
 
 def condition(rep: status.Report, type_: str) -> tuple[str, str, str]:
@@ -133,12 +136,15 @@ def test_fields() -> None:
     states = [pod("a", sessions=4, queue=1), pod("b", draining=True, sessions=1, queue=2),
               pod("c", ready=False, phase="Pending", sessions=None, queue=None),
               pod("d", deleting=True, sessions=9, queue=9)]
-    rep = report(states, decision(2), plan(start_drain=("a",)), replicas=3, scaled=True)
+    rep = report(states, decision(2), plan(start_drain=("a",)), replicas=3, scaled=True,
+                 orphaned_spools=["spool-outbound-7", "spool-outbound-5"])
     assert rep.status == {
         "replicas": 1, "readyReplicas": 2, "desiredReplicas": 2, "selector": rep.status["selector"],
         "drainingPods": 2, "sessions": 5, "queueMessages": 3, "observedGeneration": 3, "mode": "Autoscale",
         "recommendations": [], "lastScaleTime": drain.format_time(NOW),
+        "orphanedSpools": ["spool-outbound-5", "spool-outbound-7"],
     }
+    assert report(states, decision(2)).status["orphanedSpools"] == []
     assert "outbound" in rep.status["selector"]
     assert (rep.ready, rep.draining) == (2, 2)
     assert "lastScaleTime" not in report(states, decision(2)).status
