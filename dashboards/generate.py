@@ -333,6 +333,18 @@ OPERATOR_ROWS: tuple[tuple[str, tuple[PanelSpec, ...]], ...] = (
                     ),
                 ),
             ),
+            PanelSpec(
+                "Orphaned spool claims",
+                "Spool claims beyond the StatefulSet that may hold mail (persistent spools). The operator "
+                "brings their ordinals back to deliver it, so this should return to 0 within a tick.",
+                "short",
+                (
+                    Query(
+                        f"max by ({RELAY_BY}) (mailrelay_operator_orphaned_spools{{{SEL}}})",
+                        "{{namespace}}/{{mailrelay}}",
+                    ),
+                ),
+            ),
         ),
     ),
     (
