@@ -61,7 +61,7 @@ class Memory:
     observed_generation: int | None = None
     last_status_patch: float | None = None  # when this process last wrote the status (conditions.patch_due)
     held: set[str] = field(default_factory=set)  # drains held past their timeout, already announced
-    orphans: set[str] = field(default_factory=set)  # orphaned spool claims, already announced
+    orphans: dict[str, bool] = field(default_factory=dict)  # orphaned claims announced -> recovering
 
 
 def meta(body: Mapping[str, Any]) -> tuple[str, str]:

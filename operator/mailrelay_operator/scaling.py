@@ -162,11 +162,12 @@ async def _announce_held(rt: runtime.Runtime, body: Mapping[str, Any], memory: r
 
 async def _announce_orphans(rt: runtime.Runtime, body: Mapping[str, Any], memory: runtime.Memory,
                             orphans: Sequence[tuple[int, str]], recovering: bool, maintenance: bool) -> None:
-    """An Event the first time this process sees each orphaned spool claim: Normal when its ordinal is
-    brought back to deliver what it holds, Warning when it is not (and why)."""
+    """An Event when this process first sees an orphaned spool claim, and when that claim's fate
+    changes: Normal when its ordinal is brought back to deliver what it holds, Warning when it is not
+    (and why)."""
     _, name = runtime.meta(body)
     for n, claim in orphans:
-        if claim in memory.orphans:
+        if memory.orphans.get(claim) == recovering:
             continue
         if recovering:
             await rt.kube.post_event(
@@ -184,7 +185,7 @@ async def _announce_orphans(rt: runtime.Runtime, body: Mapping[str, Any], memory
                 message=f"claim {claim} of ordinal {n}, beyond the StatefulSet, may hold mail and is not "
                         f"brought back: {why}. docs/operator.md, \"Orphaned claims\", says how to flush it",
             )
-    memory.orphans = {claim for _, claim in orphans}
+    memory.orphans = {claim: recovering for _, claim in orphans}
 
 
 async def _patch_status(rt: runtime.Runtime, body: Mapping[str, Any], memory: runtime.Memory,

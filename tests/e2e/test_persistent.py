@@ -23,6 +23,7 @@ import os
 import signal
 import smtplib
 import time
+import urllib.request
 import uuid
 from email.message import EmailMessage
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any
 import pytest
 from mailrelay_operator import kube as k
 from mailrelay_operator import manifests, spec
+from mailrelay_relay import spool as relay_spool
 from mailrelay_sandbox import apiclient, kubelet, provisioner, scenario
 
 from tests import kubeenv
@@ -236,3 +238,80 @@ async def test_scale_in_drains_the_highest_ordinal_holds_it_while_queued_then_re
     ended = [t for t in node.terminations if t.pod == high]
     assert ended and ended[-1].spool_left == 0 and ended[-1].was_drained is True, ended
     assert running_uid(node, low) is not None and not any(t.pod == low for t in node.terminations)
+    # The claim the StatefulSet condemned with its pod was never taken for an orphan and brought back.
+    await operator.ticks.wait(2, time.time(), "after the scale-in")
+    assert set_replicas(kube) == 1
+    assert not [e for e in kube.events() if str(e.get("reason", "")).startswith("OrphanedSpool")]
+
+
+def orphaned_spools(kube: kubeenv.KubeEnv) -> list[str] | None:
+    body = kube.get(k.MAILRELAYS, NAME)
+    return None if body is None else (body.get("status") or {}).get("orphanedSpools")
+
+
+def operator_metric(operator: Operator, line_start: str) -> float | None:
+    """A sample of the operator's /metrics whose line starts with `line_start`."""
+    with urllib.request.urlopen(operator.ticks.url, timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(line_start):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+async def spool_into(folder: Path, count: int) -> set[str]:
+    """`count` messages written into `folder` by the relay's own spool, as a relay that answered 250
+    for them would have left them; their Message-IDs."""
+    store = relay_spool.Spool(folder)
+    ids: set[str] = set()
+    for _ in range(count):
+        msgid = f"<{uuid.uuid4().hex}@orphan.test>"
+        content = (f"From: sender@example.org\r\nTo: rcpt@example.net\r\nSubject: left behind\r\n"
+                   f"Message-ID: {msgid}\r\n\r\nkept on a claim nobody runs\r\n").encode()
+        await store.store(relay_spool.Envelope("sender@example.org", ("rcpt@example.net",)), content,
+                          time.time())
+        ids.add(msgid)
+    store.close()
+    return ids
+
+
+async def test_a_claim_left_beyond_the_set_is_reported_then_brought_back_and_delivered_once(
+    kube: kubeenv.KubeEnv, sink: scenario.Upstream, node: kubelet.ProcessKubelet, api: apiclient.Api,
+    operator: Operator,
+) -> None:
+    """A claim of ordinal 2 holding 3 accepted messages, left behind as a deleted MailRelay leaves its
+    claims (whenDeleted: Retain), meets a MailRelay of 1 relay. In maintenance the operator only reports
+    it (status, metric, a Warning Event); out of maintenance it brings ordinal 2 back, whose relay
+    delivers the 3 messages, then drains it and lowers the set, and the StatefulSet deletes its claim."""
+    orphan = manifests.spool_claim_name(NAME, 2)
+    await api.request("POST", kube.path(k.PVCS), {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": orphan, "labels": dict(manifests.selector_labels(NAME))},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "64Mi"}}},
+    })
+    await eventually(lambda: ((claim(kube, 2) or {}).get("status") or {}).get("phase") == "Bound",
+                     within=60, what="the left-behind claim bound")
+    left = await spool_into(provisioner.claim_folder(node.workdir, kube.namespace, orphan), 3)
+
+    await create(kube, api, node, operator, relays=1, maintenance=True)
+    await eventually(lambda: orphaned_spools(kube) == [orphan], within=60, what="status.orphanedSpools")
+    await operator.ticks.wait(2, time.time(), "in maintenance, with the orphan")
+    assert set_replicas(kube) == 1 and orphaned_spools(kube) == [orphan], "not brought back in maintenance"
+    metric = f'mailrelay_operator_orphaned_spools{{mailrelay="{NAME}",namespace="{kube.namespace}"}}'
+    assert await asyncio.to_thread(operator_metric, operator, metric) == 1.0
+    warned = [e for e in kube.events() if e.get("reason") == "OrphanedSpool"]
+    assert warned and orphan in warned[0]["message"] and warned[0]["type"] == "Warning", warned
+    assert not left & sink.delivered_ids()
+
+    await api.patch(kube.path(k.MAILRELAYS, NAME), {"spec": {"maintenance": False}})
+    await eventually(lambda: left <= sink.delivered_ids(), within=120,
+                     what="the 3 messages of the orphaned claim delivered")
+    assert any(e.get("reason") == "OrphanedSpoolRecovering" for e in kube.events())
+    await eventually(lambda: claim(kube, 2) is None and claim(kube, 1) is None, within=120,
+                     what="the brought-back ordinals drained, removed, and their claims deleted")
+    await eventually(lambda: orphaned_spools(kube) == [], within=60, what="status.orphanedSpools empty")
+    assert set_replicas(kube) == 1
+    assert await asyncio.to_thread(operator_metric, operator, metric) == 0.0
+    counts = delivered_counts(sink)
+    assert {msgid: counts[msgid] for msgid in left} == dict.fromkeys(left, 1), "not exactly once"
+    ended = [t for t in node.terminations if t.pod == f"{NAME}-2"]
+    assert ended and ended[-1].spool_left == 0 and ended[-1].was_drained is True, ended
