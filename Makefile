@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup venv tools images test test-fast lint demo demo-compare bench dashboards crds clean e2e-kind
+.PHONY: setup venv tools images test test-fast lint demo demo-compare demo-persistent bench dashboards crds clean e2e-kind
 
 setup: venv tools
 
@@ -45,6 +45,9 @@ demo: setup
 
 demo-compare: setup
 	$(BIN)/python -m mailrelay_sandbox.demo --compare-naive
+
+demo-persistent: setup
+	$(BIN)/python -m mailrelay_sandbox.demo --spool persistent
 
 bench: setup
 	$(BIN)/python -m bench

@@ -11,6 +11,12 @@ plays a scripted scenario of about 2.5 minutes: ramp-up (scale-up), overload bey
 Overloaded), ramp-down (drain, then scale-in), maintenance on and off. Each second it redraws one line;
 at the end it prints `sent / accepted / delivered / lost / sessions reset` and writes a PNG chart.
 
+`--spool persistent` runs the relays with persistent spools (a StatefulSet, a claim per relay) and adds
+a "node lost" step while the upstream throttles: the relay holding the most mail is SIGKILLed and its
+pod force-deleted, as when its node dies; its ordinal comes back on the same claim and delivers what it
+held. The live line shows `NODE-LOST` until that mail is delivered; the chart marks the moment with the
+count it held and the count lost.
+
 `--compare-naive` plays the same load again with drain turned off, as plain HPA scaling does it: no
 operator; an HPA-like scaler runs the operator's own pure policy on the same metrics and sets the
 Deployment's replicas directly; the real ReplicaSet controller picks victims by its own rule; the kubelet
@@ -28,9 +34,11 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import email.parser
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -56,6 +64,7 @@ class Action:
     rate: float | None = None        # offered msg/s
     maintenance: bool | None = None
     throttle: bool | None = None     # True: the upstream answers 451 to every message; False: it recovers
+    lose_node: bool = False          # persistent spools only: the relay holding the most mail dies undrained
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +92,7 @@ FULL = Script(
         Action(42, sessions=60, rate=120),
         Action(72, sessions=12, rate=48),
         Action(74, throttle=True),
+        Action(80, lose_node=True),
         Action(86, sessions=4, rate=16),
         Action(98, throttle=False),
         Action(112, maintenance=True),
@@ -109,6 +119,7 @@ QUICK = Script(
         Action(20, sessions=40, rate=100),
         Action(32, sessions=3, rate=12),
         Action(33, throttle=True),
+        Action(38, lose_node=True),
         Action(48, throttle=False),
         Action(55, maintenance=True),
         Action(62, maintenance=False),
@@ -118,6 +129,49 @@ QUICK = Script(
            "max_sessions_per_pod": 10, "scale_down_stabilization": 4, "scale_down_step": 1,
            "drain_timeout": 30},
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeLoss:
+    """A relay lost with its node: SIGKILLed and its pod force-deleted, nothing drained or flushed."""
+
+    t: float
+    pod: str
+    held: frozenset[str]            # Message-IDs in its spool when it died: answered 250, not delivered
+
+    def lost(self, delivered: set[str]) -> int:
+        return len(self.held - delivered)
+
+    def live(self, delivered: set[str]) -> str:
+        """The live line's flag while some of what it held is undelivered; "" once all of it is."""
+        done = len(self.held & delivered)
+        return "" if done == len(self.held) else f"{self.pod} held {len(self.held)}, {done} delivered"
+
+    def label(self, delivered: set[str]) -> str:
+        return f"node lost: {self.pod} held {len(self.held)}, lost {self.lost(delivered)}"
+
+    def report(self, delivered: set[str]) -> str:
+        return (f"node lost at {self.t:.0f} s: {self.pod} was SIGKILLed and its pod force-deleted holding "
+                f"{len(self.held):,} accepted messages; its ordinal came back on its claim and delivered "
+                f"{len(self.held & delivered):,} of them; lost {self.lost(delivered):,}")
+
+
+def spooled_ids(spool: Path) -> frozenset[str]:
+    """The Message-IDs of the messages in a relay's spool folder (read with the relay's own decoder)."""
+    from mailrelay_relay import spool as relay_spool
+
+    parser = email.parser.BytesHeaderParser()
+    queue = spool / "queue" if (spool / "queue").is_dir() else spool
+    found: set[str] = set()
+    for path in queue.iterdir() if queue.is_dir() else ():
+        try:
+            _, _, content, _ = relay_spool.decode_record(path.read_bytes())
+        except (OSError, ValueError):
+            continue  # a temporary file, never answered 250
+        msgid = parser.parsebytes(content).get("Message-ID")
+        if msgid:
+            found.add(str(msgid).strip())
+    return frozenset(found)
 
 
 @dataclasses.dataclass
@@ -130,6 +184,8 @@ class RunResult:
     killed: int = 0
     stranded: int = 0
     queued_at_end: int = 0          # messages still queued on running relays when the demo stopped
+    node_loss: NodeLoss | None = None
+    delivered: set[str] = dataclasses.field(default_factory=set)
 
 
 class NaiveScaler:
@@ -174,8 +230,11 @@ class NaiveScaler:
 
 class Demo:
     def __init__(self, platform: scenario.Platform, mode: str, script: Script, workdir: Path, *, live: bool,
-                 out: Path) -> None:
+                 out: Path, persistent: bool = False) -> None:
         self.platform = platform
+        self.persistent = persistent and mode == "operator"
+        self.node_loss: NodeLoss | None = None
+        self.plane: kubelet.ProcessKubelet | None = None
         self.namespace = NAMESPACES[mode]
         self.node = f"sandbox-{mode}"
         self.mode = mode
@@ -243,12 +302,15 @@ class Demo:
             queue=queue, msg_per_s=(now.accepted - before.accepted) / span,
             refused_per_s=(now.refused_421 - before.refused_421) / span, resets=now.sessions_reset,
             overloaded=overloaded, maintenance=self.maintenance, throttled=self.throttled,
-            phase=self._phase_at(t))
+            phase=self._phase_at(t),
+            node_lost=self.node_loss.live(self.upstream.delivered_ids())
+            if self.node_loss is not None and self.upstream is not None else "")
         return sample, now
 
     # -- the run -------------------------------------------------------------------------------
     async def run(self) -> RunResult:
-        relay = scenario.mailrelay(NAME, self.namespace, **self.script.relay)
+        relay = scenario.mailrelay(NAME, self.namespace, **self.script.relay,
+                                   spool_persistent="64Mi" if self.persistent else None)
         cluster = self.platform.cluster
         await asyncio.to_thread(cluster.create_namespace, self.namespace, node=self.node)
         async with (scenario.upstream_sink() as upstream,
@@ -264,6 +326,7 @@ class Demo:
                                                probe_period=1.0) as plane,
                         kubelet.ServiceEndpoints(api, self.namespace, NAME) as service):
                 self.service = service
+                self.plane = plane
                 operator: scenario.OperatorProcess | None = None
                 naive: NaiveScaler | None = None
                 background: list[asyncio.Task[None]] = []
@@ -342,13 +405,37 @@ class Demo:
                             for r in plane.runtimes.values() if not r.terminating)
         if self.live:
             sys.stdout.write("\n")
-        summary = gen.summary(upstream.delivered_ids())
+        delivered = upstream.delivered_ids()
+        summary = gen.summary(delivered)
         terminations = list(plane.terminations)
         return RunResult(mode=self.mode, summary=summary, samples=self.samples, terminations=terminations,
                          killed=sum(1 for x in terminations if x.killed),
-                         stranded=sum(x.spool_left for x in terminations), queued_at_end=queued_at_end)
+                         stranded=sum(x.spool_left for x in terminations), queued_at_end=queued_at_end,
+                         node_loss=self.node_loss, delivered=set(delivered))
+
+    async def _lose_node(self) -> None:
+        """The relay holding the most mail dies as with its node: SIGKILL to its processes, then its pod
+        force-deleted (grace 0). Its spool, on its claim, is read once the relay is dead."""
+        if self.plane is None or self.api is None:
+            return
+        running = [r for r in self.plane.runtimes.values()
+                   if r.process is not None and r.process.returncode is None and not r.terminating]
+        if not running:
+            return
+        victim = max(running, key=lambda r: int((r.last_status or {}).get("queue", {}).get("messages", 0)))
+        assert victim.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(victim.process.pid, signal.SIGKILL)
+        await victim.process.wait()
+        held = await asyncio.to_thread(spooled_ids, victim.spool)
+        self.node_loss = NodeLoss(t=self.samples[-1].t if self.samples else 0.0, pod=victim.name, held=held)
+        with contextlib.suppress(apiclient.ApiError):
+            await self.api.request("DELETE", f"/api/v1/namespaces/{self.namespace}/pods/{victim.name}",
+                                   {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0})
 
     async def _apply(self, action: Action, gen: loadgen.LoadGenerator) -> None:
+        if action.lose_node and self.persistent:
+            await self._lose_node()
         if action.sessions is not None or action.rate is not None:
             gen.set_load(action.rate if action.rate is not None else 0.0,
                          action.sessions if action.sessions is not None else 0)
@@ -397,9 +484,13 @@ def comparison(ours: RunResult, naive: RunResult) -> str:
 def render(result: RunResult, script: Script, out: Path, stamp: str) -> Path:
     title = ("mailrelay-operator demo: drain-first scaling" if result.mode == "operator"
              else "same load, naive scaling: no drain (HPA-style SIGTERM)")
+    events: list[timeline.Event] = []
+    if result.node_loss is not None:
+        title += ", persistent spools, a node lost"
+        events.append(timeline.Event(result.node_loss.t, result.node_loss.label(result.delivered)))
     path = out / f"mailrelay-demo-{result.mode}-{stamp}.png"
     return timeline.render_png(result.samples, script.phases, path, title,
-                               footer=summary_line(result.summary))
+                               footer=summary_line(result.summary), events=events)
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -431,9 +522,12 @@ async def main_async(args: argparse.Namespace) -> int:
             workdir.mkdir()
             heading = ("drain-first: the real operator scales the relays" if mode == "operator"
                        else "naive: HPA-style scaling, relays stopped by SIGTERM without drain")
+            if mode == "operator" and args.spool == "persistent":
+                heading += " (persistent spools; a node is lost while the upstream throttles)"
             print(f"== {heading} ({script.end:.0f} s of load, then the queues settle)")
             try:
-                result = await Demo(platform, mode, script, workdir, live=live, out=out).run()
+                result = await Demo(platform, mode, script, workdir, live=live, out=out,
+                                    persistent=args.spool == "persistent").run()
             except (RuntimeError, apiclient.ApiError) as error:
                 print(f"demo failed: {error}", file=sys.stderr)
                 print(f"(logs kept in {root})", file=sys.stderr)
@@ -442,6 +536,8 @@ async def main_async(args: argparse.Namespace) -> int:
             result.png = render(result, script, out, stamp)
             results[mode] = result
             print(summary_line(result.summary))
+            if result.node_loss is not None:
+                print(result.node_loss.report(result.delivered))
             if held_line(result.summary):
                 print(held_line(result.summary))
             if result.queued_at_end:
@@ -463,7 +559,10 @@ async def main_async(args: argparse.Namespace) -> int:
                 print(f"{result.mode} {t.pod}: exit {t.exited_at - t.signalled_at:.1f}s, finalized "
                       f"{t.finalized_at - t.signalled_at:.1f}s, rc {t.returncode}, spool {t.spool_left}")
     ours = results.get("operator")
-    return 0 if ours is None or ours.summary.lost == 0 else 3
+    if ours is None:
+        return 0
+    lost = ours.summary.lost + (ours.node_loss.lost(ours.delivered) if ours.node_loss else 0)
+    return 3 if lost else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -473,6 +572,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="run the same load again with drain turned off and compare")
     parser.add_argument("--naive-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="a shorter scenario (about 70 s)")
+    parser.add_argument("--spool", choices=("emptyDir", "persistent"), default="emptyDir",
+                        help="the relays' spool mode; persistent adds a \"node lost\" step")
     parser.add_argument("--out", default=os.environ.get("MAILRELAY_DEMO_OUT", "build/demo"),
                         help="folder for the PNG charts (default: build/demo)")
     parser.add_argument("--keep", action="store_true", help="keep the sandbox's files (logs, spools)")

@@ -27,6 +27,15 @@ class Sample:
     maintenance: bool = False
     throttled: bool = False  # the upstream answers 451 (smarthost throttling)
     phase: str = ""
+    node_lost: str = ""      # while a relay lost with its node is not yet delivered: what it held
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """A moment the chart marks with a line and a label (the demo's "node lost")."""
+
+    t: float
+    label: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +48,8 @@ class Phase:
 def line(sample: Sample) -> str:
     """One compact terminal line (about 120 columns with a flag; the live display cuts it to the width)."""
     flags = " ".join(f for f, on in (("OVERLOADED", sample.overloaded), ("MAINTENANCE", sample.maintenance),
-                                     ("UPSTREAM-451", sample.throttled)) if on)
+                                     ("UPSTREAM-451", sample.throttled),
+                                     (f"NODE-LOST {sample.node_lost}", bool(sample.node_lost))) if on)
     return (
         f"{sample.t:5.0f}s {sample.phase:<11.11} "
         f"replicas {sample.desired:>2} desired {sample.ready:>2} ready {sample.draining:>2} draining | "
@@ -68,10 +78,11 @@ def runs(samples: Sequence[Sample], attribute: str) -> list[tuple[float, float]]
 
 
 def render_png(samples: Sequence[Sample], phases: Sequence[Phase], path: Path, title: str,
-               footer: str = "") -> Path:
+               footer: str = "", events: Sequence[Event] = ()) -> Path:
     """Draw replicas, sessions/queue and msg/s / 421/s over time, with the scenario's phases shaded.
 
-    Red bands: Overloaded; blue: maintenance; yellow: the upstream answers 451."""
+    Red bands: Overloaded; blue: maintenance; yellow: the upstream answers 451. Each event is a dashed
+    vertical line, labelled on the relays' panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,6 +104,12 @@ def render_png(samples: Sequence[Sample], phases: Sequence[Phase], path: Path, t
         for start, end in runs(samples, attribute):
             for ax in axes:
                 ax.axvspan(start, end, color=color, zorder=0.5, lw=0)
+
+    for event in events:
+        for ax in axes:
+            ax.axvline(event.t, color="#b22222", lw=1.2, ls="--", zorder=3)
+        replicas.text(event.t, 0.96, " " + event.label, transform=replicas.get_xaxis_transform(), ha="left",
+                      va="top", fontsize=8, color="#b22222")
 
     replicas.step(t, [s.desired for s in samples], where="post", label="desired", color="#1f77b4", lw=2)
     replicas.step(t, [s.ready for s in samples], where="post", label="ready", color="#2ca02c", lw=2)

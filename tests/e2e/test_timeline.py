@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+from mailrelay_relay import spool as relay_spool
 from mailrelay_sandbox import demo, loadgen, timeline
 
 
@@ -57,3 +59,37 @@ def test_summary_and_comparison_text() -> None:
                             demo.RunResult("naive", naive, [], []))
     lost_row = next(row for row in table.splitlines() if row.startswith("lost"))
     assert lost_row.split()[-2:] == ["0", "3"]
+
+
+def test_node_lost_flag_on_the_live_line_until_what_it_held_is_delivered() -> None:
+    loss = demo.NodeLoss(t=38.0, pod="outbound-1", held=frozenset({"<a@x>", "<b@x>", "<c@x>"}))
+    assert loss.live(set()) == "outbound-1 held 3, 0 delivered"
+    assert loss.live({"<a@x>", "<other@x>"}) == "outbound-1 held 3, 1 delivered"
+    assert loss.live({"<a@x>", "<b@x>", "<c@x>"}) == ""
+    text = timeline.line(dataclasses.replace(sample(40), node_lost=loss.live({"<a@x>"})))
+    assert "NODE-LOST outbound-1 held 3, 1 delivered" in text
+    assert "NODE-LOST" not in timeline.line(sample(40))
+    assert loss.label({"<a@x>"}) == "node lost: outbound-1 held 3, lost 2"
+    assert loss.lost({"<a@x>", "<b@x>", "<c@x>"}) == 0
+    assert "holding 3 accepted messages" in loss.report(set()) and "lost 3" in loss.report(set())
+
+
+def test_spooled_ids_reads_a_relays_spool_with_its_own_decoder(tmp_path: Path) -> None:
+    envelope = relay_spool.Envelope("a@example.org", ("b@example.net",))
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    for n in range(3):
+        content = f"Subject: {n}\r\nMessage-ID: <{n}@spool.test>\r\n\r\nbody\r\n".encode()
+        (queue / f"m{n}").write_bytes(relay_spool.encode_record(f"id{n}", envelope, content, 1.0))
+    (queue / "m3.tmp").write_bytes(b"half a rec")  # a write cut short: never answered 250
+    assert demo.spooled_ids(tmp_path) == {"<0@spool.test>", "<1@spool.test>", "<2@spool.test>"}
+
+
+def test_png_marks_events(tmp_path: Path) -> None:
+    samples = [sample(float(i)) for i in range(30)]
+    phases = [timeline.Phase(0, 30, "ramp-down")]
+    plain = timeline.render_png(samples, phases, tmp_path / "plain.png", "title").read_bytes()
+    marked = timeline.render_png(samples, phases, tmp_path / "marked.png", "title",
+                                 events=[timeline.Event(12.0, "node lost: outbound-1 held 3, lost 0")]
+                                 ).read_bytes()
+    assert marked.startswith(b"\x89PNG\r\n\x1a\n") and marked != plain
