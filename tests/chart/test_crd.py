@@ -231,6 +231,7 @@ def test_valid_samples_are_admitted(server: kubecluster.Cluster, spec: dict[str,
         ("drain.timeoutSeconds", 0, "should be greater than or equal to 1"),
         ("drain.onTimeout", "Wait", 'Unsupported value: "Wait"'),
         ("spool.sizeLimit", "lots", "spec.spool.sizeLimit in body should match"),
+        ("spool.sizeLimit", "0", "spec.spool.sizeLimit in body should match"),
         ("spool", {"sizeLimit": "1Gi", "persistent": {"size": "1Gi"}},
          "spool.sizeLimit is the emptyDir's limit; a persistent spool's size is spool.persistent.size"),
         ("spool.persistent", {}, "spec.spool.persistent.size: Required value"),
@@ -446,8 +447,7 @@ _specs = st.fixed_dictionaries(
         }),
         "maintenance": st.booleans(),
         "spool": st.fixed_dictionaries({}, optional={
-            # not "0": the CRD's sizeLimit pattern admits it and spec.parse refuses it (a known gap)
-            "sizeLimit": st.sampled_from(["1Gi", "10M", "x"]),
+            "sizeLimit": st.sampled_from(["1Gi", "10M", "0", "01Gi", "x"]),
             "persistent": st.fixed_dictionaries({}, optional={
                 "size": st.sampled_from(["1Gi", "10M", "0", "01Gi", "x"]),
                 "storageClassName": st.sampled_from(["standard", "fast.ssd", "Bad_Name"]),
