@@ -426,8 +426,8 @@ async def _scenario(stack: Stack, env: kubeenv.KubeEnv, workdir: Path, prometheu
             # one relay crashes (SIGKILL) and is restarted by the kubelet: the operator's /status scrapes
             # of it fail meanwhile, and Prometheus sees it down.
             await asyncio.gather(
-                _load(service.endpoints, stack, seconds=25, sessions=8, hold=1.0),
-                _crash_one_relay(node, stack, after=10),
+                _load(service.endpoints, stack, seconds=16, sessions=8, hold=1.0),
+                _crash_one_relay(node, stack, after=6),
             )
             stack.targets = await asyncio.to_thread(_targets, stack.prometheus_url)
             await _wait(
@@ -440,7 +440,7 @@ async def _scenario(stack: Stack, env: kubeenv.KubeEnv, workdir: Path, prometheu
                 stack,
             )
             # Quiet, with a trickle: the operator drains one relay and scales down.
-            trickle = asyncio.create_task(_load(service.endpoints, stack, seconds=15, sessions=1, hold=0.0))
+            trickle = asyncio.create_task(_load(service.endpoints, stack, seconds=8, sessions=1, hold=0.0))
             drains = "mailrelay_operator_drain_duration_seconds_count"
             await _wait(
                 lambda: _operator_metric(metrics_port, drains) >= 1,
