@@ -55,6 +55,7 @@ import dataclasses
 import heapq
 import logging
 import random
+import re
 import socket
 import ssl
 import time
@@ -336,7 +337,7 @@ class SmtpSender:
             await _reset(smtp)
             raise RecipientsRejected(failures)
         try:
-            await smtp.data(content)
+            await _data(smtp, wire_data(content))
         except aiosmtplib.SMTPResponseException as exc:
             if not failures:
                 raise classify(exc.code, exc.message) from exc
@@ -373,6 +374,46 @@ async def _command(
     response = await smtp.execute_command(arg, *(o.encode("ascii") for o in options))
     if response.code not in ok:
         raise aiosmtplib.SMTPResponseException(response.code, response.message)
+
+
+def wire_data(content: bytes) -> bytes:
+    """The DATA payload for `content`: CRLF line endings, dot-stuffed (RFC 5321 4.5.2), ending with
+    CRLF "." CRLF. What aiosmtplib's data() sends, in one replace instead of two regex passes over the
+    message: the relay spools content with CRLF line endings only (bare CR and LF are refused at DATA),
+    so only content with a bare CR or LF takes the normalising path."""
+    crlf = content.count(b"\r\n")
+    if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
+        content = _LINE_ENDINGS.sub(b"\r\n", content)
+    if not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    if content.startswith(b"."):
+        content = b"." + content
+    return content.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r")
+
+
+async def _data(smtp: aiosmtplib.SMTP, payload: bytes) -> None:
+    """DATA, then `payload` (`wire_data`) in one write, then the upstream's reply: smtp.data() without
+    its second pass over the message. Raises SMTPResponseException (SMTPDataError) on any reply but 354
+    and 250, and closes the connection when it is lost or times out, as data() does."""
+    response = await smtp.execute_command(b"DATA")
+    if response.code != 354:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    protocol = smtp.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    try:
+        protocol.write(payload)
+        # No await between the write and read_response, which marks the reply as expected before it
+        # waits: the reply cannot arrive unexpected.
+        response = await protocol.read_response(timeout=smtp.timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        smtp.close()
+        raise
+    if response.code != 250:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
 
 
 async def _reset(smtp: aiosmtplib.SMTP) -> None:

@@ -46,7 +46,6 @@ SWEEP_INTERVAL = 0.1  # how often deadlines are checked (timeouts fire up to thi
 READ_LIMIT = 128 * 1024  # the reader's limit: longest line or small DATA found in one piece
 _MAX_QUEUED_REPLIES = 64  # replies held back for batching before they are written regardless
 _RESERVATION_STEP = 64 * 1024  # growth step when DATA outgrows its reservation
-_BULK_LIMIT = READ_LIMIT  # a DATA that ends within this many bytes is checked as one block
 _YIELD_EVERY = 64  # lines read without waiting before the session yields to others
 _session_ids = itertools.count(1)
 _REPLY_CHILDREN: dict[int, object] = {}
@@ -377,9 +376,10 @@ class Session(asyncio.StreamReaderProtocol):
             self.idle_since = self.loop.time()
 
     async def _read(self, deadline: float, separator: bytes, *, idle: bool = False,
-                    at_line_start: bool | None = None) -> bytes:
+                    data: bool = False) -> bytes:
         """reader.readuntil(separator); a LimitOverrunError (no separator within READ_LIMIT) propagates.
-        With `at_line_start` (DATA's bulk read of b".\\r\\n"), a bare LF "." LF raises BareLfEnd."""
+        With `data`, the whole DATA up to its CRLF "." CRLF instead (reader.read_data): a bare LF "." LF
+        raises BareLfEnd."""
         if self.closed:
             raise ConnectionClosed
         reader = self.reader
@@ -388,11 +388,11 @@ class Session(asyncio.StreamReaderProtocol):
         self.lines_served += 1
         if self.lines_served % _YIELD_EVERY == 0:
             await asyncio.sleep(0)  # a long pipelined burst must not starve other sessions
-        if not reader.holds(separator):
+        if not (reader.holds_data_end() if data else reader.holds(separator)):
             await self._before_wait(deadline, idle)
         try:
-            if at_line_start is not None:
-                return await reader.read_data_piece(at_line_start)
+            if data:
+                return await reader.read_data()
             return await reader.readuntil(separator)
         except asyncio.IncompleteReadError:
             raise ConnectionClosed from None  # EOF
@@ -585,7 +585,7 @@ class Session(asyncio.StreamReaderProtocol):
 
     async def _read_data(self, deadline: float, envelope: Envelope) -> None:
         """DATA after the 354: read, check, store, answer. Raises BareLfEnd."""
-        block, held = await self._read_small_data(deadline)
+        block = await self._read_small_data(deadline)
         if block is not None:  # the common case: the whole message at once, checked at C speed
             outcome, content = policy.scan_block(block, self.cfg.max_message_size)
             size = len(block)
@@ -593,10 +593,6 @@ class Session(asyncio.StreamReaderProtocol):
                 outcome, content = policy.worse(outcome, policy.DataOutcome.INFLIGHT), b""
         else:  # a large message: line by line, never holding more than the limit
             scan = policy.DataScan(self.cfg.max_message_size)
-            for chunk in held:  # what the one-pass attempt consumed: whole lines
-                for line in _lines(chunk):
-                    self._feed(scan, line)
-            held = []
             while not scan.done:
                 piece = await self.readline(deadline)
                 if piece == b".\n" and not scan.partial and scan.tail.endswith(b"\n"):
@@ -636,31 +632,14 @@ class Session(asyncio.StreamReaderProtocol):
                 and not self._grow_reservation(scan.size):
             scan.refuse(policy.DataOutcome.INFLIGHT)
 
-    async def _read_small_data(self, deadline: float) -> tuple[bytes | None, list[bytes]]:
-        """DATA up to the terminating CRLF "." CRLF when it ends within _BULK_LIMIT bytes: (the block
-        before the dot, []); else (None, the whole lines consumed so far) and the rest is read by line.
-
-        Reads up to each ".\\r\\n" from the reader; it ends the DATA only when the two bytes
-        before it (counting the start of DATA as a CRLF) are a real CRLF.
-        """
-        chunks: list[bytes] = []
-        total = 0
-        tail = b"\r\n"  # the last two bytes consumed so far
-        while True:
-            try:
-                chunk = await self._read(deadline, b".\r\n", at_line_start=tail.endswith(b"\n"))
-            except asyncio.LimitOverrunError:
-                return None, chunks
-            chunks.append(chunk)
-            total += len(chunk)
-            before = chunk[-5:-3] if len(chunk) >= 5 else (tail + chunk[:-3])[-2:]
-            if before == b"\r\n":
-                if len(chunks) == 1:
-                    return chunk[:-3], []
-                return b"".join(chunks)[:-3], []
-            if total >= _BULK_LIMIT:
-                return None, chunks
-            tail = chunk[-2:]
+    async def _read_small_data(self, deadline: float) -> bytes | None:
+        """DATA up to the terminating CRLF "." CRLF when it ends within READ_LIMIT bytes: the block before
+        the dot (ending with its CRLF, or empty), read and scanned in one piece. None when it does not:
+        nothing has been consumed, and the caller reads it by line."""
+        try:
+            return (await self._read(deadline, b"", data=True))[:-3]
+        except asyncio.LimitOverrunError:
+            return None
 
     async def smtp_RSET(self, arg: str) -> None:
         self.reset_transaction()
@@ -709,12 +688,6 @@ class Session(asyncio.StreamReaderProtocol):
             plain.close()
             self.connection_lost(None)  # the TLS layer never hands the loss on during a handshake
             raise ConnectionClosed from None
-
-
-def _lines(chunk: bytes) -> list[bytes]:
-    """Split bytes that end with LF into lines that each end with LF (LF only: never at a bare CR)."""
-    parts = chunk.split(b"\n")
-    return [part + b"\n" for part in parts[:-1]]
 
 
 def internal_error(hostname: str) -> policy.Reply:

@@ -135,6 +135,13 @@ class QueuedMessage:
 
 def encode_record(msg_id: str, envelope: Envelope, content: bytes, received_at: float) -> bytes:
     """The bytes of one spool file."""
+    return encode_header(msg_id, envelope, content, received_at) + content
+
+
+def encode_header(msg_id: str, envelope: Envelope, content: bytes, received_at: float,
+                  crc: int | None = None) -> bytes:
+    """The bytes of one spool file before its content: the magic, the header line (with the content's
+    size and CRC-32, computed here unless given) and its line feed."""
     header = {
         "id": msg_id,
         "mail_from": envelope.mail_from,
@@ -143,10 +150,10 @@ def encode_record(msg_id: str, envelope: Envelope, content: bytes, received_at: 
         **({"rcpt_options": [list(o) for o in envelope.rcpt_options]} if any(envelope.rcpt_options) else {}),
         "size": len(content),
         "received_at": received_at,
-        "crc32": zlib.crc32(content),
+        "crc32": zlib.crc32(content) if crc is None else crc,
     }
     line = json.dumps(header, ensure_ascii=True, separators=(",", ":")).encode("ascii")
-    return b"".join((MAGIC, line, b"\n", content))
+    return b"".join((MAGIC, line, b"\n"))
 
 
 def decode_record(data: bytes) -> tuple[str, Envelope, bytes, float]:
@@ -184,12 +191,16 @@ def decode_record(data: bytes) -> tuple[str, Envelope, bytes, float]:
 
 @dataclasses.dataclass
 class _Pending:
-    data: bytes
+    msg_id: str
+    envelope: Envelope
+    content: bytes
+    received_at: float
     tmp: pathlib.Path
     final: pathlib.Path
     faults: tuple[str, ...]
     future: asyncio.Future[None]
     charge: int = 0  # bytes reserved in Usage for this file; given back if it is not written
+    written: int = 0  # what the file takes against the limit (disk_bytes), once the commit thread wrote it
     error: BaseException | None = None
 
 
@@ -248,17 +259,20 @@ class Spool:
         """Write, fsync, rename, fsync the directory; return only then. SpoolFullError / SpoolError.
 
         All file work happens in the commit thread (creating a file can block on the file system's
-        journal): the event loop only encodes the record and waits for its batch.
+        journal), and so does the content's CRC-32 (zlib lets go of the GIL for it): the event loop only
+        reserves the room and waits for its batch. The reservation counts the widest CRC; the commit
+        settles it to the file's real size.
         """
         msg_id = self.new_id(received_at)
-        data = encode_record(msg_id, envelope, content, received_at)
-        charge = disk_bytes(len(data))
+        widest = encode_header(msg_id, envelope, content, received_at, crc=0xFFFFFFFF)
+        charge = disk_bytes(len(widest) + len(content))
         if not self.usage.reserve(charge, self.max_bytes):
             raise SpoolFullError(f"spool size limit: {charge} more bytes would pass the limit of "
                                  f"{self.max_bytes} (holding {self.usage.value})")
         loop = asyncio.get_running_loop()
-        pending = _Pending(data, self.tmp_dir / (msg_id + ".tmp"), self.queue_dir / (msg_id + SUFFIX),
-                           tuple(self._faults()), loop.create_future(), charge)
+        pending = _Pending(msg_id, envelope, content, received_at, self.tmp_dir / (msg_id + ".tmp"),
+                           self.queue_dir / (msg_id + SUFFIX), tuple(self._faults()), loop.create_future(),
+                           charge)
         self._pending.append(pending)
         if self._committer is None:
             self._committer = loop.create_task(self._commit_loop())
@@ -287,6 +301,8 @@ class Spool:
                 for item in batch:
                     if item.error is not None:
                         self.usage.add(-item.charge)  # nothing of it stays on disk
+                    elif item.written != item.charge:
+                        self.usage.add(item.written - item.charge)  # the CRC was narrower
                     if item.future.done():
                         continue
                     if item.error is None:
@@ -305,10 +321,9 @@ class Spool:
                 raise OSError(errno.ENOSPC, "injected fault: no space left on device")
             if "write-eio" in item.faults:
                 raise OSError(errno.EIO, "injected fault: input/output error")
-            view = memoryview(item.data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            head = encode_header(item.msg_id, item.envelope, item.content, item.received_at)
+            item.written = disk_bytes(len(head) + len(item.content))
+            _write_all(fd, head, item.content)
             if "fsync-eio" in item.faults:
                 raise OSError(errno.EIO, "injected fault: fsync failed")
             os.fdatasync(fd)
@@ -465,6 +480,17 @@ def _spool_error(error: BaseException) -> SpoolError:
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return SpoolFullError(str(error))
     return SpoolError(str(error))
+
+
+def _write_all(fd: int, head: bytes, content: bytes) -> None:
+    """`head` then `content` to `fd`, in one writev when the kernel takes it all (no joined copy)."""
+    written = os.writev(fd, (head, content))
+    if written < len(head):
+        view = memoryview(head[written:] + content)
+    else:
+        view = memoryview(content)[written - len(head):]
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _fsync_dir(directory: pathlib.Path) -> None:

@@ -4,7 +4,8 @@ What it is for: the two things smtp.py needs from asyncio that asyncio has no pu
 
 - `Reader`, an asyncio.StreamReader that can look at its buffer: is a whole line already there (then the
   replies to pipelined commands stay batched), drop what is buffered (the plaintext a client pipelined
-  after STARTTLS, RFC 3207), and read DATA up to ".\\r\\n" while stopping early at a bare-LF end.
+  after STARTTLS, RFC 3207), and read a whole DATA up to its CRLF "." CRLF in one piece while stopping
+  early at a bare-LF end.
 - `TlsLayer`, STARTTLS on a live server connection: asyncio's SSL protocol goes between the socket and
   the session's protocol, and once the handshake is done the session's reader and writer move onto the
   TLS transport and the plaintext read meanwhile is dropped. (`loop.start_tls` is public but hands the
@@ -48,21 +49,42 @@ class Reader(asyncio.StreamReader):
         """Drop everything buffered and not read yet."""
         self._buffer.clear()
 
-    async def read_data_piece(self, at_line_start: bool) -> bytes:
-        """readuntil(b".\\r\\n"), but raise BareLfEnd as soon as the buffer shows LF "." LF before it (a DATA
-        ended with bare line feeds, which would otherwise wait for the data timeout). `at_line_start`:
-        the bytes consumed so far end with a line feed (the start of DATA counts as one)."""
+    def holds_data_end(self) -> bool:
+        """Would read_data(at_start=True) return (or fail) without waiting?"""
+        return data_end(self._buffer, True, 0) >= 0 or len(self._buffer) > self._limit
+
+    async def read_data(self, at_start: bool = True) -> bytes:
+        """The whole DATA up to and including its end, CRLF "." CRLF (or "." CRLF as the very first line
+        when `at_start`), in one piece: one scan of each byte as it arrives, however many lines end with
+        a dot. Raises BareLfEnd as soon as the buffer shows LF "." LF before the end (a DATA ended with
+        bare line feeds, which would otherwise wait for the data timeout), and LimitOverrunError, leaving
+        the buffer as it is, when the DATA does not end within the reader's limit."""
+        scanned = 0
         while True:
             buffer = self._buffer
-            end = buffer.find(b".\r\n")
-            bare = buffer.find(b"\n.\n")
-            if at_line_start and buffer[:2] == b".\n":
-                bare = -1 if end == 0 else 0
-            if bare >= 0 and (end < 0 or bare < end):
+            if at_start and buffer[:2] == b".\n":
                 raise BareLfEnd
-            if end >= 0 or len(buffer) > self._limit or self._eof:
-                return await self.readuntil(b".\r\n")
-            await self._wait_for_data("readuntil")
+            end = data_end(buffer, at_start, max(0, scanned - 4))
+            if buffer.find(b"\n.\n", max(0, scanned - 2), end if end >= 0 else len(buffer)) >= 0:
+                raise BareLfEnd
+            if end > self._limit or (end < 0 and len(buffer) > self._limit):
+                raise asyncio.LimitOverrunError("DATA longer than the reader's limit", 0)
+            if end >= 0:
+                return await self.readexactly(end)
+            if self._eof:
+                raise asyncio.IncompleteReadError(bytes(buffer), None)
+            scanned = len(buffer)
+            await self._wait_for_data("read_data")
+
+
+def data_end(buffer: bytes | bytearray, at_start: bool, start: int) -> int:
+    """The length of the DATA in `buffer` up to and including its end (CRLF "." CRLF, or "." CRLF as the
+    very first line when `at_start`); -1 when `buffer` does not hold the end. `start`: where to begin
+    looking (the bytes before it are known to hold no end)."""
+    if at_start and buffer[:3] == b".\r\n":
+        return 3
+    end = buffer.find(b"\r\n.\r\n", start)
+    return -1 if end < 0 else end + 5
 
 
 class TlsLayer:

@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 import uvloop
+from hypothesis import given
+from hypothesis import strategies as st
 from mailrelay_relay import smtp, stream
 from mailrelay_sandbox import relayproc, smtpwire, waiting
 from mailrelay_sandbox import sink as sinkmod
@@ -74,17 +76,21 @@ def test_reader_discard_drops_what_is_buffered_only(loop: str) -> None:
     _run(loop, main())
 
 
-@pytest.mark.parametrize(("pieces", "at_line_start", "expected"), [
-    ([b"Hello.\r\n.\r\n"], True, b"Hello.\r\n"),                 # the first ".\r\n" it meets
-    ([b"a\r\n", b"b\r", b"\n.", b"\r\n"], True, b"a\r\nb\r\n.\r\n"),     # waits for more, across pieces
-    ([b".\r\n"], True, b".\r\n"),                               # an empty DATA
-    ([b"a\n.\nb\r\n.\r\n"], True, stream.BareLfEnd),                # LF "." LF before the end
-    ([b".\nb\r\n.\r\n"], True, stream.BareLfEnd),                   # ... at the start of DATA
-    ([b".\nb\r\n.\r\n"], False, b".\nb\r\n.\r\n"),                   # ... not at a line start
-    ([b"a\r\n.\r\nb\n.\n"], True, b"a\r\n.\r\n"),                   # a bare end after the real one
+@pytest.mark.parametrize(("pieces", "expected"), [
+    ([b"Hello.\r\n.\r\n"], b"Hello.\r\n.\r\n"),
+    ([b"end.\r\nof.\r\nlines.\r\n.\r\n"], b"end.\r\nof.\r\nlines.\r\n.\r\n"),  # one piece, not per line
+    ([b"a\r\n", b"b\r", b"\n.", b"\r\n"], b"a\r\nb\r\n.\r\n"),     # waits for more, across pieces
+    ([b"a\r", b"\n", b".", b"\r", b"\n"], b"a\r\n.\r\n"),           # an end split byte by byte
+    ([b".\r\n"], b".\r\n"),                                  # an empty DATA
+    ([b"..\r\n.\r\n"], b"..\r\n.\r\n"),                        # a stuffed dot line is no end
+    ([b"a\n.\r\nb\r\n.\r\n"], b"a\n.\r\nb\r\n.\r\n"),              # LF "." CRLF is no end either
+    ([b"a\n.\nb\r\n.\r\n"], stream.BareLfEnd),                   # LF "." LF before the end
+    ([b"a\n", b".", b"\nb\r\n.\r\n"], stream.BareLfEnd),            # ... across pieces
+    ([b".\nb\r\n.\r\n"], stream.BareLfEnd),                      # ... at the start of DATA
+    ([b"a\r\n.\r\nb\n.\n"], b"a\r\n.\r\n"),                      # a bare end after the real one
+    ([b"x" * 2000], asyncio.LimitOverrunError),                 # no end within the limit
 ])
-def test_reader_reads_data_pieces(pieces: list[bytes], at_line_start: bool,
-                                  expected: bytes | type[Exception]) -> None:
+def test_reader_reads_a_whole_data(pieces: list[bytes], expected: bytes | type[Exception]) -> None:
     async def main() -> None:
         reader = stream.Reader(limit=1024)
 
@@ -95,13 +101,42 @@ def test_reader_reads_data_pieces(pieces: list[bytes], at_line_start: bool,
 
         feeder = asyncio.create_task(feed())
         if isinstance(expected, bytes):
-            assert await reader.read_data_piece(at_line_start) == expected
+            assert await reader.read_data() == expected
         else:
             with pytest.raises(expected):
-                await reader.read_data_piece(at_line_start)
+                await reader.read_data()
         await feeder
 
     _run("asyncio", main())
+
+
+@given(st.binary(max_size=300), st.integers(1, 40))
+def test_reader_data_end_agrees_with_the_first_end_of_data(data: bytes, step: int) -> None:
+    """Fed in pieces of any size, read_data ends exactly where the first CRLF "." CRLF ends (or at a
+    leading "." CRLF), and fails with BareLfEnd exactly when LF "." LF comes first."""
+    framed = b"\r\n" + data
+    end = framed.find(b"\r\n.\r\n")
+    bare = min((i for i in (framed.find(b"\n.\n"),) if i >= 0), default=-1)
+
+    async def main() -> bytes | type[Exception]:
+        reader = stream.Reader(limit=1024)
+        for i in range(0, len(data), step):
+            reader.feed_data(data[i:i + step])
+        reader.feed_eof()
+        try:
+            return await reader.read_data()
+        except stream.BareLfEnd:
+            return stream.BareLfEnd
+        except asyncio.IncompleteReadError:
+            return asyncio.IncompleteReadError
+
+    got = asyncio.run(main())
+    if bare >= 0 and (end < 0 or bare < end + 2):
+        assert got is stream.BareLfEnd
+    elif end >= 0:
+        assert got == data[:end + 3]
+    else:
+        assert got is asyncio.IncompleteReadError
 
 
 # -- stream.TlsLayer ---------------------------------------------------------------------------------------

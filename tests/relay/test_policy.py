@@ -368,3 +368,20 @@ def test_worse_prefers_permanent_content_errors() -> None:
     scan.feed(b"d\n")  # a bare LF (the reader hands over pieces that end at each LF)
     scan.feed(b"e\r\n")
     assert scan.outcome is policy.DataOutcome.BARE_NEWLINE and scan.content() == b""
+
+
+@pytest.mark.parametrize(
+    ("line", "outcome"),
+    [
+        (b"x" * 998, policy.DataOutcome.QUEUED),  # 998 octets + CRLF = the 1000 of RFC 5321 4.5.3.1.6
+        (b"x" * 999, policy.DataOutcome.LINE_TOO_LONG),
+        (b"." + b"x" * 998, policy.DataOutcome.QUEUED),  # the stuffed dot does not count
+        (b"." + b"x" * 999, policy.DataOutcome.LINE_TOO_LONG),
+        (b".." + b"x" * 997, policy.DataOutcome.QUEUED),
+    ],
+)
+def test_scan_block_line_length_at_the_limit(line: bytes, outcome: policy.DataOutcome) -> None:
+    block = b"Subject: long\r\n\r\n" + b"short\r\n" * 3 + line + b"\r\nend\r\n"
+    assert policy.scan_block(block, 1_000_000)[0] is outcome
+    assert policy.scan_data([part + b"\n" for part in (block + b".\r\n").split(b"\n")[:-1]],
+                            1_000_000).outcome is outcome

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
+import zlib
 
 import pytest
 from hypothesis import given, settings
@@ -144,3 +145,46 @@ async def test_content_cache_is_bounded_and_released(tmp_path: pathlib.Path,
     assert (sp._cache_bytes, sp._cache) == (0, {})
     assert sp.recover() == []
     sp.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 3000, 4000, 100 * 1024])
+async def test_the_size_accounting_matches_the_files_whatever_the_crc(tmp_path: pathlib.Path,
+                                                                   size: int) -> None:
+    """The reservation counts the widest CRC-32 and the commit settles it to the file's real size, so the
+    running count always equals what the files hold, and removing them brings it back to zero."""
+    store = spool.Spool(tmp_path)
+    try:
+        messages = [await store.store(spool.Envelope("a@example.org", ("b@example.net",)),
+                                      bytes([n]) * size, 1.0) for n in range(8)]
+        assert store.usage.value == store.measure() > 0
+        assert [store.load(m.path).size for m in messages] == [size] * 8
+        for msg in messages:
+            store.remove(msg)
+        assert store.usage.value == store.measure() == 0
+    finally:
+        store.close()
+
+
+async def test_a_record_that_fills_its_last_block_exactly_is_charged_one_block(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The widest CRC (10 digits) would spill such a record, whose CRC has 9 digits or fewer, into a
+    second block: the commit settles the charge to one."""
+    store = spool.Spool(tmp_path)
+    envelope = spool.Envelope("a@example.org", ("b@example.net",))
+
+    def content(size: int) -> bytes:  # `size` bytes whose CRC-32 has 9 digits (a header 1 byte narrower)
+        return next(body for n in range(1000)
+                    if 10**8 <= zlib.crc32(body := b"x" * (size - 3) + b"%03d" % n) < 10**9)
+
+    try:
+        msg_id = store.new_id(1.0)  # the ids of one store have one length
+        body = next(body for size in range(3800, spool.BLOCK) if len(
+            spool.encode_header(msg_id, envelope, body := content(size), 1.0)) + size == spool.BLOCK)
+        widest = spool.encode_header(store.new_id(1.0), envelope, body, 1.0, crc=0xFFFFFFFF)
+        assert len(widest) + len(body) > spool.BLOCK  # the reservation alone would charge two blocks
+        msg = await store.store(envelope, body, 1.0)
+        assert msg.path.stat().st_size == spool.BLOCK
+        assert store.usage.value == spool.BLOCK == store.measure()
+    finally:
+        store.close()
