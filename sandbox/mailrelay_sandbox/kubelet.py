@@ -140,7 +140,7 @@ class Termination:
     returncode: int | None
     killed: bool                  # SIGKILL after the grace period
     spool_left: int               # spool files still there when the pod's emptyDir went away
-    was_drained: bool | None      # the relay's last /status said drained before SIGTERM
+    was_drained: bool | None      # the relay's /status, asked just before the signal, said drained
     last_status: Obj | None
     served: bool = False          # the pod was Ready at some point (it took traffic)
     finalized_at: float = 0.0     # the pod object was removed from the API
@@ -807,6 +807,8 @@ class ProcessKubelet:
             runtime.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await runtime.task
+        if runtime.process is not None and runtime.process.returncode is None:
+            await self._observe(runtime)  # the record says how the relay was at the signal, not a probe ago
         last = runtime.last_status
         termination = await self._stop_process(runtime, grace)
         termination.was_drained = bool(last.get("drained")) if last else None
