@@ -20,11 +20,21 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on `host` right now (IPv4 or IPv6 literal)."""
-    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port that is free on `host` right now (IPv4 or IPv6 literal), and never one this process was
+    given before: a caller often binds its port later (a sink started after a relay was killed), and
+    the kernel may hand the same free port to the next caller meanwhile."""
+    for _ in range(1000):
+        with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no TCP port left that this process was not given before")
 
 
 def accepts(host: str, port: int, timeout: float = 2.0) -> bool:

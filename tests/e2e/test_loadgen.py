@@ -126,3 +126,10 @@ def test_schedule_is_a_step_function() -> None:
     assert schedule.at(10) == loadgen.Step(10, 200, 20)
     assert schedule.at(100) == loadgen.Step(30, 0, 0)
     assert schedule.duration == 30
+
+
+def test_free_port_never_hands_out_a_port_twice() -> None:
+    """Ports handed out and not bound yet (an upstream port chosen before a relay starts) are never handed
+    to the next caller: the kernel alone would give a released port again."""
+    ports = [netutil.free_port() for _ in range(1000)]  # the kernel alone repeats one almost surely
+    assert len(set(ports)) == len(ports)
