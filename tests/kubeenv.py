@@ -13,17 +13,21 @@ other's objects, and the control plane starts once.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import secrets
+import smtplib
 import subprocess
 import urllib.parse
+import uuid
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import yaml
 from mailrelay_operator import kube
-from mailrelay_sandbox import apiclient, kubecluster, scenario
+from mailrelay_sandbox import apiclient, kubecluster, kubelet, scenario
 
 OPERATOR_NAMESPACE = scenario.OPERATOR_NAMESPACE
 
@@ -135,3 +139,29 @@ def server_dry_run(session: SessionCluster, docs: list[dict[str, Any]],
     session.cluster.create_namespace(namespace)
     return session.cluster.kubectl("apply", "--dry-run=server", "--validate=strict", "-n", namespace,
                                    "-f", "-", input=yaml.safe_dump_all(docs), check=False)
+
+
+def _send_one(ip: str, port: int, msgid: str) -> None:
+    msg = EmailMessage()
+    msg["From"] = "sender@example.org"
+    msg["To"] = "rcpt@example.net"
+    msg["Subject"] = "to one relay"
+    msg["Message-ID"] = msgid
+    msg.set_content("sent to one relay pod\n")
+    with smtplib.SMTP(ip, port, timeout=20) as smtp:
+        smtp.ehlo("client.example")
+        # send_message raises unless the end of DATA got a 2xx: returning means the relay said 250.
+        refused = smtp.send_message(msg)
+        assert not refused, refused
+
+
+async def send_to_pod(node: kubelet.ProcessKubelet, pod: str, count: int) -> set[str]:
+    """`count` messages to the relay of pod `pod`, straight to its pod IP; the Message-IDs it answered
+    250 to (all of them, or it raises)."""
+    runtime = node.runtimes[pod]
+    accepted: set[str] = set()
+    for _ in range(count):
+        msgid = f"<{uuid.uuid4().hex}@{pod}.test>"
+        await asyncio.to_thread(_send_one, runtime.ip, runtime.smtp_port, msgid)
+        accepted.add(msgid)
+    return accepted

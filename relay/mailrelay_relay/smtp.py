@@ -388,7 +388,7 @@ class Session(asyncio.StreamReaderProtocol):
         self.lines_served += 1
         if self.lines_served % _YIELD_EVERY == 0:
             await asyncio.sleep(0)  # a long pipelined burst must not starve other sessions
-        if not (reader.holds_data_end() if data else reader.holds(separator)):
+        if data or not reader.holds(separator):  # a DATA is read from right after its 354: send that
             await self._before_wait(deadline, idle)
         try:
             if data:

@@ -49,22 +49,19 @@ class Reader(asyncio.StreamReader):
         """Drop everything buffered and not read yet."""
         self._buffer.clear()
 
-    def holds_data_end(self) -> bool:
-        """Would read_data(at_start=True) return (or fail) without waiting?"""
-        return data_end(self._buffer, True, 0) >= 0 or len(self._buffer) > self._limit
-
-    async def read_data(self, at_start: bool = True) -> bytes:
-        """The whole DATA up to and including its end, CRLF "." CRLF (or "." CRLF as the very first line
-        when `at_start`), in one piece: one scan of each byte as it arrives, however many lines end with
-        a dot. Raises BareLfEnd as soon as the buffer shows LF "." LF before the end (a DATA ended with
-        bare line feeds, which would otherwise wait for the data timeout), and LimitOverrunError, leaving
-        the buffer as it is, when the DATA does not end within the reader's limit."""
+    async def read_data(self) -> bytes:
+        """The whole DATA up to and including its end, CRLF "." CRLF (or "." CRLF as its very first
+        line), in one piece: one scan of each byte as it arrives, however many lines end with a dot.
+        Call it right after the 354, with nothing of the DATA consumed. Raises BareLfEnd as soon as the
+        buffer shows LF "." LF before the end (a DATA ended with bare line feeds, which would otherwise
+        wait for the data timeout), and LimitOverrunError, leaving the buffer as it is, when the DATA
+        does not end within the reader's limit."""
         scanned = 0
         while True:
             buffer = self._buffer
-            if at_start and buffer[:2] == b".\n":
+            if buffer[:2] == b".\n":
                 raise BareLfEnd
-            end = data_end(buffer, at_start, max(0, scanned - 4))
+            end = data_end(buffer, max(0, scanned - 4))
             if buffer.find(b"\n.\n", max(0, scanned - 2), end if end >= 0 else len(buffer)) >= 0:
                 raise BareLfEnd
             if end > self._limit or (end < 0 and len(buffer) > self._limit):
@@ -77,11 +74,11 @@ class Reader(asyncio.StreamReader):
             await self._wait_for_data("read_data")
 
 
-def data_end(buffer: bytes | bytearray, at_start: bool, start: int) -> int:
-    """The length of the DATA in `buffer` up to and including its end (CRLF "." CRLF, or "." CRLF as the
-    very first line when `at_start`); -1 when `buffer` does not hold the end. `start`: where to begin
-    looking (the bytes before it are known to hold no end)."""
-    if at_start and buffer[:3] == b".\r\n":
+def data_end(buffer: bytes | bytearray, start: int) -> int:
+    """The length of the DATA in `buffer` (all of it from the start of DATA) up to and including its
+    end, CRLF "." CRLF or a first line "." CRLF; -1 when `buffer` does not hold the end. `start`: where
+    to begin looking (the bytes before it are known to hold no end)."""
+    if buffer[:3] == b".\r\n":
         return 3
     end = buffer.find(b"\r\n.\r\n", start)
     return -1 if end < 0 else end + 5

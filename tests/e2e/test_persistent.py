@@ -21,11 +21,9 @@ import collections
 import email.parser
 import os
 import signal
-import smtplib
 import time
 import urllib.request
 import uuid
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -49,29 +47,6 @@ def node_options() -> dict[str, Any]:
     # No pod gets a grace period: a deleted pod's relay is killed at once, as on a lost node (a drained
     # relay has nothing left to lose).
     return {"extra_env": {"MAILRELAY_LOG_LEVEL": "warning"}, "max_grace_seconds": 0}
-
-
-def _send_one(ip: str, port: int, msgid: str) -> None:
-    msg = EmailMessage()
-    msg["From"] = "sender@example.org"
-    msg["To"] = "rcpt@example.net"
-    msg["Subject"] = "persistent spool"
-    msg["Message-ID"] = msgid
-    msg.set_content("kept on a claim\n")
-    with smtplib.SMTP(ip, port, timeout=20) as smtp:
-        smtp.ehlo("persistent.example")
-        assert not smtp.send_message(msg)  # returning means the relay answered 250
-
-
-async def send(node: kubelet.ProcessKubelet, pod: str, count: int) -> set[str]:
-    """`count` messages to one relay; the Message-IDs it answered 250."""
-    runtime = node.runtimes[pod]
-    accepted: set[str] = set()
-    for _ in range(count):
-        msgid = f"<{uuid.uuid4().hex}@persistent.test>"
-        await asyncio.to_thread(_send_one, runtime.ip, runtime.smtp_port, msgid)
-        accepted.add(msgid)
-    return accepted
 
 
 def delivered_counts(sink: scenario.Upstream) -> collections.Counter[str]:
@@ -181,7 +156,7 @@ async def test_a_relay_lost_without_a_drain_comes_back_with_its_claim_and_delive
     pod = f"{NAME}-0"
     sink.defer(421)  # the upstream throttles: accepted mail stays in the spool
     try:
-        accepted = await send(node, pod, 5)
+        accepted = await kubeenv.send_to_pod(node, pod, 5)
         await eventually(lambda: queued(node, pod) == len(accepted), what="5 messages queued on the relay")
         # The node is lost: the relay dies without a word (SIGKILL to its process group) and its pod is
         # force-deleted (grace 0), so nothing drains and nothing is flushed.
@@ -218,7 +193,7 @@ async def test_scale_in_drains_the_highest_ordinal_holds_it_while_queued_then_re
     try:
         # The highest ordinal holds mail and the lowest is idle: a Deployment would drain the idle one,
         # a StatefulSet can only remove the highest.
-        accepted = await send(node, high, 3)
+        accepted = await kubeenv.send_to_pod(node, high, 3)
         await eventually(lambda: queued(node, high) == 3, what="3 messages queued on the highest ordinal")
         await api.patch(kube.path(k.MAILRELAYS, NAME), {"spec": {"replicas": {"min": 1}}})
         await eventually(lambda: DRAIN_STARTED in (((kube.get(k.PODS, high) or {}).get("metadata") or {})

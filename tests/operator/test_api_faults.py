@@ -8,12 +8,8 @@ It must not edit the harness or the operator; helpers for these tests only live 
 
 from __future__ import annotations
 
-import asyncio
-import smtplib
 import time
-import uuid
 from collections.abc import AsyncIterator
-from email.message import EmailMessage
 
 import pytest
 from mailrelay_operator import drain
@@ -37,31 +33,6 @@ from tests.operator.test_api_scaling import (
 )
 
 # -- helpers -----------------------------------------------------------------------------------------
-
-
-def _send_one(ip: str, port: int, msgid: str) -> None:
-    msg = EmailMessage()
-    msg["From"] = "sender@example.org"
-    msg["To"] = "rcpt@example.net"
-    msg["Subject"] = "fault test"
-    msg["Message-ID"] = msgid
-    msg.set_content("fault matrix\n")
-    with smtplib.SMTP(ip, port, timeout=20) as smtp:
-        smtp.ehlo("faults.example")
-        # send_message raises unless the end of DATA got a 2xx: returning means the relay said 250.
-        refused = smtp.send_message(msg)
-        assert not refused, refused
-
-
-async def send(node: kubelet.ProcessKubelet, pod: str, count: int) -> set[str]:
-    """Send `count` messages to one relay; return the Message-IDs that got a 250 (all, or it raises)."""
-    runtime = node.runtimes[pod]
-    accepted: set[str] = set()
-    for _ in range(count):
-        msgid = f"<{uuid.uuid4().hex}@faults.test>"
-        await asyncio.to_thread(_send_one, runtime.ip, runtime.smtp_port, msgid)
-        accepted.add(msgid)
-    return accepted
 
 
 def scrape_errors(kube: kubeenv.KubeEnv) -> float:
@@ -117,7 +88,7 @@ async def test_unreachable_admin_endpoint_blocks_scale_down_until_it_answers(
     """
     await start(kube, client, node, min_replicas=2, max_replicas=3, scale_down_stabilization=1)
     a, b = sorted(live_pods(kube))
-    accepted = await send(node, a, 3) | await send(node, b, 3)
+    accepted = await kubeenv.send_to_pod(node, a, 3) | await kubeenv.send_to_pod(node, b, 3)
 
     good_ip = node.runtimes[b].ip
     bad_ip = good_ip.rsplit(".", 1)[0] + ".1"
@@ -172,7 +143,7 @@ async def test_drain_past_its_timeout_is_held_while_mail_is_queued_and_loses_not
     a, b = sorted(live_pods(kube))
     sink.defer(421)  # the upstream is down: no queue can flush
     try:
-        queued = await send(node, a, 3) | await send(node, b, 1)
+        queued = await kubeenv.send_to_pod(node, a, 3) | await kubeenv.send_to_pod(node, b, 1)
         await sessions.hold(node, b, 2)  # a is the idlest relay: the victim
         before = timed_out_drains()
         await client.patch(mr_path(kube), {"spec": {"replicas": {"min": 1}}})
@@ -222,13 +193,13 @@ async def test_drain_with_on_timeout_remove_ends_by_timeout_and_loses_the_spool(
     await start(kube, client, node, min_replicas=2, max_replicas=3, scale_down_stabilization=1,
                 drain_timeout=2, drain_on_timeout="Remove")
     a, b = sorted(live_pods(kube))
-    delivered_first = await send(node, a, 2) | await send(node, b, 2)
+    delivered_first = await kubeenv.send_to_pod(node, a, 2) | await kubeenv.send_to_pod(node, b, 2)
     await delivered_all(sink, delivered_first)
 
     sink.defer(421)  # the upstream is down: no queue can flush
     try:
-        doomed = await send(node, a, 3)  # 250 each, then stuck in a's spool
-        kept = await send(node, b, 1)  # 250, stuck in b's spool until the upstream is back
+        doomed = await kubeenv.send_to_pod(node, a, 3)  # 250 each, then stuck in a's spool
+        kept = await kubeenv.send_to_pod(node, b, 1)  # 250, stuck in b's spool until the upstream is back
         # a is the idlest relay (0 sessions against b's 2): the victim of the scale-in.
         await sessions.hold(node, b, 2)
         before = timed_out_drains()

@@ -1049,6 +1049,15 @@ class StatefulCluster:
             if upstream_up:
                 self.claims[n] = max(0, self.claims[n] - rng.randint(0, 6))
 
+    def tick(self, desired: int, now: float, rng: random.Random, upstream_up: bool) -> None:
+        """One operator tick (KeepWhileQueued, claims and orphans as the operator finds them), then the
+        controller and the relays."""
+        plan = drain.plan_ordinals("relay", desired, self.replicas, self.states(), now, TIMEOUT, False,
+                                   keep_queued=True, claimed=frozenset(self.claims), orphans=self.orphans())
+        self.apply(plan, now)
+        self.controller()
+        self.relays(rng, upstream_up=upstream_up)
+
     def lose_a_node(self, rng: random.Random) -> None:
         """A pod goes without a drain (annotations and all); its claim stays, with its queue."""
         if self.pods:
@@ -1072,12 +1081,7 @@ def test_simulated_stateful_set_loses_no_mail_and_settles(
     for desired, ticks in schedule:
         for _ in range(ticks):
             now += 5
-            plan = drain.plan_ordinals("relay", desired, cluster.replicas, cluster.states(), now, TIMEOUT,
-                                       False, keep_queued=True, claimed=frozenset(cluster.claims),
-                                       orphans=cluster.orphans())
-            cluster.apply(plan, now)
-            cluster.controller()
-            cluster.relays(rng, upstream_up=rng.random() < 0.5)
+            cluster.tick(desired, now, rng, upstream_up=rng.random() < 0.5)
             if rng.random() < 0.1:
                 cluster.lose_a_node(rng)
                 cluster.controller()
@@ -1085,12 +1089,7 @@ def test_simulated_stateful_set_loses_no_mail_and_settles(
     desired = schedule[-1][0]
     for _ in range(400):
         now += 5
-        plan = drain.plan_ordinals("relay", desired, cluster.replicas, cluster.states(), now, TIMEOUT,
-                                   False, keep_queued=True, claimed=frozenset(cluster.claims),
-                                   orphans=cluster.orphans())
-        cluster.apply(plan, now)
-        cluster.controller()
-        cluster.relays(rng, upstream_up=True)
+        cluster.tick(desired, now, rng, upstream_up=True)
     assert cluster.lost == 0
     assert cluster.replicas == desired
     assert set(cluster.claims) == set(range(desired))  # every claim left behind delivered and removed

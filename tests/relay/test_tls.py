@@ -22,12 +22,6 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[pathlib.Path,
 
 
 @pytest.fixture(scope="module")
-def sink() -> Iterator[sinkmod.Sink]:
-    with sinkmod.running() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def relay(tmp_path_factory: pytest.TempPathFactory, sink: sinkmod.Sink,
           certificate: tuple[pathlib.Path, pathlib.Path]) -> Iterator[relayproc.RelayProcess]:
     cert, key = certificate
