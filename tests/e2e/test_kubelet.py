@@ -119,6 +119,8 @@ async def test_pods_run_as_relays_and_the_replicaset_removes_the_lowest_deletion
             assert ended.was_drained is True
             assert ended.spool_left == 0
             await eventually(lambda: len(endpoints.endpoints()) == 2, what="2 endpoints")
+            # The termination is recorded when the process ends; the kubelet's final DELETE comes after.
+            await eventually(lambda: ended.finalized_at > 0, what="the kubelet's final DELETE")
             assert all(p["metadata"]["name"] != oldest for p in await api.items(kube.path(k.PODS)))
 
 
