@@ -570,46 +570,70 @@ class Spool:
 
     def remove(self, msg: QueuedMessage) -> None:
         """After the upstream's 250. A message removed twice is not an error."""
-        self._forget(msg.id)
-        if msg.length:
-            self._leave_shared(msg, durable=False)
-            return
-        try:
-            size = os.stat(msg.path).st_size
-            os.unlink(msg.path)
-        except FileNotFoundError:
-            return
-        self.usage.add(-disk_bytes(size))
+        for _, error in self.remove_many([msg]):
+            raise error
 
-    def _leave_shared(self, msg: QueuedMessage, *, durable: bool) -> None:
-        """Mark `msg` done in its shared file, or remove the file (then its .done) when it was the last."""
+    def remove_many(self, msgs: list[QueuedMessage]) -> list[tuple[QueuedMessage, OSError]]:
+        """Remove delivered messages: a file of its own is unlinked, and the messages of one shared file
+        are marked done together (one append), or take the file with them when they are its last.
+        Returns what could not be removed, with the error (such a message may be delivered again after
+        a restart, never lost)."""
+        failed: list[tuple[QueuedMessage, OSError]] = []
+        shared: dict[pathlib.Path, list[QueuedMessage]] = {}
+        for msg in msgs:
+            self._forget(msg.id)
+            if msg.length:
+                shared.setdefault(msg.path, []).append(msg)
+                continue
+            try:
+                size = os.stat(msg.path).st_size
+                os.unlink(msg.path)
+            except FileNotFoundError:
+                continue
+            except OSError as error:
+                failed.append((msg, error))
+                continue
+            self.usage.add(-disk_bytes(size))
+        for path, leaving in shared.items():
+            try:
+                self._leave_shared(path, [m.id for m in leaving], durable=False)
+            except OSError as error:
+                failed.extend((m, error) for m in leaving)
+        return failed
+
+    def _leave_shared(self, path: pathlib.Path, ids: list[str], *, durable: bool) -> None:
+        """Mark `ids` done in shared file `path`, or remove the file (then its .done) when they are the
+        last messages in it."""
         faults = self._faults() if self._fault_file else []
-        done_path = msg.path.with_suffix(DONE_SUFFIX)
+        done_path = path.with_suffix(DONE_SUFFIX)
         with self._shared_lock:
-            shared = self._shared.get(msg.path)
-            if shared is None or msg.id not in shared.members:
+            shared = self._shared.get(path)
+            if shared is None:
                 return  # removed before, or not this process's file
-            if len(shared.members) > 1:
-                line = (msg.id + "\n").encode("ascii")
+            leaving = [i for i in dict.fromkeys(ids) if i in shared.members]
+            if not leaving:
+                return
+            if len(leaving) < len(shared.members):
+                lines = "".join(i + "\n" for i in leaving).encode("ascii")
                 fd = os.open(done_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
                 try:
-                    os.write(fd, line)
+                    _write_all(fd, [lines])
                     if durable:
                         os.fsync(fd)
                 finally:
                     os.close(fd)
                 if durable and not shared.done_bytes:
                     _fsync_dir(self.queue_dir)
-                shared.members.discard(msg.id)
+                shared.members.difference_update(leaving)
                 before = disk_bytes(shared.done_bytes) if shared.done_bytes else 0
-                shared.done_bytes += len(line)
+                shared.done_bytes += len(lines)
                 self.usage.add(disk_bytes(shared.done_bytes) - before)
                 _crash_point(faults, "marked")
                 return
-            del self._shared[msg.path]
-        # The last one: the file goes, then its .done (a .done left alone is removed by recover()).
+            del self._shared[path]
+        # The last ones: the file goes, then its .done (a .done left alone is removed by recover()).
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(msg.path)
+            os.unlink(path)
         _crash_point(faults, "unlinked")
         _unlink_quietly(done_path)
         if durable:
@@ -628,7 +652,7 @@ class Spool:
                 return
         self._write_dead_letter(msg.id, self._read_record(msg), reason)
         _crash_point(self._faults(), "dead-copied")
-        self._leave_shared(msg, durable=True)
+        self._leave_shared(msg.path, [msg.id], durable=True)
         _crash_point(self._faults(), "dead-marked")
 
     def _forget(self, msg_id: str) -> None:

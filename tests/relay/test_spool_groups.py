@@ -3,6 +3,7 @@ SIGKILL at every step of a group commit, a removal and a dead-letter (the spool'
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pathlib
@@ -140,3 +141,26 @@ def test_a_cut_group_file_reads_as_a_prefix_of_its_records(contents: list[bytes]
     assert [r.content for r in found] == [contents[n] for n in whole]
     assert stop == (ends[whole[-1]] if whole else 0)
     assert (error is None) == (cut in ends)
+
+
+async def test_messages_delivered_together_leave_their_file_together(tmp_path: pathlib.Path) -> None:
+    """A removal batch marks the messages of one shared file done in one go; the batch that holds its
+    last messages takes the file and its .done; a message removed twice is no error."""
+    store = spool.Spool(tmp_path)
+    try:
+        msgs = list(await _store_together(store, 6))
+        (path,) = {m.path for m in msgs}
+        assert store.remove_many(msgs[:4]) == []
+        assert spool.read_done(path) == {m.id for m in msgs[:4]}
+        assert [r.id for r in spool.read_queue(tmp_path)] == [m.id for m in msgs[4:]]
+        assert store.usage.value == store.measure()
+        assert store.remove_many(msgs[3:]) == []
+        assert list((tmp_path / "queue").iterdir()) == []
+        assert store.usage.value == store.measure() == 0
+    finally:
+        store.close()
+
+
+async def _store_together(store: spool.Spool, count: int) -> list[spool.QueuedMessage]:
+    stores = (store.store(ENVELOPE, b"m %d\r\n" % n, float(n)) for n in range(count))
+    return list(await asyncio.gather(*stores))
