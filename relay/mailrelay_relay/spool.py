@@ -395,7 +395,7 @@ class Spool:
                 self.commits += 1
                 metrics.SPOOL_FSYNC_DURATION.observe(self.last_commit_seconds)
                 # Settle the reservations: the file's real size if it was written, nothing if not.
-                self.usage.add((written if group[0].error is None else 0) - sum(i.charge for i in group))
+                self.usage.add(written - sum(i.charge for i in group))
                 for item in group:
                     if item.future.done():
                         continue
