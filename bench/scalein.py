@@ -77,7 +77,7 @@ class ModeResult:
     duplicates: int             # a message accepted twice (its session reset between '.' and the 250)
     removed: int                # relays that served and were removed
     killed: int                 # of those, SIGKILLed after the grace period
-    spool_left: int             # spool files on removed relays when their emptyDir went: at risk / lost
+    spool_left: int             # messages queued on removed relays when their emptyDir went: at risk / lost
     queued_at_force: int        # messages queued on the relays when the scale-in was ordered
     scale_in_seconds: float     # order -> one relay left, the others gone
     accepted_during: int        # messages accepted between the order and the end of the scale-in
@@ -214,7 +214,7 @@ def run(out: report.Report, cfg: Config, *, keep: bool = False) -> dict[str, Any
     ours, naive = results["drain-first"], results["naive"]
     rows: list[tuple[str, str]] = [
         ("sessions_reset", "sessions reset (dropped without an SMTP reply)"),
-        ("spool_left", "spool files left on removed relays (at risk)"),
+        ("spool_left", "messages left queued on removed relays (at risk)"),
         ("lost", "lost (answered 250, never delivered)"),
         ("duplicates", "accepted twice (reset between '.' and 250)"),
         ("killed", "relays SIGKILLed"),

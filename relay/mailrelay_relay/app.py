@@ -7,7 +7,8 @@ What it is for: `run(cfg)` starts the relay and returns the exit code.
   (podstate: sessions, in-flight bytes, drain flag, per-worker queue figures) and forks N worker processes
   (before it starts any event loop or thread). Each worker binds the SMTP port with SO_REUSEPORT and runs
   its own spool writer (group commit), delivery queue and upstream pool for the messages it accepted plus
-  its share of the recovered ones. The supervisor runs the admin API: /status sums the shared counters,
+  its share of the recovered ones (whole files, so that the messages of one group file stay in one
+  process). The supervisor runs the admin API: /status sums the shared counters,
   /drain and /resume flip the shared flag (workers see it at once at the greeting and before each command,
   and within 0.1 s for idle-session 421s and retry_now), /metrics aggregates every worker through
   prometheus_client's multiprocess mode (cli.py sets PROMETHEUS_MULTIPROC_DIR before anything imports
@@ -279,7 +280,7 @@ def _worker_entry(cfg: config.Config, worker: int, upstream_password: str | None
         messages = []
         for path in paths:
             try:
-                messages.append(s.load(pathlib.Path(path)))
+                messages.extend(s.load_file(pathlib.Path(path)))
             except FileNotFoundError:
                 continue
             except (OSError, spool.CorruptRecord) as error:
@@ -346,9 +347,10 @@ class Supervisor:
         if recovered or self.spool.held_bytes:
             logs.event(log, "spool.recovered", messages=len(recovered), spool_bytes=self.spool.held_bytes,
                        spool_max_bytes=self.cfg.spool_max_bytes)
+        # Whole files to each worker: the messages of one group file are removed by one process.
         shares: list[list[str]] = [[] for _ in range(self.cfg.workers)]
-        for index, msg in enumerate(recovered):
-            shares[index % self.cfg.workers].append(str(msg.path))
+        for index, path in enumerate(sorted({str(msg.path) for msg in recovered})):
+            shares[index % self.cfg.workers].append(path)
         # Fail early and clearly when the SMTP address cannot be bound (workers would each fail).
         try:
             with socket.create_server((self.cfg.listen_host, self.cfg.listen_port), reuse_port=True):

@@ -846,15 +846,10 @@ class Delivery:
             self._remover = None
 
     def _remove_batch(self, msgs: list[spool.QueuedMessage]) -> None:
-        for msg in msgs:
-            try:
-                self._spool.remove(msg)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                # Delivered, but the file stayed: it may be delivered again after a restart (never lost).
-                logs.event(log, "delivery.spool_remove_failed", level=logging.ERROR, queue_id=msg.id,
-                           error=str(exc))
+        for msg, exc in self._spool.remove_many(msgs):
+            # Delivered, but it stayed in the spool: it may be delivered again after a restart (never lost).
+            logs.event(log, "delivery.spool_remove_failed", level=logging.ERROR, queue_id=msg.id,
+                       error=str(exc))
 
     # -- notifications to the sender (dsn.py builds them) -------------------------------------------
 

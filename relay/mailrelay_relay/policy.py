@@ -589,14 +589,16 @@ def scan_block(block: bytes, max_size: int) -> tuple[DataOutcome, bytes]:
         return DataOutcome.BARE_NEWLINE, b""
     if b"\x00" in block:
         return DataOutcome.NUL, b""
-    framed = b"\r\n" + block
     if len(block) > MAX_TEXT_LINE - 2:
         lines = block.split(b"\r\n")
         if max(map(len, lines)) > MAX_TEXT_LINE - 2:  # at C speed; the exact rule only when it may apply
             for line in lines:
                 if len(line) - (line[:1] == b".") > MAX_TEXT_LINE - 2:
                     return DataOutcome.LINE_TOO_LONG, b""
-    content = framed.replace(b"\r\n.", b"\r\n")[2:] if b"\r\n." in framed else block
+    if block[:1] == b"." or b"\r\n." in block:  # unstuff: framed, so that a first-line dot goes too
+        content = (b"\r\n" + block).replace(b"\r\n.", b"\r\n")[2:]
+    else:
+        content = block
     if len(content) > max_size:
         return DataOutcome.TOO_BIG, b""
     return DataOutcome.QUEUED, content

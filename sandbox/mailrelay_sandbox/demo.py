@@ -161,14 +161,9 @@ def spooled_ids(spool: Path) -> frozenset[str]:
     from mailrelay_relay import spool as relay_spool
 
     parser = email.parser.BytesHeaderParser()
-    queue = spool / "queue" if (spool / "queue").is_dir() else spool
     found: set[str] = set()
-    for path in queue.iterdir() if queue.is_dir() else ():
-        try:
-            _, _, content, _ = relay_spool.decode_record(path.read_bytes())
-        except (OSError, ValueError):
-            continue  # a temporary file, never answered 250
-        msgid = parser.parsebytes(content).get("Message-ID")
+    for record in relay_spool.read_queue(spool):
+        msgid = parser.parsebytes(record.content).get("Message-ID")
         if msgid:
             found.add(str(msgid).strip())
     return frozenset(found)

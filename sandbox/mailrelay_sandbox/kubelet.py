@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from mailrelay_relay import spool as relay_spool
 
 from mailrelay_sandbox import apiclient, containers, kubecluster, loadgen, provisioner
 
@@ -139,7 +140,7 @@ class Termination:
     exited_at: float
     returncode: int | None
     killed: bool                  # SIGKILL after the grace period
-    spool_left: int               # spool files still there when the pod's emptyDir went away
+    spool_left: int               # messages still queued in its spool when the pod's emptyDir went away
     was_drained: bool | None      # the relay's /status, asked just before the signal, said drained
     last_status: Obj | None
     served: bool = False          # the pod was Ready at some point (it took traffic)
@@ -220,10 +221,9 @@ class PodRuntime:
             return None
 
 
-def _count_files(folder: Path) -> int:
-    if not folder.exists():
-        return 0
-    return sum(1 for p in folder.rglob("*") if p.is_file())
+def _queued_messages(spool: Path) -> int:
+    """Messages a relay's spool folder still holds (read with the relay's own decoder)."""
+    return len(relay_spool.read_queue(spool))
 
 
 class ProcessKubelet:
@@ -859,10 +859,9 @@ class ProcessKubelet:
                 containers.podman() or "podman", "rm", "-f", "-t", "0", runtime.container,
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
             await remove.wait()
-        queue = runtime.spool / "queue"
         return Termination(pod=runtime.name, signalled_at=signalled, exited_at=time.time(),
                            returncode=process.returncode if process else None, killed=killed,
-                           spool_left=_count_files(queue if queue.exists() else runtime.spool),
+                           spool_left=_queued_messages(runtime.spool),
                            was_drained=None, last_status=None)
 
 

@@ -78,9 +78,14 @@ def test_spooled_ids_reads_a_relays_spool_with_its_own_decoder(tmp_path: Path) -
     envelope = relay_spool.Envelope("a@example.org", ("b@example.net",))
     queue = tmp_path / "queue"
     queue.mkdir()
-    for n in range(3):
+
+    def record(n: int) -> bytes:
         content = f"Subject: {n}\r\nMessage-ID: <{n}@spool.test>\r\n\r\nbody\r\n".encode()
-        (queue / f"m{n}").write_bytes(relay_spool.encode_record(f"id{n}", envelope, content, 1.0))
+        return relay_spool.encode_record(f"id{n}", envelope, content, 1.0)
+
+    (queue / "id0.msg").write_bytes(record(0))
+    (queue / "id1.msg").write_bytes(record(1) + record(2) + record(4))  # one group commit
+    (queue / "id1.done").write_bytes(b"id4\n")  # delivered already
     (queue / "m3.tmp").write_bytes(b"half a rec")  # a write cut short: never answered 250
     assert demo.spooled_ids(tmp_path) == {"<0@spool.test>", "<1@spool.test>", "<2@spool.test>"}
 

@@ -346,20 +346,25 @@ def start_data(c: smtpwire.Wire, *, helo: str = "client.test", mail: str = "MAIL
 
 
 def spool_problems(root: pathlib.Path) -> list[str]:
-    """Everything wrong with a spool folder: queue entries that do not parse as complete records, stray
-    files in queue/, dead-letter entries without a reason. An empty list means the spool is intact."""
+    """Everything wrong with a spool folder: queue files that do not parse as complete records, stray
+    files in queue/ (a .done file without its queue file is one), dead-letter entries without a reason.
+    An empty list means the spool is intact."""
     from mailrelay_relay import spool
 
     problems: list[str] = []
     queue_dir = root / "queue"
     if queue_dir.is_dir():
         for path in sorted(queue_dir.iterdir()):
+            if path.name.endswith(spool.DONE_SUFFIX) and path.with_suffix(spool.SUFFIX).exists():
+                continue
             if not path.name.endswith(spool.SUFFIX):
                 problems.append(f"stray file in queue/: {path.name}")
                 continue
             try:
-                spool.decode_record(path.read_bytes())
-            except (spool.CorruptRecord, OSError) as error:
+                error = spool.decode_records(path.read_bytes())[1]
+            except OSError as unreadable:
+                error = unreadable
+            if error is not None:
                 problems.append(f"queue/{path.name} does not parse: {error}")
     dead_dir = root / "deadletter"
     if dead_dir.is_dir():
@@ -371,14 +376,10 @@ def spool_problems(root: pathlib.Path) -> list[str]:
 
 
 def queue_entries(root: pathlib.Path) -> list[tuple[str, Any, bytes]]:
-    """(id, envelope, content) of every queue entry (assumes they parse)."""
+    """(id, envelope, content) of every message still queued, oldest first."""
     from mailrelay_relay import spool
 
-    out = []
-    for path in sorted((root / "queue").glob("*" + spool.SUFFIX)):
-        msg_id, envelope, content, _ = spool.decode_record(path.read_bytes())
-        out.append((msg_id, envelope, content))
-    return out
+    return [(r.id, r.envelope, r.content) for r in spool.read_queue(root)]
 
 
 def dead_letters(root: pathlib.Path) -> list[tuple[str, str, bytes]]:

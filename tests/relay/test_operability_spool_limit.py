@@ -23,12 +23,13 @@ def files_bytes(root: pathlib.Path) -> int:
 
 
 def check_intact(root: pathlib.Path, accepted: set[str]) -> None:
-    """Every accepted message is one complete, valid queue file; nothing else is queued or half-written."""
+    """Every accepted message is a complete, valid record of a queue file; nothing else is queued or
+    half-written."""
     store = spool.Spool(root)
-    queued = {p.name[: -len(spool.SUFFIX)] for p in store.queue_dir.glob("*" + spool.SUFFIX)}
-    assert queued == accepted
+    queued = set()
     for path in store.queue_dir.glob("*" + spool.SUFFIX):
-        store.load(path)  # raises CorruptRecord if it is not whole
+        queued |= {m.id for m in store.load_file(path)}  # raises CorruptRecord if it is not whole
+    assert queued == accepted
     assert list(store.tmp_dir.iterdir()) == []
     assert list(store.deadletter_dir.iterdir()) == []
 

@@ -157,12 +157,42 @@ async def test_the_size_accounting_matches_the_files_whatever_the_crc(tmp_path: 
         messages = [await store.store(spool.Envelope("a@example.org", ("b@example.net",)),
                                       bytes([n]) * size, 1.0) for n in range(8)]
         assert store.usage.value == store.measure() > 0
-        assert [store.load(m.path).size for m in messages] == [size] * 8
+        assert [len(r.content) for r in spool.read_queue(tmp_path)] == [size] * 8
         for msg in messages:
             store.remove(msg)
         assert store.usage.value == store.measure() == 0
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 3000, 100 * 1024])
+async def test_the_size_accounting_of_a_group_file_follows_its_messages_out(tmp_path: pathlib.Path,
+                                                                          size: int) -> None:
+    """Stored together, messages share one file: the count settles to that file, grows with its .done
+    file, and comes back to zero when the last message (delivered or dead-lettered) takes the file."""
+    store = spool.Spool(tmp_path)
+    try:
+        messages = await asyncio.gather(*(store.store(spool.Envelope("a@example.org", ("b@example.net",)),
+                                                      bytes([n]) * size, 1.0 + n) for n in range(8)))
+        assert len({m.path for m in messages}) < 8, "the stores were not grouped"
+        assert store.usage.value == store.measure() > 0
+        for n, msg in enumerate(reversed(messages)):
+            if n % 3 == 1:
+                store.dead_letter(msg, "550 no")
+            else:
+                store.remove(msg)
+            assert store.usage.value == store.measure()
+            assert spool.Spool(tmp_path).queue_count() == 7 - n  # as another process counts them
+        assert list((tmp_path / "queue").iterdir()) == []
+        assert store.dead_letter_count() == 3
+        assert sorted(len(content) for _, content in _dead(tmp_path)) == [size] * 3
+    finally:
+        store.close()
+
+
+def _dead(root: pathlib.Path) -> list[tuple[str, bytes]]:
+    return [(path.name, spool.decode_record(path.read_bytes())[2])
+            for path in sorted((root / "deadletter").glob("*" + spool.SUFFIX))]
 
 
 async def test_a_record_that_fills_its_last_block_exactly_is_charged_one_block(
