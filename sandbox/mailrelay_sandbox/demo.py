@@ -468,7 +468,7 @@ def comparison(ours: RunResult, naive: RunResult) -> str:
          naive.summary.unsent + naive.summary.sent - naive.summary.accepted),
         ("sessions reset", ours.summary.sessions_reset, naive.summary.sessions_reset),
         ("relays SIGKILLed", ours.killed, naive.killed),
-        ("spool files left on removed pods", ours.stranded, naive.stranded),
+        ("messages left on removed pods", ours.stranded, naive.stranded),
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"{'':<{width}}  {'drain-first (operator)':>24}  {'naive (no drain)':>18}"]

@@ -463,8 +463,10 @@ async def test_unavailable_upstream_is_probed_not_hammered(
     store: spool.Spool, upstream: sinkmod.Sink, outage: str
 ) -> None:
     """With the upstream down (or answering 421), 200 queued messages do not mean 200 attempts at once:
-    after a refused connection or a 421 the workers pause (a short, growing gate) and probe. A slower
-    machine only makes fewer attempts, so the bound below cannot be missed by load."""
+    after a refused connection or a 421 the workers pause (a short, growing gate) and probe. At most the
+    4 attempts in flight fail together, so the 8th failure needs an attempt started after the pause that
+    the 4th one set: at least 0.75 x 0.05 x 2**3 = 0.3 s later (the gate's schedule, jitter included).
+    Hammering makes 8 failures in milliseconds; a slow machine only makes the interval longer."""
     c = dh.Counters()
     if outage == "down":
         upstream.stop()
@@ -472,12 +474,16 @@ async def test_unavailable_upstream_is_probed_not_hammered(
         upstream.fail("mail", 421)
     d = make(store, upstream, connections=4, schedule=backoff.Schedule(base=0.05, factor=2.0, cap=5.0))
     await d.start()
+
+    def failed() -> float:
+        return c["connection_error"] + c["temporary"]
+
     try:
         await enqueue(store, d, 200)
-        await waiting.eventually(lambda: c["connection_error"] + c["temporary"] >= 4,
-                                 what="four failed attempts")
-        await asyncio.sleep(1.0)
-        assert c["connection_error"] + c["temporary"] < 60
+        await waiting.eventually(lambda: failed() >= 4, every=0.002, what="four failed attempts")
+        fourth = time.monotonic()
+        await waiting.eventually(lambda: failed() >= 8, every=0.002, what="eight failed attempts")
+        assert time.monotonic() - fourth >= 0.25, "the workers did not pause after the failures"
         assert d.stats().messages == 200
         if outage == "down":
             upstream.start()

@@ -79,7 +79,9 @@ def test_sigkill_mid_data_owes_nothing_and_leaves_no_partial_entry(tmp_path: pat
             c = smtpwire.Wire(relay.smtp_address, greet=False, timeout=20)
             h.start_data(c)
             c.send(b"Message-ID: <partial@test>\r\nSubject: partial\r\n\r\n" + (b"x" * 998 + b"\r\n") * 600)
-            time.sleep(0.5)
+            # the barrier: the relay holds (and counts) the partial DATA it is killed with
+            waiting.wait_until(lambda: relay.status()["inflight_bytes"] >= 500_000, within=30,
+                               what="the partial DATA held by the relay")
             relay.kill()
             with contextlib.suppress(OSError):
                 c.send(b"more\r\n.\r\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+import select
 import socket
 import ssl
 import subprocess
@@ -615,7 +616,12 @@ def test_inflight_limit_cannot_be_bypassed_by_under_declaring_size(
             h.start_data(a, helo="a.test", mail="MAIL FROM:<a@example.org> SIZE=1000", rcpt="x@example.net")
             line = b"B" * 998 + b"\r\n"
             a.send(b"Subject: liar\r\n\r\n" + line * 8000)  # 8 MB, no end of data yet
-            time.sleep(1.0)
+
+            def settled() -> bool:  # the relay counts what it holds, or has answered early (552)
+                early, _, _ = select.select([a.sock], [], [], 0)
+                return bool(early) or relay.status()["inflight_bytes"] >= limit
+
+            waiting.wait_until(settled, within=30, what="the buffered bytes counted, or an early reply")
             held = relay.status()["inflight_bytes"]
             b.reply_lines()
             b.cmd_lines("EHLO b.test")
