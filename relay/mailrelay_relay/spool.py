@@ -422,6 +422,7 @@ class Spool:
             offsets.append(size)
             buffers += (head, item.content)
             size += len(head) + len(item.content)
+        renamed = False
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -442,17 +443,13 @@ class Spool:
             finally:
                 os.close(fd)
             os.rename(tmp, final)
-        except OSError as error:
-            _unlink_quietly(tmp)
-            for item in group:
-                item.error = error
-            return 0
-        _crash_point(faults, "renamed")
-        try:
+            renamed = True
+            _crash_point(faults, "renamed")
             _fsync_dir(self.queue_dir)
         except OSError as error:
-            # Durability unknown: take the file back, so a 4xx never goes with a later delivery.
-            _unlink_quietly(final)
+            # Before the rename nothing is in the queue. After it, durability is unknown: take the file
+            # back, so that a 4xx never goes with a later delivery.
+            _unlink_quietly(final if renamed else tmp)
             for item in group:
                 item.error = error
             return 0
