@@ -476,8 +476,8 @@ class Spool:
         return self._take(path, records, len(data))
 
     def _take(self, path: pathlib.Path, records: list[Record], size: int) -> list[QueuedMessage]:
-        if len(records) == 1 and records[0].length == size:
-            r = records[0]
+        if len(records) == 1 and records[0].length == size and not path.with_suffix(DONE_SUFFIX).exists():
+            r = records[0]  # a file of its own (a shared one cut down to one record keeps its .done)
             return [QueuedMessage(r.id, r.envelope, len(r.content), r.received_at, path)]
         done = read_done(path)
         live = [r for r in records if r.id not in done]

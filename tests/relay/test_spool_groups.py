@@ -164,3 +164,27 @@ async def test_messages_delivered_together_leave_their_file_together(tmp_path: p
 async def _store_together(store: spool.Spool, count: int) -> list[spool.QueuedMessage]:
     stores = (store.store(ENVELOPE, b"m %d\r\n" % n, float(n)) for n in range(count))
     return list(await asyncio.gather(*stores))
+
+
+def test_marked_done_stays_done_when_a_damaged_tail_leaves_one_record(tmp_path: pathlib.Path) -> None:
+    """A shared file of A, B and C, with A delivered (marked done) and C damaged: recovery cuts C off and
+    keeps B only; once B is delivered, the file and its .done are gone. With B marked done too, recovery
+    finds nothing to deliver and removes both files at once."""
+    records = [spool.encode_record(f"ID{n}", ENVELOPE, b"body %d\r\n" % n, float(n)) for n in range(3)]
+    queue = tmp_path / "queue"
+    queue.mkdir(parents=True)
+    (queue / "ID0.msg").write_bytes(b"".join(records)[:-3])
+    (queue / "ID0.done").write_bytes(b"ID0\n")
+    store = spool.Spool(tmp_path)
+    (left,) = store.recover()
+    assert left.id == "ID1" and store.read_content(left) == b"body 1\r\n"
+    store.remove(left)
+    assert [p.name for p in queue.iterdir()] == []
+    assert store.usage.value == store.measure()
+    store.close()
+
+    (queue / "ID5.msg").write_bytes(records[1])
+    (queue / "ID5.done").write_bytes(b"ID1\n")
+    again = spool.Spool(tmp_path)
+    assert again.recover() == [] and [p.name for p in queue.iterdir()] == []
+    again.close()
