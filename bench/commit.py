@@ -2,8 +2,9 @@
 after another (create, write, fdatasync, rename; then fsync the directory: the relay's first spool), the
 same with the files written and fdatasynced from parallel threads (ext4 folds concurrent fsyncs into one
 journal commit, which Postfix's parallel cleanup processes get for free; the relay's spool since
-09b9244), and all k messages in one batch file (one fdatasync, one rename, one directory fsync). It is
-the evidence behind the profile's advice, measured in the bench's own folder.
+09b9244 until 3 Dec 2026), and all k messages in one batch file (one fdatasync, one rename, one
+directory fsync: the relay's spool now). It is the evidence behind that change, measured in the bench's
+own folder.
 
 What it must not do: write outside the folder it is given (and it removes what it wrote).
 """
@@ -74,8 +75,8 @@ def run(folder: pathlib.Path, out: report.Report, rounds: int = 40) -> dict[str,
         for k in (3, 10):
             ways: tuple[tuple[str, Callable[[int], None]], ...] = (
                 ("per file, one after another", spool.sequential),
-                ("per file, in parallel threads (the relay now)", spool.parallel),
-                ("one batch file", spool.one_file),
+                ("per file, in parallel threads (the relay until 3 Dec 2026)", spool.parallel),
+                ("one batch file (the relay now)", spool.one_file),
             )
             for name, way in ways:
                 samples = []

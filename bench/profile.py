@@ -31,11 +31,15 @@ from bench import client, commit, postfix, relay, report, server, sink, source, 
 # Leaf frames of a pool thread waiting for work: idle, though py-spy samples them (they wait on a lock).
 IDLE = r"^\[[^]]*\] (_worker \(concurrent/futures/thread\.py|Condition\.wait \(threading\.py)"
 
+# Frames of the spool's commit thread (one file per group) and of the removal thread after delivery.
+COMMIT_FRAMES = r"_commit_group|_write_all"
+REMOVAL_FRAMES = r"_remove_batch|Spool\.remove|_leave_shared|_unlink_quietly"
+
 CATEGORIES = (
-    ("spool commit: create, write, fdatasync, rename each file", r"_commit_batch|_write_one|_try_write"),
+    ("spool commit: create, write, fdatasync, rename the group's file", COMMIT_FRAMES),
     ("spool commit: fsync of the queue directory", r"_fsync_dir"),
-    ("spool: unlink after delivery", r"_unlink_quietly|Spool\.remove|_remove_batch"),
-    ("spool: encode the record, hand to the commit thread", r"Spool\.store|encode_record"),
+    ("spool: removal after delivery (unlink, .done list)", REMOVAL_FRAMES),
+    ("spool: encode the record (its CRC in the commit thread)", r"Spool\.store|encode_record|encode_header"),
     ("delivery: aiosmtplib client", r"aiosmtplib/"),
     ("metrics: prometheus_client (multiprocess mmap)", r"prometheus_client/"),
     ("logging", r"logging/|mailrelay_relay/logs\.py"),
@@ -72,10 +76,10 @@ def parse(
         kind = "event loop"
         if "Thread._bootstrap" in stack:
             kind = "other threads"
-            if re.search(r"_commit_batch|_write_one|_try_write", stack):
-                kind = "spool commit threads"
-            elif "_remove_batch" in stack or "_unlink_quietly" in stack:
-                kind = "spool unlink thread"
+            if re.search(COMMIT_FRAMES, stack):
+                kind = "spool commit thread"
+            elif re.search(REMOVAL_FRAMES, stack):
+                kind = "spool removal thread"
         name = f"[{kind}] {frames[-1]}"
         if re.search(IDLE, name):
             kind = "idle pool threads"

@@ -601,7 +601,7 @@ class Spool:
     def _leave_shared(self, path: pathlib.Path, ids: list[str], *, durable: bool) -> None:
         """Mark `ids` done in shared file `path`, or remove the file (then its .done) when they are the
         last messages in it."""
-        faults = self._faults() if self._fault_file else []
+        faults = self._faults()
         done_path = path.with_suffix(DONE_SUFFIX)
         with self._shared_lock:
             shared = self._shared.get(path)

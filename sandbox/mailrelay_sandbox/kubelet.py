@@ -221,11 +221,6 @@ class PodRuntime:
             return None
 
 
-def _queued_messages(spool: Path) -> int:
-    """Messages a relay's spool folder still holds (read with the relay's own decoder)."""
-    return len(relay_spool.read_queue(spool))
-
-
 class ProcessKubelet:
     """`async with ProcessKubelet(...)`: registers Node `node` and runs the pods bound to it until closed."""
 
@@ -861,7 +856,7 @@ class ProcessKubelet:
             await remove.wait()
         return Termination(pod=runtime.name, signalled_at=signalled, exited_at=time.time(),
                            returncode=process.returncode if process else None, killed=killed,
-                           spool_left=_queued_messages(runtime.spool),
+                           spool_left=len(relay_spool.read_queue(runtime.spool)),
                            was_drained=None, last_status=None)
 
 

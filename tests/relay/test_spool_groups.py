@@ -68,8 +68,9 @@ def test_sigkill_at_every_step_of_a_group_commit(tmp_path: pathlib.Path, step: s
     surfaced in part: not at all before its rename, whole after it (a duplicate, never a torn message)."""
     kept = run_child(tmp_path, "store", step)
     root = tmp_path / "spool"
-    recovered = spool.Spool(root).recover()
-    got = {m.id: spool.Spool(root).read_content(m) for m in recovered}
+    store = spool.Spool(root)
+    got = {m.id: store.read_content(m) for m in store.recover()}
+    store.close()
     kept_contents = {b"kept %d\r\n" % n * 500 for n in range(4)}
     assert set(kept) <= set(got) and {got[i] for i in kept} == kept_contents
     doomed = {got[i] for i in set(got) - set(kept)}
