@@ -55,7 +55,6 @@ import dataclasses
 import heapq
 import logging
 import random
-import re
 import socket
 import ssl
 import time
@@ -66,7 +65,7 @@ from typing import Literal, NamedTuple
 import aiosmtplib
 from mailrelay_common import backoff
 
-from mailrelay_relay import dsn, expiry, logs, metrics, spool
+from mailrelay_relay import dsn, expiry, logs, metrics, spool, wire
 
 log = logging.getLogger("mailrelay.delivery")
 
@@ -337,7 +336,7 @@ class SmtpSender:
             await _reset(smtp)
             raise RecipientsRejected(failures)
         try:
-            await _data(smtp, wire_data(content))
+            await _data(smtp, wire.stuff(content))
         except aiosmtplib.SMTPResponseException as exc:
             if not failures:
                 raise classify(exc.code, exc.message) from exc
@@ -376,26 +375,8 @@ async def _command(
         raise aiosmtplib.SMTPResponseException(response.code, response.message)
 
 
-def wire_data(content: bytes) -> bytes:
-    """The DATA payload for `content`: CRLF line endings, dot-stuffed (RFC 5321 4.5.2), ending with
-    CRLF "." CRLF. What aiosmtplib's data() sends, in one replace instead of two regex passes over the
-    message: the relay spools content with CRLF line endings only (bare CR and LF are refused at DATA),
-    so only content with a bare CR or LF takes the normalising path."""
-    crlf = content.count(b"\r\n")
-    if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
-        content = _LINE_ENDINGS.sub(b"\r\n", content)
-    if not content.endswith(b"\r\n"):
-        content += b"\r\n"
-    if content.startswith(b"."):
-        content = b"." + content
-    return content.replace(b"\r\n.", b"\r\n..") + b".\r\n"
-
-
-_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r")
-
-
 async def _data(smtp: aiosmtplib.SMTP, payload: bytes) -> None:
-    """DATA, then `payload` (`wire_data`) in one write, then the upstream's reply: smtp.data() without
+    """DATA, then `payload` (`wire.stuff`) in one write, then the upstream's reply: smtp.data() without
     its second pass over the message. Raises SMTPResponseException (SMTPDataError) on any reply but 354
     and 250, and closes the connection when it is lost or times out, as data() does."""
     response = await smtp.execute_command(b"DATA")

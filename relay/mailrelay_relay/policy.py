@@ -18,6 +18,8 @@ import ipaddress
 import re
 from collections.abc import Sequence
 
+from mailrelay_relay import wire
+
 # A MAIL without SIZE reserves this much of --max-inflight-bytes (capped at --max-message-size).
 DEFAULT_RESERVATION = 1024 * 1024
 MAX_COMMAND_LINE = 2048  # octets including CRLF; RFC 5321 says 512, plus room for ESMTP parameters
@@ -583,22 +585,18 @@ class DataScan:
 def scan_block(block: bytes, max_size: int) -> tuple[DataOutcome, bytes]:
     """The whole DATA content at once, as on the wire between the DATA reply and the terminating
     CRLF "." CRLF (`block` ends with the CRLF before the dot, or is empty). Same rules as DataScan, at
-    C speed for the common small message: (outcome, unstuffed content or b"")."""
-    crlf = block.count(b"\r\n")
-    if block.count(b"\r") != crlf or block.count(b"\n") != crlf:
+    C speed: (outcome, unstuffed content or b"")."""
+    lines = block.splitlines()
+    breaks = len(lines) - (block[-1:] not in (b"", b"\r", b"\n"))  # each CRLF, bare CR and bare LF once
+    if block.count(b"\r") != breaks or block.count(b"\n") != breaks:  # so no bare CR or LF
         return DataOutcome.BARE_NEWLINE, b""
     if b"\x00" in block:
         return DataOutcome.NUL, b""
-    if len(block) > MAX_TEXT_LINE - 2:
-        lines = block.split(b"\r\n")
-        if max(map(len, lines)) > MAX_TEXT_LINE - 2:  # at C speed; the exact rule only when it may apply
-            for line in lines:
-                if len(line) - (line[:1] == b".") > MAX_TEXT_LINE - 2:
-                    return DataOutcome.LINE_TOO_LONG, b""
-    if block[:1] == b"." or b"\r\n." in block:  # unstuff: framed, so that a first-line dot goes too
-        content = (b"\r\n" + block).replace(b"\r\n.", b"\r\n")[2:]
-    else:
-        content = block
+    if len(block) > MAX_TEXT_LINE - 2 and max(map(len, lines)) > MAX_TEXT_LINE - 2:
+        for line in lines:  # the exact rule (a stuffed dot does not count) only when it may apply
+            if len(line) - (line[:1] == b".") > MAX_TEXT_LINE - 2:
+                return DataOutcome.LINE_TOO_LONG, b""
+    content = wire.unstuff(block)
     if len(content) > max_size:
         return DataOutcome.TOO_BIG, b""
     return DataOutcome.QUEUED, content

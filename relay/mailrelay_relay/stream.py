@@ -27,6 +27,8 @@ import ssl
 import typing
 from collections.abc import Awaitable, Callable
 
+from mailrelay_relay import wire
+
 
 class BareLfEnd(Exception):
     """The client ended DATA with LF "." LF."""
@@ -51,37 +53,59 @@ class Reader(asyncio.StreamReader):
 
     async def read_data(self) -> bytes:
         """The whole DATA up to and including its end, CRLF "." CRLF (or "." CRLF as its very first
-        line), in one piece: one scan of each byte as it arrives, however many lines end with a dot.
-        Call it right after the 354, with nothing of the DATA consumed. Raises BareLfEnd as soon as the
-        buffer shows LF "." LF before the end (a DATA ended with bare line feeds, which would otherwise
-        wait for the data timeout), and LimitOverrunError, leaving the buffer as it is, when the DATA
-        does not end within the reader's limit."""
-        scanned = 0
+        line), in one piece: one look at each line that starts with a dot (`wire.line_dot`), however
+        many arrive. Call it right after the 354, with nothing of the DATA consumed. Raises BareLfEnd as
+        soon as the buffer shows LF "." LF before the end (a DATA ended with bare line feeds, which would
+        otherwise wait for the data timeout), and LimitOverrunError, leaving the buffer as it is, when
+        the DATA does not end within the reader's limit."""
+        at = -1  # line-start dots are looked for from here on; -1: the DATA's first byte is not known
         while True:
             buffer = self._buffer
-            if buffer[:2] == b".\n":
+            if at == -1 and buffer and buffer[0] != 0x2E:  # the DATA opens with no dot
+                at = 0
+            if at == -1:
+                lf = -1 if buffer else None  # -1: the DATA opens with a dot
+            else:
+                found = wire.line_dot(buffer, at)
+                lf = found if found >= 0 else None
+            kind = _MORE if lf is None else _dot_line(buffer, lf)
+            if kind == _BARE_END:
                 raise BareLfEnd
-            end = data_end(buffer, max(0, scanned - 4))
-            if buffer.find(b"\n.\n", max(0, scanned - 2), end if end >= 0 else len(buffer)) >= 0:
-                raise BareLfEnd
-            if end > self._limit or (end < 0 and len(buffer) > self._limit):
+            if kind == _STUFFED:
+                assert lf is not None
+                at = lf + 1
+                continue
+            if kind > self._limit or (kind == _MORE and len(buffer) > self._limit):
                 raise asyncio.LimitOverrunError("DATA longer than the reader's limit", 0)
-            if end >= 0:
-                return await self.readexactly(end)
+            if kind >= 0:
+                return await self.readexactly(kind)
             if self._eof:
                 raise asyncio.IncompleteReadError(bytes(buffer), None)
-            scanned = len(buffer)
+            if lf is not None:
+                at = lf  # look at this dot again when the bytes after it are there
+            elif at >= 0:
+                at = max(at, len(buffer) - 1)  # the last byte may be the LF before a dot still to come
             await self._wait_for_data("read_data")
 
 
-def data_end(buffer: bytes | bytearray, start: int) -> int:
-    """The length of the DATA in `buffer` (all of it from the start of DATA) up to and including its
-    end, CRLF "." CRLF or a first line "." CRLF; -1 when `buffer` does not hold the end. `start`: where
-    to begin looking (the bytes before it are known to hold no end)."""
-    if buffer[:3] == b".\r\n":
-        return 3
-    end = buffer.find(b"\r\n.\r\n", start)
-    return -1 if end < 0 else end + 5
+_MORE, _STUFFED, _BARE_END = -1, -2, -3
+
+
+def _dot_line(buffer: bytes | bytearray, lf: int) -> int:
+    """What the LF "." at `lf` (-1: the dot opens the DATA) is: the end of DATA (its length up to and
+    including CRLF "." CRLF), _BARE_END (LF "." LF), _STUFFED (a line that starts with a dot), or _MORE
+    (the bytes that tell are not there yet)."""
+    after = lf + 2
+    if after >= len(buffer):
+        return _MORE
+    if buffer[after] == 0x0A:
+        return _BARE_END
+    if after + 1 >= len(buffer):
+        return _MORE
+    crlf_before = lf == -1 or (lf >= 1 and buffer[lf - 1] == 0x0D)
+    if crlf_before and buffer[after] == 0x0D and buffer[after + 1] == 0x0A:
+        return after + 2
+    return _STUFFED
 
 
 class TlsLayer:

@@ -139,6 +139,50 @@ def test_reader_data_end_agrees_with_the_first_end_of_data(data: bytes, step: in
         assert got is asyncio.IncompleteReadError
 
 
+_DATA_TOKENS = st.sampled_from([b".", b"..", b"\r\n", b"\n", b"\r", b"x", b"xy" * 30, b"\r\n.", b"\n.\n",
+                                b"\r\n.\r\n", b"a.b"])
+
+
+@given(st.lists(_DATA_TOKENS, max_size=60).map(b"".join), st.integers(1, 40))
+def test_reader_finds_the_end_of_dot_rich_data_fed_while_it_waits(data: bytes, step: int) -> None:
+    """Data full of dots (more dots that start no line than the reader looks at one by one, stuffed lines,
+    ends and bare ends), fed piece by piece while read_data waits: it ends exactly where the first
+    CRLF "." CRLF ends, fails with BareLfEnd exactly when LF "." LF comes first, and otherwise waits until
+    the end of the stream, holding every byte."""
+    framed = b"\r\n" + data
+    end = framed.find(b"\r\n.\r\n")
+    bare = framed.find(b"\n.\n")
+
+    async def main() -> bytes | type[Exception]:
+        reader = stream.Reader(limit=100_000)
+
+        async def feed() -> None:
+            for i in range(0, len(data), step):
+                await asyncio.sleep(0)
+                reader.feed_data(data[i:i + step])
+            await asyncio.sleep(0)
+            reader.feed_eof()
+
+        feeder = asyncio.create_task(feed())
+        try:
+            return await reader.read_data()
+        except stream.BareLfEnd:
+            return stream.BareLfEnd
+        except asyncio.IncompleteReadError as error:
+            assert error.partial == data
+            return asyncio.IncompleteReadError
+        finally:
+            await feeder
+
+    got = asyncio.run(main())
+    if bare >= 0 and (end < 0 or bare < end + 2):
+        assert got is stream.BareLfEnd
+    elif end >= 0:
+        assert got == data[:end + 3]
+    else:
+        assert got is asyncio.IncompleteReadError
+
+
 # -- stream.TlsLayer ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
